@@ -1,0 +1,1 @@
+"""Qwen3Guard middleware core."""

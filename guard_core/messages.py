@@ -1,0 +1,104 @@
+"""Checking and normalising the conversations users hand to a guard.
+
+Messages arrive from OpenAI clients (content-part lists), LangChain (message objects already
+converted by the adapter) and people typing dicts by hand. Every backend takes the output of
+``normalize_messages`` so a bad conversation fails once, early, with a reason, instead of
+producing a silently wrong moderation prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+ChatRole = Literal["system", "user", "assistant"]
+MessageLike = Mapping[str, Any]
+
+MAX_MESSAGE_CHARS = 1_000_000
+_ALLOWED_ROLES = ("system", "user", "assistant")
+_TEXT_PART_TYPES = ("text", "input_text", "output_text")
+
+
+@dataclass(frozen=True)
+class Message:
+    """A validated chat message with plain-text content."""
+
+    role: ChatRole
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        """The OpenAI-style dict form (what chat templates expect)."""
+        return {"role": self.role, "content": self.content}
+
+
+def content_to_text(content: Any, *, where: str = "message") -> str:
+    """Plain text of a message content: a string, or an OpenAI list of text parts.
+
+    Non-text parts (images, audio, files) raise ``ValueError``: Qwen3Guard reads text only, and
+    silently dropping a part would let unmoderated content through.
+    """
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, (bytes, bytearray)):
+        raise ValueError(f"{where}: content is bytes; decode it to str first")
+    elif isinstance(content, Sequence):
+        pieces = []
+        for i, part in enumerate(content):
+            if isinstance(part, str):
+                pieces.append(part)
+                continue
+            if not isinstance(part, Mapping):
+                raise ValueError(f"{where}: content part {i} is {type(part).__name__}, expected a dict")
+            kind = part.get("type")
+            if kind not in _TEXT_PART_TYPES or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    f"{where}: content part {i} has type {kind!r}; only text parts can be moderated "
+                    "(remove or transcribe non-text parts first)"
+                )
+            pieces.append(part["text"])
+        text = "\n".join(pieces)
+    elif content is None:
+        raise ValueError(f"{where}: content is missing")
+    else:
+        raise ValueError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
+    if "\x00" in text:
+        raise ValueError(f"{where}: content contains NUL bytes (binary data?)")
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise ValueError(f"{where}: content is {len(text)} characters; the limit is {MAX_MESSAGE_CHARS}")
+    return text
+
+
+def normalize_messages(messages: Iterable[MessageLike | Message]) -> list[Message]:
+    """Validate a conversation to be moderated.
+
+    Rules: at least one message; roles are ``system`` (first message only), ``user`` or
+    ``assistant``; the last message is ``user`` (prompt moderation) or ``assistant`` (response
+    moderation); the last message must not be empty.
+    """
+    if isinstance(messages, (str, bytes)) or isinstance(messages, Mapping):
+        raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    out: list[Message] = []
+    for i, m in enumerate(messages):
+        if isinstance(m, Message):
+            out.append(m)
+            continue
+        if not isinstance(m, Mapping):
+            raise ValueError(f"message {i} is {type(m).__name__}, expected a dict with 'role' and 'content'")
+        role = m.get("role")
+        if role not in _ALLOWED_ROLES:
+            raise ValueError(f"message {i} has role {role!r}; Qwen3Guard moderates 'system', 'user' and 'assistant' turns")
+        if role == "system" and i != 0:
+            raise ValueError(f"message {i} is a system message; only the first message may be one")
+        out.append(Message(role, content_to_text(m.get("content"), where=f"message {i}")))
+    if not out:
+        raise ValueError("messages is empty; pass at least one user message")
+    if out[-1].role not in ("user", "assistant"):
+        raise ValueError("the last message must be 'user' (prompt moderation) or 'assistant' (response moderation)")
+    if not out[-1].content.strip():
+        raise ValueError(f"the last message ({out[-1].role}) is empty; there is nothing to moderate")
+    return out
+
+
+def moderation_role(messages: Sequence[Message]) -> Literal["prompt", "response"]:
+    """Which kind of moderation a normalised conversation asks for."""
+    return "response" if messages[-1].role == "assistant" else "prompt"

@@ -1,0 +1,117 @@
+"""Turning a model verdict into a decision.
+
+Qwen3Guard's ``Controversial`` level is meant to be re-classified per application (the report's
+strict and loose modes), and deployments differ on categories (a news site allows political
+topics, a children's app does not). All of that lives here, once, so every adapter decides alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Mapping
+
+from .types import Category, RiskLevel, Verdict
+
+
+class Mode(str, Enum):
+    """How ``Controversial`` is treated: ``strict`` counts it as Unsafe, ``loose`` as Safe."""
+
+    STRICT = "strict"
+    LOOSE = "loose"
+
+
+class Action(str, Enum):
+    """What an adapter does with content: let it through, let it through but flag it, or block."""
+
+    ALLOW = "allow"
+    FLAG = "flag"
+    BLOCK = "block"
+
+
+def _default_actions(mode: Mode) -> dict[RiskLevel, Action]:
+    controversial = Action.BLOCK if mode is Mode.STRICT else Action.ALLOW
+    return {RiskLevel.SAFE: Action.ALLOW, RiskLevel.CONTROVERSIAL: controversial, RiskLevel.UNSAFE: Action.BLOCK}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Rules that map a ``Verdict`` to an ``Action``.
+
+    - ``mode``: strict (default) folds Controversial into Unsafe, loose into Safe.
+    - ``unsafe_threshold``: when set and probabilities are known, content is Unsafe iff
+      P(Unsafe) >= threshold (otherwise the likelier of Safe / Controversial), so operators can
+      trade recall for precision without retraining.
+    - ``category_actions``: per-category overrides applied to non-safe verdicts (e.g. allow
+      ``Politically Sensitive Topics``, always block ``Jailbreak``); the strictest matching
+      override wins.
+    - ``actions``: the action for each level; unspecified levels follow ``mode`` (Safe allows,
+      Unsafe blocks, Controversial blocks in strict mode and is allowed in loose mode). Set
+      ``{RiskLevel.CONTROVERSIAL: Action.FLAG}`` to let it through with the verdict attached.
+    - ``on_error``: the level assumed when no judgement could be made (unparseable output, guard
+      unreachable); Unsafe by default, i.e. fail closed.
+    """
+
+    mode: Mode = Mode.STRICT
+    unsafe_threshold: float | None = None
+    category_actions: Mapping[Category, Action] = field(default_factory=dict)
+    actions: Mapping[RiskLevel, Action] = field(default_factory=dict)
+    on_error: RiskLevel = RiskLevel.UNSAFE
+
+    def __post_init__(self) -> None:
+        if self.unsafe_threshold is not None and not 0.0 < self.unsafe_threshold <= 1.0:
+            raise ValueError(f"unsafe_threshold must be in (0, 1], got {self.unsafe_threshold!r}")
+        object.__setattr__(self, "mode", Mode(self.mode))
+        given = {RiskLevel(k): Action(v) for k, v in self.actions.items()}
+        object.__setattr__(self, "actions", {**_default_actions(self.mode), **given})
+        object.__setattr__(self, "category_actions", {Category(k): Action(v) for k, v in self.category_actions.items()})
+
+    @classmethod
+    def strict(cls) -> Policy:
+        """Block Unsafe and Controversial (the report's strict mode)."""
+        return cls(mode=Mode.STRICT)
+
+    @classmethod
+    def loose(cls) -> Policy:
+        """Block only Unsafe (the report's loose mode)."""
+        return cls(mode=Mode.LOOSE)
+
+    def with_overrides(self, **changes: object) -> Policy:
+        """A copy with some fields changed (policies are immutable and shared across threads)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def model_level(self, verdict: Verdict) -> RiskLevel:
+        """The level after the probability threshold, before strict/loose folding."""
+        if verdict.error is not None:
+            return self.on_error
+        probs = verdict.probabilities
+        if self.unsafe_threshold is None or not probs:
+            return verdict.risk
+        if probs.get(RiskLevel.UNSAFE, 0.0) >= self.unsafe_threshold:
+            return RiskLevel.UNSAFE
+        safe, controversial = probs.get(RiskLevel.SAFE, 0.0), probs.get(RiskLevel.CONTROVERSIAL, 0.0)
+        return RiskLevel.CONTROVERSIAL if controversial > safe else RiskLevel.SAFE
+
+    def effective_level(self, verdict: Verdict) -> RiskLevel:
+        """Safe or Unsafe after strict/loose folding; Controversial never survives this."""
+        level = self.model_level(verdict)
+        if level is RiskLevel.CONTROVERSIAL:
+            return RiskLevel.UNSAFE if self.mode is Mode.STRICT else RiskLevel.SAFE
+        return level
+
+    def action_for(self, verdict: Verdict) -> Action:
+        """The action an adapter must take for this verdict."""
+        level = self.model_level(verdict)
+        if level is RiskLevel.SAFE:
+            return self.actions[RiskLevel.SAFE]
+        overrides = [self.category_actions[c] for c in verdict.categories if c in self.category_actions]
+        if overrides:
+            return max(overrides, key=_ACTION_ORDER.__getitem__)
+        return self.actions[level]
+
+    def blocks(self, verdict: Verdict) -> bool:
+        """True when the verdict must stop the content."""
+        return self.action_for(verdict) is Action.BLOCK
+
+
+_ACTION_ORDER = {Action.ALLOW: 0, Action.FLAG: 1, Action.BLOCK: 2}

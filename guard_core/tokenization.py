@@ -1,0 +1,105 @@
+"""Tokenizing moderation prompts so that user text can never become control tokens.
+
+A plain ``tokenizer(text)`` turns ``<|im_end|>`` inside a user message into the real end-of-turn
+token, which lets a user close the conversation and forge ``Safety: Safe``. Tokenizing each
+message on its own and concatenating ids avoids that but changes the ids at the seams
+(``"USER: How"`` is not ``"USER: "`` + ``"How"``), so the model would see a prompt it was never
+trained on. Instead the prompt is built as ``Piece``s: the template's own control tokens, and the
+text between them, which is encoded in one go by a copy of the tokenizer that knows no added
+tokens. For benign text this equals one-shot tokenization (added tokens are always pre-token
+boundaries); for injected markup it yields ordinary text tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerBase
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+ENDOFTEXT = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of prompt text, or one of the template's control tokens (``special=True``)."""
+
+    text: str
+    special: bool = False
+
+
+def special(token: str) -> Piece:
+    """A control-token piece."""
+    return Piece(token, special=True)
+
+
+def join_pieces(pieces: Iterable[Piece]) -> str:
+    """The prompt as one string (what upstream's chat template renders)."""
+    return "".join(p.text for p in pieces)
+
+
+class TextTokenizer:
+    """Encodes text as text, and whole prompts as template control tokens plus text.
+
+    Built from any fast (``tokenizers``-backed) tokenizer: the backend is cloned with its added
+    tokens removed, so the vocabulary, normaliser and pre-tokeniser stay exactly those of the
+    model.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; load the model's tokenizer.json")
+        spec = json.loads(backend.to_str())
+        spec["added_tokens"] = []
+        self._text_only = Tokenizer.from_str(json.dumps(spec))
+        self._lock = threading.Lock()
+        self.tokenizer = tokenizer
+        self._special_ids: dict[str, int] = {}
+
+    def special_id(self, token: str) -> int:
+        """Id of a control token, failing loudly when the vocabulary lacks it."""
+        if token not in self._special_ids:
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            if not isinstance(tid, int) or tid == self.tokenizer.unk_token_id or tid is None:
+                raise ValueError(f"the tokenizer has no {token!r} token; is this a Qwen3 tokenizer?")
+            self._special_ids[token] = tid
+        return self._special_ids[token]
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` with every character treated as text."""
+        with self._lock:
+            return self._text_only.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and (start, end) character offsets into ``text``."""
+        with self._lock:
+            enc = self._text_only.encode(text, add_special_tokens=False)
+        return enc.ids, [tuple(o) for o in enc.offsets]  # type: ignore[misc]
+
+    def encode_pieces(self, pieces: Sequence[Piece]) -> list[int]:
+        """Ids of a prompt: control-token pieces map to their ids, text runs are encoded whole."""
+        ids: list[int] = []
+        run: list[str] = []
+        for piece in pieces:
+            if piece.special:
+                if run:
+                    ids.extend(self.encode_text("".join(run)))
+                    run.clear()
+                ids.append(self.special_id(piece.text))
+            else:
+                run.append(piece.text)
+        if run:
+            ids.extend(self.encode_text("".join(run)))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of some ids, control tokens included (used for logs and token verdicts)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)

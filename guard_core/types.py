@@ -1,0 +1,126 @@
+"""Value types shared by every guard backend and adapter.
+
+They are plain frozen dataclasses and string enums so that verdicts can be logged, compared,
+serialised to JSON (``Verdict.to_dict``) and attached to LangChain / LlamaIndex / OpenAI objects
+without dragging torch along.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal, Mapping
+
+Role = Literal["prompt", "response"]
+
+
+class RiskLevel(str, Enum):
+    """Qwen3Guard's three safety levels, spelled exactly as the models print them."""
+
+    SAFE = "Safe"
+    CONTROVERSIAL = "Controversial"
+    UNSAFE = "Unsafe"
+
+    @property
+    def severity(self) -> int:
+        """Order used to pick the worst of several verdicts (Safe < Controversial < Unsafe)."""
+        return _SEVERITY[self]
+
+
+_SEVERITY = {RiskLevel.SAFE: 0, RiskLevel.CONTROVERSIAL: 1, RiskLevel.UNSAFE: 2}
+
+
+class Category(str, Enum):
+    """The nine upstream category strings; ``JAILBREAK`` exists only for prompts."""
+
+    VIOLENT = "Violent"
+    NON_VIOLENT_ILLEGAL_ACTS = "Non-violent Illegal Acts"
+    SEXUAL_CONTENT = "Sexual Content or Sexual Acts"
+    PII = "PII"
+    SUICIDE_SELF_HARM = "Suicide & Self-Harm"
+    UNETHICAL_ACTS = "Unethical Acts"
+    POLITICALLY_SENSITIVE = "Politically Sensitive Topics"
+    COPYRIGHT_VIOLATION = "Copyright Violation"
+    JAILBREAK = "Jailbreak"
+
+    @property
+    def prompt_only(self) -> bool:
+        """True for categories the models emit only when moderating a prompt."""
+        return self is Category.JAILBREAK
+
+
+PROMPT_CATEGORIES: tuple[Category, ...] = tuple(Category)
+RESPONSE_CATEGORIES: tuple[Category, ...] = tuple(c for c in Category if not c.prompt_only)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One moderation decision about a prompt or a response.
+
+    ``probabilities`` maps every risk level to its probability when the backend can compute it
+    (local Gen reads the label logits, Stream applies a softmax to its head); it is empty when the
+    backend only saw text (a remote server without logprobs). ``error`` is set when no real
+    judgement was made (unparseable output, guard unavailable) and the risk is the policy's
+    fallback.
+    """
+
+    risk: RiskLevel
+    categories: tuple[Category, ...] = ()
+    refusal: bool | None = None
+    probabilities: Mapping[RiskLevel, float] = field(default_factory=dict)
+    role: Role = "prompt"
+    model: str = ""
+    elapsed_s: float = 0.0
+    raw_output: str | None = None
+    error: str | None = None
+
+    @property
+    def is_safe(self) -> bool:
+        """True when the model's own label is Safe (no policy applied)."""
+        return self.risk is RiskLevel.SAFE
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form used by the CLI, the proxy and adapter metadata."""
+        return {
+            "risk": self.risk.value,
+            "categories": [c.value for c in self.categories],
+            "refusal": self.refusal,
+            "probabilities": {k.value: round(v, 6) for k, v in self.probabilities.items()},
+            "role": self.role,
+            "model": self.model,
+            "elapsed_s": round(self.elapsed_s, 6),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class TokenVerdict:
+    """The Stream guard's judgement of one response token.
+
+    ``start`` / ``end`` are character offsets into the response text fed so far, so adapters can
+    release or cut exactly the caller's original characters (the tokenizer normalises to NFC, so
+    decoded token strings are not always the caller's bytes).
+    """
+
+    index: int
+    token_id: int
+    text: str
+    start: int
+    end: int
+    risk: RiskLevel
+    category: Category | None
+    probabilities: Mapping[RiskLevel, float]
+    category_probabilities: Mapping[Category, float] = field(default_factory=dict)
+
+
+class GuardViolation(Exception):
+    """Raised when a policy blocks content; carries the verdict that caused it."""
+
+    def __init__(self, verdict: Verdict, message: str | None = None) -> None:
+        self.verdict = verdict
+        cats = ", ".join(c.value for c in verdict.categories) or "no category"
+        super().__init__(message or f"{verdict.role} blocked by Qwen3Guard: {verdict.risk.value} ({cats})")
+
+
+class GuardUnavailableError(RuntimeError):
+    """Raised when a guard model cannot be loaded or reached; the message says how to fix it."""
