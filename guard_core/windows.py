@@ -1,0 +1,79 @@
+"""Moderating conversations longer than the model's context, without cutting anything off.
+
+Strategy (documented in the README): the moderated turn (the last message) is split on token
+boundaries into windows that overlap by ``overlap`` tokens, so a harmful sentence is whole in at
+least one window unless it is longer than the overlap. Each window is moderated together with as
+much of the preceding conversation as fits in a quarter of the budget (the most recent text is
+kept: it is what the last turn answers). The worst verdict over the windows wins; the refusal
+flag comes from the first window, because refusals open a response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+from .gen_template import render_pieces
+from .messages import Message
+from .tokenization import TextTokenizer
+from .types import Verdict
+
+
+def _token_count(messages: Sequence[Message], tokens: TextTokenizer) -> int:
+    return len(tokens.encode_pieces(render_pieces(messages)))
+
+
+def _keep_tail(text: str, tokens: TextTokenizer, budget: int) -> str:
+    ids, offsets = tokens.encode_with_offsets(text)
+    if len(ids) <= budget:
+        return text
+    return text[offsets[len(ids) - budget][0] :] if budget > 0 else ""
+
+
+def _fit_context(context: list[Message], tokens: TextTokenizer, budget: int) -> list[Message]:
+    """The most recent part of the earlier turns that fits in ``budget`` tokens."""
+    kept: list[Message] = []
+    for message in reversed(context):
+        size = len(tokens.encode_text(message.content))
+        if size <= budget:
+            kept.insert(0, message)
+            budget -= size
+            continue
+        if budget > 0 and message.role != "system":
+            kept.insert(0, Message(message.role, _keep_tail(message.content, tokens, budget)))
+        break
+    while kept and kept[0].role == "assistant" and len(kept) < len(context):
+        kept.pop(0)
+    return kept
+
+
+def plan_windows(messages: list[Message], tokens: TextTokenizer, max_tokens: int, overlap: int) -> list[list[Message]]:
+    """The conversations to moderate for ``messages``: itself when it fits, else overlapping windows."""
+    if _token_count(messages, tokens) <= max_tokens:
+        return [messages]
+    last, context = messages[-1], messages[:-1]
+    scaffold = _token_count(context + [Message(last.role, "")], tokens) - sum(len(tokens.encode_text(m.content)) for m in context)
+    available = max_tokens - scaffold
+    if available < 64:
+        raise ValueError(f"the context window ({max_tokens} tokens) is too small for the moderation template")
+    kept = _fit_context(context, tokens, available // 4)
+    width = available - sum(len(tokens.encode_text(m.content)) for m in kept)
+    step = max(width - min(overlap, width // 4), 1)
+    ids, offsets = tokens.encode_with_offsets(last.content)
+    windows = []
+    for start in range(0, len(ids), step):
+        end = min(start + width, len(ids))
+        text = last.content[offsets[start][0] : offsets[end - 1][1]]
+        windows.append([*kept, Message(last.role, text)])
+        if end == len(ids):
+            break
+    return windows
+
+
+def worst_verdict(verdicts: Sequence[Verdict]) -> Verdict:
+    """The verdict of the most severe window (errors count as worst), refusal from the first."""
+    if len(verdicts) == 1:
+        return verdicts[0]
+    worst = max(verdicts, key=lambda v: (v.error is not None, v.risk.severity))
+    categories = tuple(dict.fromkeys(c for v in verdicts if v.risk is worst.risk for c in v.categories))
+    return replace(worst, categories=categories, refusal=verdicts[0].refusal, elapsed_s=sum(v.elapsed_s for v in verdicts))
