@@ -1,0 +1,28 @@
+"""Shared fixtures: offline checkpoints built once per machine (cached on disk) and loaded once per run."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+from guard_core import GenGuard
+from guard_core.testing import gen_checkpoint
+
+
+@pytest.fixture(scope="session")
+def gen_dir() -> Path:
+    """Directory of the trained tiny Gen checkpoint."""
+    return gen_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def gen_guard(gen_dir: Path) -> GenGuard:
+    """A GenGuard over the trained tiny checkpoint, shared by the whole run (it is thread-safe)."""
+    return GenGuard.from_pretrained(str(gen_dir))
