@@ -167,7 +167,7 @@ class GenGuard:
         role = "response" if job.response else "prompt"
         if not parsed.ok:
             return Verdict(RiskLevel.UNSAFE, role=role, model=self.model_id, elapsed_s=elapsed, raw_output=job.answer,
-                           error=f"no 'Safety:' line in the model output {job.answer[:80]!r}")
+                           error=f"unparseable model output {job.answer[:80]!r}")
         return Verdict(parsed.risk, parsed.categories, parsed.refusal, job.probabilities or {}, role, self.model_id,
                        elapsed, job.answer)
 
@@ -204,7 +204,7 @@ class GenGuard:
             if job.response or label is not RiskLevel.SAFE:
                 continue_rows.append(row)
         if continue_rows:
-            self._continue(jobs, continue_rows, out.past_key_values, ids, mask)
+            self._continue(jobs, continue_rows, out.cache, ids, mask)
         for row in fallback_rows:
             self._generate_plain(jobs[row])
 

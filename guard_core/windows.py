@@ -58,13 +58,28 @@ def plan_windows(messages: list[Message], tokens: TextTokenizer, max_tokens: int
         raise ValueError(f"the context window ({max_tokens} tokens) is too small for the moderation template")
     kept = _fit_context(context, tokens, available // 4)
     width = available - sum(len(tokens.encode_text(m.content)) for m in kept)
-    step = max(width - min(overlap, width // 4), 1)
     ids, offsets = tokens.encode_with_offsets(last.content)
+    while True:
+        windows = _split(last, kept, ids, offsets, width, overlap)
+        excess = max(_token_count(w, tokens) for w in windows) - max_tokens
+        if excess <= 0:
+            return windows
+        width -= excess
+        if width < 16:
+            raise ValueError(f"the context window ({max_tokens} tokens) is too small for the moderation template")
+
+
+def _split(last: Message, kept: list[Message], ids: list[int], offsets: list[tuple[int, int]], width: int, overlap: int) -> list[list[Message]]:
+    """Windows of ``width`` tokens over the last message, each starting ``overlap`` tokens early.
+
+    Tokens merged across a window edge re-tokenize slightly differently inside the template, which
+    is why the caller re-measures every window and narrows ``width`` until all fit.
+    """
+    step = max(width - min(overlap, width // 4), 1)
     windows = []
     for start in range(0, len(ids), step):
         end = min(start + width, len(ids))
-        text = last.content[offsets[start][0] : offsets[end - 1][1]]
-        windows.append([*kept, Message(last.role, text)])
+        windows.append([*kept, Message(last.role, last.content[offsets[start][0] : offsets[end - 1][1]])])
         if end == len(ids):
             break
     return windows

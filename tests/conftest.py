@@ -16,6 +16,18 @@ from guard_core import GenGuard
 from guard_core.testing import gen_checkpoint
 
 
+SHARED_DIR = Path(os.environ.get("QWEN3GUARD_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    """The public safety datasets laid out beside the checkout (``../shared/datasets``)."""
+    path = SHARED_DIR / "datasets"
+    if not path.is_dir():
+        pytest.fail(f"{path} is missing; set QWEN3GUARD_SHARED_DIR to the folder holding datasets/")
+    return path
+
+
 @pytest.fixture(scope="session")
 def gen_dir() -> Path:
     """Directory of the trained tiny Gen checkpoint."""

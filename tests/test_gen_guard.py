@@ -1,0 +1,169 @@
+"""GenGuard end to end on the trained tiny checkpoint: real from_pretrained, forward and generate()."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import gzip
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from guard_core import GenGuard, GuardUnavailableError, RiskLevel
+from guard_core.gen_parser import parse_answer
+from guard_core.gen_template import render_pieces
+from guard_core.messages import MAX_MESSAGE_CHARS, normalize_messages
+from guard_core.testing import GEN_CASES
+from guard_core.testing.cases import SAFE_PROMPT, UNSAFE_PROMPT
+from guard_core.windows import plan_windows
+
+
+def test_trained_cases_give_their_exact_verdicts(gen_guard: GenGuard) -> None:
+    verdicts = gen_guard.moderate_batch([case.as_messages for case in GEN_CASES])
+    for case, verdict in zip(GEN_CASES, verdicts):
+        assert verdict.risk is case.risk, case.messages
+        assert verdict.categories == case.categories
+        assert verdict.role == ("response" if case.messages[-1][0] == "assistant" else "prompt")
+        assert verdict.refusal == (("Refusal: Yes" in case.output) if verdict.role == "response" else None)
+        assert max(verdict.probabilities, key=verdict.probabilities.__getitem__) is case.risk
+        assert abs(sum(verdict.probabilities.values()) - 1.0) < 1e-5
+        assert verdict.error is None and verdict.model
+
+
+def _real_prompts(datasets_dir: Path) -> list[str]:
+    with open(datasets_dir / "harmbench" / "harmbench_behaviors_text_val.csv", newline="", encoding="utf-8") as f:
+        harmful = [row["Behavior"] for row in csv.DictReader(f)][:6]
+    with gzip.open(datasets_dir / "xsafety" / next(p.name for p in (datasets_dir / "xsafety").iterdir() if p.suffix == ".gz"), "rt", encoding="utf-8") as f:
+        multilingual = [row[next(iter(row))] for row, _ in zip(csv.DictReader(f), range(200))][::40]
+    return harmful + multilingual + [SAFE_PROMPT, UNSAFE_PROMPT]
+
+
+def test_one_pass_label_equals_greedy_generate_on_real_prompts(gen_guard: GenGuard, datasets_dir: Path) -> None:
+    prompts = _real_prompts(datasets_dir)
+    verdicts = gen_guard.moderate_batch([[{"role": "user", "content": p}] for p in prompts])
+    tok, model = gen_guard.tokenizer, gen_guard.model
+    for prompt, verdict in zip(prompts, verdicts):
+        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=151643)
+        greedy = parse_answer(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True), response=False)
+        assert greedy.ok, prompt
+        assert verdict.risk is greedy.risk, prompt
+        if greedy.risk is not RiskLevel.SAFE:
+            assert verdict.categories == greedy.categories
+
+
+def test_batch_equals_one_by_one(gen_guard: GenGuard) -> None:
+    conversations = [case.as_messages for case in GEN_CASES]
+    batched = gen_guard.moderate_batch(conversations)
+    single = [gen_guard.moderate(c) for c in conversations]
+    for a, b in zip(batched, single):
+        assert (a.risk, a.categories, a.refusal) == (b.risk, b.categories, b.refusal)
+        for level in RiskLevel:
+            assert a.probabilities[level] == pytest.approx(b.probabilities[level], abs=1e-4)
+
+
+def test_openai_content_parts_are_moderated_like_a_string(gen_guard: GenGuard) -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": UNSAFE_PROMPT}]}]
+    assert gen_guard.moderate(parts).risk is RiskLevel.UNSAFE
+
+
+def test_async_api_matches_sync_and_does_not_block_the_loop(gen_guard: GenGuard) -> None:
+    async def run() -> tuple[list, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        task = asyncio.create_task(ticker())
+        results = await asyncio.gather(*(gen_guard.amoderate(c.as_messages) for c in GEN_CASES[:4]))
+        task.cancel()
+        return results, ticks
+
+    results, ticks = asyncio.run(run())
+    assert [v.risk for v in results] == [c.risk for c in GEN_CASES[:4]]
+    assert ticks > 5
+
+
+def test_threads_share_one_guard_safely(gen_guard: GenGuard) -> None:
+    results: dict[int, RiskLevel] = {}
+
+    def work(i: int) -> None:
+        results[i] = gen_guard.moderate(GEN_CASES[i % len(GEN_CASES)].as_messages).risk
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: GEN_CASES[i % len(GEN_CASES)].risk for i in range(8)}
+
+
+def test_long_content_is_moderated_in_full_windows(gen_dir: Path) -> None:
+    guard = GenGuard.from_pretrained(str(gen_dir), max_input_tokens=600, window_overlap_tokens=32)
+    long_text = " ".join(f"Sentence number {i} about gardening and tomatoes." for i in range(300))
+    plan = plan_windows(normalize_messages([{"role": "user", "content": long_text}]), guard.tokens, guard.max_input_tokens, 32)
+    assert len(plan) > 3
+    covered = "".join(w[-1].content for w in plan)
+    assert all(s in covered for s in ("Sentence number 0 ", "Sentence number 299 about gardening and tomatoes."))
+    assert all(len(guard.tokens.encode_pieces(render_pieces(w))) <= guard.max_input_tokens for w in plan)
+    for a, b in zip(plan, plan[1:]):
+        assert a[-1].content[-20:] in b[-1].content, "consecutive windows overlap"
+    verdict = guard.moderate([{"role": "user", "content": long_text}])
+    per_window = guard.moderate_batch([[m.as_dict() for m in w] for w in plan])
+    worst = max(per_window, key=lambda v: (v.error is not None, v.risk.severity))
+    assert (verdict.risk, verdict.error, verdict.categories) == (worst.risk, worst.error, worst.categories)
+
+
+def test_long_response_keeps_the_recent_prompt_as_context(gen_dir: Path) -> None:
+    guard = GenGuard.from_pretrained(str(gen_dir), max_input_tokens=700)
+    answer = "Step. " * 2000
+    plan = plan_windows(normalize_messages([{"role": "user", "content": UNSAFE_PROMPT}, {"role": "assistant", "content": answer}]),
+                        guard.tokens, guard.max_input_tokens, 64)
+    assert len(plan) > 2 and all(w[0].content == UNSAFE_PROMPT and w[-1].role == "assistant" for w in plan)
+    assert guard.moderate([{"role": "user", "content": UNSAFE_PROMPT}, {"role": "assistant", "content": answer}]).role == "response"
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason"),
+    [
+        ([], "empty"),
+        ([{"role": "robot", "content": "hi"}], "role 'robot'"),
+        ([{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}], "only the first message"),
+        ([{"role": "system", "content": "x"}], "last message must be"),
+        ([{"role": "user", "content": "   "}], "is empty"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}], "only text parts"),
+        ([{"role": "user", "content": b"\x00\x01binary"}], "bytes"),
+        ([{"role": "user", "content": "a\x00b"}], "NUL"),
+        ([{"role": "user", "content": "x" * (MAX_MESSAGE_CHARS + 1)}], "limit"),
+        ([{"role": "user"}], "missing"),
+        ("How can I make a bomb?", "list of"),
+        ([["user", "hi"]], "expected a dict"),
+    ],
+)
+def test_bad_input_raises_value_error_with_the_reason(gen_guard: GenGuard, messages: object, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        gen_guard.moderate(messages)  # type: ignore[arg-type]
+
+
+def test_unreachable_hub_gives_one_actionable_error() -> None:
+    with pytest.raises(GuardUnavailableError) as info:
+        GenGuard.from_pretrained("Qwen/Qwen3Guard-Gen-Nonexistent")
+    message = str(info.value)
+    assert "Qwen/Qwen3Guard-Gen-Nonexistent" in message and "--local-dir" in message
+    assert info.value.__cause__ is None
+
+
+def test_missing_local_directory_says_so(tmp_path: Path) -> None:
+    with pytest.raises(GuardUnavailableError, match="does not exist"):
+        GenGuard.from_pretrained(str(tmp_path / "nope"))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text(json.dumps({}))
+    with pytest.raises(GuardUnavailableError, match="tokenizer.json"):
+        GenGuard.from_pretrained(str(tmp_path / "half"))

@@ -1,0 +1,62 @@
+"""Policy decisions: strict/loose, thresholds, per-category overrides and failing closed."""
+
+from __future__ import annotations
+
+import pytest
+
+from guard_core import Action, Category, Mode, Policy, RiskLevel, Verdict
+
+
+def verdict(risk: RiskLevel, *cats: Category, probs: dict[RiskLevel, float] | None = None, error: str | None = None) -> Verdict:
+    return Verdict(risk, tuple(cats), probabilities=probs or {}, error=error)
+
+
+def test_strict_blocks_controversial_and_loose_allows_it() -> None:
+    controversial = verdict(RiskLevel.CONTROVERSIAL, Category.POLITICALLY_SENSITIVE)
+    assert Policy.strict().blocks(controversial)
+    assert not Policy.loose().blocks(controversial)
+    assert Policy.strict().effective_level(controversial) is RiskLevel.UNSAFE
+    assert Policy.loose().effective_level(controversial) is RiskLevel.SAFE
+
+
+def test_unsafe_is_blocked_and_safe_allowed_in_both_modes() -> None:
+    for policy in (Policy.strict(), Policy.loose()):
+        assert policy.action_for(verdict(RiskLevel.UNSAFE, Category.VIOLENT)) is Action.BLOCK
+        assert policy.action_for(verdict(RiskLevel.SAFE)) is Action.ALLOW
+
+
+def test_controversial_can_be_flagged_instead_of_blocked() -> None:
+    policy = Policy(actions={RiskLevel.CONTROVERSIAL: Action.FLAG})
+    assert policy.action_for(verdict(RiskLevel.CONTROVERSIAL, Category.PII)) is Action.FLAG
+
+
+def test_threshold_decides_from_probabilities() -> None:
+    policy = Policy(mode=Mode.LOOSE, unsafe_threshold=0.9)
+    unsure = verdict(RiskLevel.UNSAFE, Category.VIOLENT, probs={RiskLevel.SAFE: 0.3, RiskLevel.CONTROVERSIAL: 0.1, RiskLevel.UNSAFE: 0.6})
+    sure = verdict(RiskLevel.SAFE, probs={RiskLevel.SAFE: 0.05, RiskLevel.CONTROVERSIAL: 0.0, RiskLevel.UNSAFE: 0.95})
+    assert policy.model_level(unsure) is RiskLevel.SAFE and not policy.blocks(unsure)
+    assert policy.model_level(sure) is RiskLevel.UNSAFE and policy.blocks(sure)
+
+
+def test_threshold_is_ignored_without_probabilities() -> None:
+    assert Policy(unsafe_threshold=0.99).blocks(verdict(RiskLevel.UNSAFE, Category.VIOLENT))
+
+
+def test_category_overrides_win_and_the_strictest_applies() -> None:
+    policy = Policy(category_actions={Category.POLITICALLY_SENSITIVE: Action.ALLOW, Category.JAILBREAK: Action.BLOCK})
+    assert not policy.blocks(verdict(RiskLevel.UNSAFE, Category.POLITICALLY_SENSITIVE))
+    assert policy.blocks(verdict(RiskLevel.UNSAFE, Category.POLITICALLY_SENSITIVE, Category.JAILBREAK))
+    assert Policy.loose().with_overrides(category_actions={Category.PII: "block"}).blocks(verdict(RiskLevel.CONTROVERSIAL, Category.PII))
+
+
+def test_errors_fail_closed_by_default_and_open_when_asked() -> None:
+    broken = verdict(RiskLevel.UNSAFE, error="unparseable model output")
+    assert Policy().blocks(broken)
+    assert not Policy(on_error=RiskLevel.SAFE).blocks(broken)
+
+
+def test_bad_threshold_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unsafe_threshold"):
+        Policy(unsafe_threshold=1.5)
+    with pytest.raises(ValueError):
+        Policy(mode="lenient")  # type: ignore[arg-type]
