@@ -1,0 +1,538 @@
+"""Qwen3Guard-Gen behind an OpenAI-compatible server (vLLM, SGLang), as a drop-in for ``GenGuard``.
+
+One machine stops being enough long before one vLLM replica does, so the guard can send its
+conversations to one or more servers instead of running the model in-process. The server applies
+the checkpoint's chat template, which builds the moderation prompt, so the client sends the
+ordinary chat messages (exactly what upstream's README does) at temperature 0 and parses the
+answer with the same ``parse_answer`` as the local path; verdicts therefore match the local
+backend. When the server returns logprobs, the label token's top alternatives give P(Safe /
+Controversial / Unsafe), as the local one-pass scorer's logits do.
+
+Plain httpx (sync and async) talks to ``/v1/chat/completions`` directly: the request is one small
+JSON body, retries and failover must be under our control rather than a client library's, and
+the core stays free of the ``openai`` package.
+
+Failure handling is in ``resilience``: every call is bounded (per-request timeout, attempts,
+optional deadline) and ends in a verdict. A guard that cannot be reached yields
+``Verdict(error="guard unavailable: ...")`` with risk Unsafe (fail closed) or Safe when
+constructed with ``fail_open=True``; with a ``Policy``, ``Policy.on_error`` decides either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import re
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence, Union
+from urllib.parse import urlsplit
+
+import httpx
+
+from .gen_parser import parse_answer
+from .gen_template import ANSWER_PREFIX, render_pieces
+from .messages import Message, MessageLike, moderation_role, normalize_messages
+from .resilience import (
+    CircuitBreaker,
+    CircuitOpenError,
+    PermanentError,
+    RetryPolicy,
+    TransientError,
+    parse_retry_after,
+)
+from .tokenization import join_pieces
+from .types import RiskLevel, Verdict
+
+logger = logging.getLogger("guard_core.remote_gen")
+
+#: First tokens of the three labels as the Qwen3 tokenizer splits ``Safety: <label>``; the full
+#: word is accepted too for servers whose tokenizer keeps it whole.
+_LABEL_TOKENS = {
+    " Safe": RiskLevel.SAFE,
+    " Cont": RiskLevel.CONTROVERSIAL,
+    " Controversial": RiskLevel.CONTROVERSIAL,
+    " Unsafe": RiskLevel.UNSAFE,
+}
+_LEVELS = (RiskLevel.SAFE, RiskLevel.CONTROVERSIAL, RiskLevel.UNSAFE)
+
+#: Qwen3 control-token markup (``<|im_end|>``, ``<think>`` ...). The server tokenizes the rendered
+#: template in one go, so such text in a message would become a real control token and let a
+#: user close the conversation and forge the answer; a word joiner after ``<`` keeps it plain text.
+_CONTROL_MARKUP = re.compile(r"<(?=\|[A-Za-z0-9_]+\|>|/?(?:think|tool_call|tool_response)>)")
+_WORD_JOINER = "\u2060"
+
+#: What one exchange with a server yields: the answer text and its logprobs, or an error to book.
+_Outcome = Union[tuple[str, Any], TransientError, PermanentError]
+_RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+_UNAVAILABLE_PREFIX = "guard unavailable: "
+
+
+class RejectedError(PermanentError):
+    """The server refused this conversation itself (too long for its context, invalid): not an outage.
+
+    It never fails open: otherwise an attacker could bypass the guard by sending oversized input.
+    """
+
+
+def defuse_control_markup(text: str) -> str:
+    """``text`` with Qwen3 control-token markup broken up so a server tokenizes it as plain text."""
+    return _CONTROL_MARKUP.sub("<" + _WORD_JOINER, text)
+
+
+def normalize_base_url(url: str) -> str:
+    """``http(s)://host:port/v1`` from what users type; a bare host gets vLLM/SGLang's ``/v1`` path."""
+    text = url.strip().rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"guard server URL {url!r} must look like http://host:8000/v1")
+    return text if parts.path not in ("", "/") else text + "/v1"
+
+
+def label_probabilities(logprobs: Any, content: str) -> dict[RiskLevel, float]:
+    """P(Safe / Controversial / Unsafe) from an OpenAI ``choice.logprobs`` block; {} when unreadable.
+
+    The label token is the one that starts right after ``Safety:`` in ``content``. Its top
+    alternatives are renormalised over the three labels' first tokens; a label missing from the
+    top list gets 0 (its true probability is below the last listed one).
+    """
+    start = content.find(ANSWER_PREFIX)
+    if start < 0 or not isinstance(logprobs, Mapping) or not isinstance(logprobs.get("content"), list):
+        return {}
+    target, offset = start + len(ANSWER_PREFIX), 0
+    for entry in logprobs["content"]:
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("token"), str):
+            return {}
+        if offset == target:
+            return _renormalise([entry, *(entry.get("top_logprobs") or [])])
+        offset += len(entry["token"])
+        if offset > target:
+            return {}
+    return {}
+
+
+def _renormalise(candidates: Iterable[Any]) -> dict[RiskLevel, float]:
+    logps: dict[RiskLevel, float] = {}
+    for candidate in candidates:
+        if not isinstance(candidate, Mapping):
+            continue
+        level = _LABEL_TOKENS.get(candidate.get("token"))  # type: ignore[arg-type]
+        logp = candidate.get("logprob")
+        if level is None or not isinstance(logp, (int, float)) or math.isnan(logp):
+            continue
+        logps[level] = max(logps.get(level, -math.inf), float(logp))
+    if not logps:
+        return {}
+    top = max(logps.values())
+    weights = {level: math.exp(logps[level] - top) if level in logps else 0.0 for level in _LEVELS}
+    total = sum(weights.values())
+    return {level: w / total for level, w in weights.items()}
+
+
+@dataclass
+class _Server:
+    """One replica and its circuit breaker."""
+
+    base_url: str
+    breaker: CircuitBreaker
+
+    @property
+    def completions_url(self) -> str:
+        return self.base_url + "/chat/completions"
+
+    @property
+    def models_url(self) -> str:
+        return self.base_url + "/models"
+
+
+@dataclass
+class _Round:
+    """Failures collected while trying each server once."""
+
+    errors: list[str] = field(default_factory=list)
+    retry_after: list[float] = field(default_factory=list)
+    skipped: list[_Server] = field(default_factory=list)
+
+    def fail(self, server: _Server, error: TransientError) -> None:
+        self.errors.append(f"{server.base_url}: {error}")
+        if error.retry_after is not None:
+            self.retry_after.append(error.retry_after)
+
+    def outcome(self) -> Exception:
+        """The error that ends this attempt: transient if any server was tried, else circuit open."""
+        if not self.errors:
+            wait = min(s.breaker.retry_in() for s in self.skipped)
+            return CircuitOpenError(
+                f"all {len(self.skipped)} guard server(s) failed repeatedly and are paused (circuit open); "
+                f"next try in {wait:.1f}s", retry_in=wait)
+        paused = f"; {len(self.skipped)} more paused (circuit open)" if self.skipped else ""
+        return TransientError("; ".join(self.errors) + paused,
+                              retry_after=min(self.retry_after) if self.retry_after else None)
+
+
+class RemoteGenGuard:
+    """Moderates prompts and responses with Qwen3Guard-Gen served by vLLM or SGLang.
+
+    Same public interface as ``GenGuard`` (``moderate``, ``moderate_batch``, ``amoderate``,
+    ``amoderate_batch``, ``render_prompt``, ``model_id``), so adapters switch backends by
+    configuration. ``base_urls`` are used round-robin; a failing one is skipped within the same
+    attempt (failover) and paused by its circuit breaker. Thread-safe and usable from any number
+    of event loops. ``moderate`` never raises for server trouble: it returns a verdict whose
+    ``error`` says why no judgement was made. Bad input still raises ``ValueError``.
+    """
+
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        circuit_failures: int = 5,
+        circuit_reset_s: float = 30.0,
+        max_concurrency: int = 16,
+        max_new_tokens: int = 128,
+        logprobs: bool = True,
+        top_logprobs: int = 5,
+        fail_open: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Configure the client; nothing is sent until the first call, so servers may start later.
+
+        ``model`` is the served model name (vLLM's ``--served-model-name``, by default the hub id
+        it was started with); None asks the first reachable server's ``/v1/models``. ``timeout``
+        bounds each HTTP request in seconds. ``fail_open`` only changes ``verdict.risk`` for an
+        unreachable guard (Safe instead of Unsafe); a ``Policy`` decides with ``on_error``.
+        """
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        urls = [u for url in urls for u in url.split(",") if u.strip()]
+        if not urls:
+            raise ValueError("no guard server URL given; pass base_urls=['http://host:8000/v1'] or set QWEN3GUARD_GEN_URL")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
+        if not 0 <= top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be in 0..20 (the OpenAI API limit), got {top_logprobs!r}")
+        self._servers = [_Server(normalize_base_url(u), CircuitBreaker(circuit_failures, circuit_reset_s)) for u in urls]
+        self._model = model or None
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.max_concurrency = max_concurrency
+        self.max_new_tokens = max_new_tokens
+        self.logprobs = logprobs
+        self.top_logprobs = top_logprobs
+        self.fail_open = fail_open
+        self._headers = {"Accept": "application/json", **(headers or {})}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._cursor = itertools.count()
+        self._lock = threading.Lock()
+        self._client: httpx.Client | None = None
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary())
+
+    @classmethod
+    def from_server(cls, base_url: str | Sequence[str], model: str | None = None, **kwargs: Any) -> RemoteGenGuard:
+        """The ``GenGuard.from_server`` spelling: one URL, a comma-separated list or a list of URLs."""
+        return cls(base_url, model=model, **kwargs)
+
+    @property
+    def model_id(self) -> str:
+        """The served model name: as configured, or as discovered on the first call ("" before that)."""
+        return self._model or ""
+
+    @property
+    def base_urls(self) -> list[str]:
+        """The normalised server URLs, in round-robin order."""
+        return [s.base_url for s in self._servers]
+
+    def circuit_states(self) -> dict[str, str]:
+        """Each server's circuit state, for health endpoints and logs."""
+        return {s.base_url: s.breaker.state for s in self._servers}
+
+    def __repr__(self) -> str:
+        return f"RemoteGenGuard({self.base_urls!r}, model={self._model!r}, timeout={self.timeout!r})"
+
+    def render_prompt(self, messages: Iterable[MessageLike]) -> str:
+        """The moderation prompt the server's (upstream) chat template builds from these messages."""
+        return join_pieces(render_pieces(normalize_messages(messages)))
+
+    def moderate(self, messages: Iterable[MessageLike]) -> Verdict:
+        """Moderate one conversation: a prompt if the last turn is the user's, else the response."""
+        return self._moderate_one(normalize_messages(messages))
+
+    def moderate_batch(self, conversations: Iterable[Iterable[MessageLike]]) -> list[Verdict]:
+        """Moderate many conversations, at most ``max_concurrency`` requests in flight; input order kept."""
+        normalized = [normalize_messages(c) for c in conversations]
+        if len(normalized) <= 1:
+            return [self._moderate_one(m) for m in normalized]
+        workers = min(self.max_concurrency, len(normalized))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwen3guard-remote") as pool:
+            return list(pool.map(self._moderate_one, normalized))
+
+    async def amoderate(self, messages: Iterable[MessageLike]) -> Verdict:
+        """Async ``moderate`` (non-blocking HTTP)."""
+        return await self._amoderate_one(normalize_messages(messages))
+
+    async def amoderate_batch(self, conversations: Iterable[Iterable[MessageLike]]) -> list[Verdict]:
+        """Async ``moderate_batch``: concurrent requests, at most ``max_concurrency`` in flight."""
+        normalized = [normalize_messages(c) for c in conversations]
+        limit = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(messages: list[Message]) -> Verdict:
+            async with limit:
+                return await self._amoderate_one(messages)
+
+        return list(await asyncio.gather(*(one(m) for m in normalized)))
+
+    def close(self) -> None:
+        """Close the blocking HTTP client (async clients: ``aclose`` from their event loop)."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    async def aclose(self) -> None:
+        """Close the HTTP clients of this event loop and the blocking one."""
+        with self._lock:
+            client = self._async_clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+        self.close()
+
+    def __enter__(self) -> RemoteGenGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> RemoteGenGuard:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _moderate_one(self, messages: list[Message]) -> Verdict:
+        started, start = time.perf_counter(), next(self._cursor)
+        retrying = self.retry.retrying()
+        try:
+            for attempt in retrying:
+                with attempt:
+                    content, logprobs = self._round(messages, start + attempt.retry_state.attempt_number - 1)
+        except (TransientError, PermanentError, CircuitOpenError) as exc:
+            return self._failure(messages, exc, retrying.statistics.get("attempt_number", 1), started)
+        return self._verdict(messages, content, logprobs, started)
+
+    async def _amoderate_one(self, messages: list[Message]) -> Verdict:
+        started, start = time.perf_counter(), next(self._cursor)
+        retrying = self.retry.async_retrying()
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    content, logprobs = await self._around(messages, start + attempt.retry_state.attempt_number - 1)
+        except (TransientError, PermanentError, CircuitOpenError) as exc:
+            return self._failure(messages, exc, retrying.statistics.get("attempt_number", 1), started)
+        return self._verdict(messages, content, logprobs, started)
+
+    def _rotation(self, offset: int) -> list[_Server]:
+        k = offset % len(self._servers)
+        return self._servers[k:] + self._servers[:k]
+
+    def _round(self, messages: list[Message], offset: int) -> tuple[str, Any]:
+        """One attempt: each server in round-robin order until one answers (failover)."""
+        failures = _Round()
+        for server in self._rotation(offset):
+            if not server.breaker.allow():
+                failures.skipped.append(server)
+                continue
+            try:
+                result = self._call(self._sync_client(), server, messages)
+            except httpx.HTTPError as exc:
+                result = _transport_error(exc, self.timeout)
+            if isinstance(result, tuple):
+                server.breaker.record_success()
+                return result
+            self._settle(server, result, failures)
+        raise failures.outcome()
+
+    async def _around(self, messages: list[Message], offset: int) -> tuple[str, Any]:
+        """Async twin of ``_round``."""
+        failures = _Round()
+        for server in self._rotation(offset):
+            if not server.breaker.allow():
+                failures.skipped.append(server)
+                continue
+            try:
+                result = await self._acall(self._async_client(), server, messages)
+            except httpx.HTTPError as exc:
+                result = _transport_error(exc, self.timeout)
+            if isinstance(result, tuple):
+                server.breaker.record_success()
+                return result
+            self._settle(server, result, failures)
+        raise failures.outcome()
+
+    @staticmethod
+    def _settle(server: _Server, error: TransientError | PermanentError, failures: _Round) -> None:
+        """Book a failed call on the server's breaker; permanent errors end the attempt at once."""
+        if isinstance(error, PermanentError):
+            server.breaker.record_success()
+            raise type(error)(f"{server.base_url}: {error}")
+        if error.server_alive:
+            server.breaker.record_success()
+        else:
+            server.breaker.record_failure()
+        logger.info("guard server %s failed: %s", server.base_url, error)
+        failures.fail(server, error)
+
+    def _body(self, messages: list[Message]) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self._model,
+            "messages": [{"role": m.role, "content": defuse_control_markup(m.content)} for m in messages],
+            "temperature": 0.0,
+            "max_tokens": self.max_new_tokens,
+        }
+        if self.logprobs and self.top_logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = self.top_logprobs
+        return body
+
+    def _read(self, response: httpx.Response) -> _Outcome:
+        """The answer text and logprobs of a completion response, or the error it amounts to."""
+        if response.status_code != 200:
+            return self._status_error(response)
+        try:
+            data = response.json()
+            choice = data["choices"][0]
+            message = choice["message"]
+            content = message.get("content") or message.get("reasoning_content")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            return TransientError(f"malformed response body (expected an OpenAI chat.completion): {response.text[:120]!r}")
+        if not isinstance(content, str):
+            return TransientError(f"malformed response body (no message content): {response.text[:120]!r}")
+        return content, choice.get("logprobs")
+
+    def _status_error(self, response: httpx.Response) -> TransientError | PermanentError:
+        """Map an HTTP error status to retry-or-not, with a message that says what to fix."""
+        status, detail = response.status_code, _error_detail(response)
+        if status in _RETRYABLE_STATUS:
+            return TransientError(f"HTTP {status}: {detail}", retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                                  server_alive=status == 429)
+        if status in (401, 403):
+            return PermanentError(f"HTTP {status}: {detail} (check the API key: api_key= or QWEN3GUARD_GEN_API_KEY)")
+        if status == 404:
+            return PermanentError(
+                f"HTTP 404: {detail} (model {self._model!r}: set model= or QWEN3GUARD_GEN_MODEL to the server's "
+                "--served-model-name, and make sure the URL ends in /v1)")
+        return RejectedError(f"the server rejected the conversation, HTTP {status}: {detail}")
+
+    def _call(self, client: httpx.Client, server: _Server, messages: list[Message]) -> _Outcome:
+        """One HTTP exchange with one server (plus model discovery the first time)."""
+        if self._model is None:
+            found = self._read_models(client.get(server.models_url))
+            if not isinstance(found, str):
+                return found
+            self._set_model(server, found)
+        return self._read(client.post(server.completions_url, json=self._body(messages)))
+
+    async def _acall(self, client: httpx.AsyncClient, server: _Server, messages: list[Message]) -> _Outcome:
+        """Async twin of ``_call``."""
+        if self._model is None:
+            found = self._read_models(await client.get(server.models_url))
+            if not isinstance(found, str):
+                return found
+            self._set_model(server, found)
+        return self._read(await client.post(server.completions_url, json=self._body(messages)))
+
+    def _read_models(self, response: httpx.Response) -> str | TransientError | PermanentError:
+        """The first served model name from ``/v1/models``, or the error the response amounts to."""
+        if response.status_code != 200:
+            return self._status_error(response)
+        try:
+            return str(response.json()["data"][0]["id"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            return PermanentError(f"/models lists no model ({response.text[:120]!r}); set model= or QWEN3GUARD_GEN_MODEL")
+
+    def _set_model(self, server: _Server, name: str) -> None:
+        with self._lock:
+            if self._model is None:
+                self._model = name
+                logger.info("guard server %s serves %r; using it", server.base_url, name)
+
+    def _sync_client(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(headers=self._headers, timeout=self.timeout, limits=self._limits())
+            return self._client
+
+    def _async_client(self) -> httpx.AsyncClient:
+        """This event loop's client (httpx async pools are bound to the loop that created them)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            client = self._async_clients.get(loop)
+            if client is None or client.is_closed:
+                client = httpx.AsyncClient(headers=self._headers, timeout=self.timeout, limits=self._limits())
+                self._async_clients[loop] = client
+            return client
+
+    def _limits(self) -> httpx.Limits:
+        return httpx.Limits(max_connections=None, max_keepalive_connections=self.max_concurrency * len(self._servers))
+
+    def _verdict(self, messages: list[Message], content: str, logprobs: Any, started: float) -> Verdict:
+        role = moderation_role(messages)
+        elapsed = time.perf_counter() - started
+        parsed = parse_answer(content, response=role == "response")
+        if not parsed.ok:
+            return Verdict(RiskLevel.UNSAFE, role=role, model=self.model_id, elapsed_s=elapsed, raw_output=content,
+                           error=f"unparseable model output {content[:80]!r} (is the server running a "
+                                 "Qwen3Guard-Gen checkpoint with its own chat template?)")
+        probabilities = label_probabilities(logprobs, content) if self.logprobs else {}
+        return Verdict(parsed.risk, parsed.categories, parsed.refusal, probabilities, role, self.model_id, elapsed, content)
+
+    def _failure(self, messages: list[Message], error: Exception, attempts: int, started: float) -> Verdict:
+        """The verdict when no judgement was made: unavailable (fail_open decides) or rejected input (Unsafe)."""
+        role = moderation_role(messages)
+        elapsed = time.perf_counter() - started
+        if isinstance(error, RejectedError):
+            message = f"guard request rejected: {error}"
+            risk = RiskLevel.UNSAFE
+        else:
+            tries = f" after {attempts} attempt(s)" if isinstance(error, TransientError) else ""
+            message = f"{_UNAVAILABLE_PREFIX}{error}{tries}"
+            risk = RiskLevel.SAFE if self.fail_open else RiskLevel.UNSAFE
+        logger.error("no moderation verdict (%s): %s", "fail open" if risk is RiskLevel.SAFE else "fail closed", message)
+        return Verdict(risk, role=role, model=self.model_id, elapsed_s=elapsed, error=message)
+
+
+def _transport_error(exc: httpx.HTTPError, timeout: float) -> TransientError | PermanentError:
+    if isinstance(exc, httpx.TimeoutException):
+        return TransientError(f"no answer within the {timeout:g}s timeout ({type(exc).__name__})")
+    if isinstance(exc, httpx.ConnectError):
+        return TransientError(f"cannot connect ({exc or type(exc).__name__}); is the server running?")
+    if isinstance(exc, httpx.TransportError):
+        return TransientError(f"connection failed: {type(exc).__name__}: {exc}")
+    return PermanentError(f"{type(exc).__name__}: {exc}")
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """The server's own error message (OpenAI ``{"error": {"message": ...}}``, FastAPI ``detail``) or the body start."""
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(data, Mapping):
+        error = data.get("error")
+        if isinstance(error, Mapping) and error.get("message"):
+            return str(error["message"])[:300]
+        if isinstance(error, str):
+            return error[:300]
+        if data.get("message") or data.get("detail"):
+            return str(data.get("message") or data.get("detail"))[:300]
+    return response.text[:200]
