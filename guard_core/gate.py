@@ -1,0 +1,141 @@
+"""The hold-back window every streaming adapter uses to release only judged text.
+
+An adapter sits between an LLM stream and its caller. It pushes each delta into a ``StreamGate``
+and forwards only what ``push`` returns. With ``holdback_tokens=h >= 1`` that is text whose
+tokens the guard has judged, minus the newest ``h - 1`` judged tokens: with the default
+``h = 2`` (the debounce count) the first token of a flagged run is still held when the second
+one flags the response, so no token of a flagged run ever reaches the caller. ``h = 0`` is
+pass-through: text is released as soon as it is fed, and the gate only stops the stream once
+the guard blocks.
+
+Released text is cut from the caller's own characters by token offsets (the tokenizer
+normalises to NFC, so decoded token strings are not always the caller's bytes).
+"""
+
+from __future__ import annotations
+
+from .policy import Policy
+from .stream import Debounce, StreamSession
+from .types import TokenVerdict, Verdict
+
+
+def token_verdict(token: TokenVerdict, model: str = "") -> Verdict:
+    """One token's judgement as a response ``Verdict`` (so a ``Policy`` can be applied to it)."""
+    categories = (token.category,) if token.category is not None else ()
+    return Verdict(token.risk, categories, None, dict(token.probabilities), "response", model)
+
+
+class StreamGate:
+    """Releases a streamed response only as far as the guard has judged it safe under ``policy``.
+
+    A token counts against the response when ``policy.blocks`` its own verdict (so thresholds,
+    strict/loose and category overrides apply per token); the response is blocked after the
+    session's debounce count of such tokens in a row. Once blocked, nothing more is released.
+    """
+
+    def __init__(self, session: StreamSession, policy: Policy, holdback_tokens: int = 2) -> None:
+        if holdback_tokens < 0:
+            raise ValueError(f"holdback_tokens must be >= 0, got {holdback_tokens}")
+        self.session = session
+        self.policy = policy
+        self.holdback_tokens = holdback_tokens
+        model = session.guard.model_id
+        self._debounce = Debounce(session.consecutive, lambda t: policy.blocks(token_verdict(t, model)))
+        self._text = ""
+        self._delivered = 0
+        self._ends: list[int] = []
+        self._blocked = False
+        self._finished = False
+
+    @property
+    def prompt_verdict(self) -> Verdict:
+        """The guard's verdict on the user turn."""
+        return self.session.prompt_verdict
+
+    @property
+    def prompt_blocked(self) -> bool:
+        """True when the policy blocks the prompt (adapters check this before streaming)."""
+        return self.policy.blocks(self.session.prompt_verdict)
+
+    @property
+    def blocked(self) -> bool:
+        """True once the policy has blocked the response."""
+        return self._blocked
+
+    @property
+    def verdict(self) -> Verdict:
+        """The response verdict: the blocking run's verdict once blocked, else the session's."""
+        if self._blocked:
+            return self._debounce.verdict(model=self.session.guard.model_id, elapsed_s=self.session.verdict.elapsed_s)
+        return self.session.verdict
+
+    @property
+    def delivered(self) -> str:
+        """All text released so far."""
+        return self._text[: self._delivered]
+
+    def push(self, delta: str) -> str:
+        """Feed a delta; return the text that may now be delivered (possibly ``""``)."""
+        if not self._accepts(delta):
+            return ""
+        self._text += delta
+        return self._absorb(self.session.feed(delta), final=False)
+
+    async def apush(self, delta: str) -> str:
+        """``push`` for asyncio."""
+        if not self._accepts(delta):
+            return ""
+        self._text += delta
+        return self._absorb(await self.session.afeed(delta), final=False)
+
+    def finish(self) -> str:
+        """End of the response: the rest of the text if it is not blocked, else ``""``."""
+        if self._blocked or self._finished:
+            return ""
+        self._finished = True
+        return self._absorb(self.session.finish(), final=True)
+
+    async def afinish(self) -> str:
+        """``finish`` for asyncio."""
+        if self._blocked or self._finished:
+            return ""
+        self._finished = True
+        return self._absorb(await self.session.afinish(), final=True)
+
+    def close(self) -> None:
+        """Free the guard session."""
+        self.session.close()
+
+    async def aclose(self) -> None:
+        """``close`` for asyncio."""
+        self.session.close()
+
+    def __enter__(self) -> StreamGate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accepts(self, delta: str) -> bool:
+        if not isinstance(delta, str):
+            raise TypeError(f"delta must be str, got {type(delta).__name__}")
+        if self._finished:
+            raise RuntimeError("the gate is finished")
+        return not self._blocked
+
+    def _absorb(self, tokens: list[TokenVerdict], *, final: bool) -> str:
+        for token in tokens:
+            self._ends.append(token.end)
+            if self._debounce.add(token):
+                self._blocked = True
+                return ""
+        if final or self.holdback_tokens == 0:
+            limit = len(self._text)
+        else:
+            releasable = len(self._ends) - (self.holdback_tokens - 1)
+            limit = self._ends[releasable - 1] if releasable > 0 else 0
+        if limit <= self._delivered:
+            return ""
+        out = self._text[self._delivered : limit]
+        self._delivered = limit
+        return out
