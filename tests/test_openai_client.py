@@ -1,0 +1,362 @@
+"""guard_openai end to end: the real openai client, over real HTTP, against a scripted local upstream."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+import httpx2
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+from openai_fake_upstream import (
+    FakeUpstream,
+    Script,
+    chat_completion,
+    chat_events,
+    responses_body,
+    responses_events,
+)
+
+from guard_core import Action, Category, GenGuard, Policy, RiskLevel
+from guard_core.stream import StreamGuard
+from guard_core.testing.cases import REFUSAL_ANSWER, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_ANSWER, UNSAFE_PROMPT
+from guard_core.testing.stream_fixture import (
+    PLANTED_SAFE_PROMPT,
+    PLANTED_SAFE_TEXT,
+    PLANTED_UNSAFE_PROMPT,
+    stream_checkpoint,
+)
+from integrations.openai_proxy import DEFAULT_REFUSAL, UnsafeContentError, guard_openai
+
+SAFE_PIECES = ["Preheat", " the oven", " to 180C.", " Mix flour,", " sugar and", " eggs,", " then bake", " for 30 minutes."]
+UNSAFE_PIECES = ["Sure,", " here", " is", " how:", " take a", " pipe", " bomb", " and", " light", " it."]
+TAIL = [" and"] * 300  # keeps upstream busy, so a hang-up is seen while it still has tokens to send
+USER = [{"role": "user", "content": PLANTED_SAFE_PROMPT}]
+
+
+@pytest.fixture(scope="module")
+def stream_guard() -> StreamGuard:
+    """The planted Stream checkpoint: `` pipe`` and `` bomb`` are Unsafe/Violent, prompts with `` bomb`` are Unsafe."""
+    return StreamGuard.from_pretrained(str(stream_checkpoint("planted")))
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+def bare(upstream: FakeUpstream) -> OpenAI:
+    return OpenAI(base_url=upstream.base_url, api_key="sk-test", max_retries=0)
+
+
+@pytest.fixture
+def abare(upstream: FakeUpstream) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=upstream.base_url, api_key="sk-test", max_retries=0)
+
+
+@pytest.fixture
+def guard(stream_guard: StreamGuard, gen_guard: GenGuard) -> Any:
+    def make(client: Any, **kwargs: Any) -> Any:
+        return guard_openai(client, stream_guard=stream_guard, gen_guard=gen_guard, **kwargs)
+    return make
+
+
+def text_of(chunks: list[Any], index: int = 0) -> str:
+    return "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices if c.index == index)
+
+
+def dumps(items: list[Any]) -> list[str]:
+    return [i.model_dump_json() for i in items]
+
+
+def stream_chat(client: OpenAI, **kwargs: Any) -> Any:
+    return client.chat.completions.create(model="fake-model", messages=kwargs.pop("messages", USER), stream=True, **kwargs)
+
+
+def read_until_error(stream: Any) -> tuple[list[Any], Exception | None]:
+    got: list[Any] = []
+    try:
+        for item in stream:
+            got.append(item)
+    except Exception as exc:  # the tests compare what was raised
+        return got, exc
+    return got, None
+
+
+# Chat completions, streamed
+
+
+@pytest.mark.parametrize("holdback", [2, 0])
+def test_safe_stream_is_identical_to_the_unwrapped_clients(upstream, bare, guard, holdback):
+    events = chat_events(SAFE_PIECES, usage=True, logprobs=True)
+    upstream.push(Script(events=events), Script(events=events))
+    plain = list(stream_chat(bare, stream_options={"include_usage": True}, logprobs=True))
+    guarded = list(stream_chat(guard(bare, holdback_tokens=holdback), stream_options={"include_usage": True}, logprobs=True))
+    assert dumps(guarded) == dumps(plain)
+    assert guarded[-1].usage is not None and guarded[-1].choices == []
+
+
+def test_abort_raises_with_the_verdict_and_hangs_up_on_upstream(upstream, bare, guard):
+    upstream.push(Script(events=chat_events(UNSAFE_PIECES + TAIL), delay_s=0.002))
+    got, error = read_until_error(stream_chat(guard(bare)))
+    assert isinstance(error, UnsafeContentError) and isinstance(error, openai.OpenAIError)
+    assert error.verdict.risk is RiskLevel.UNSAFE and error.verdict.categories == (Category.VIOLENT,)
+    assert error.verdict.role == "response" and error.choice_index == 0
+    assert error.delivered == text_of(got) == "Sure, here is how: take a"
+    exchange = upstream.exchanges[-1]
+    assert upstream.wait_closed(exchange)
+    assert exchange.disconnected and not exchange.completed
+
+
+def test_rewrite_ends_with_a_refusal_and_a_content_filter_chunk(upstream, bare, guard):
+    upstream.push(Script(events=chat_events(UNSAFE_PIECES + TAIL), delay_s=0.002))
+    stream = stream_chat(guard(bare, on_unsafe="rewrite"))
+    got = list(stream)
+    assert text_of(got) == "Sure, here is how: take a\n\n" + DEFAULT_REFUSAL
+    last = got[-1]
+    assert last.choices[0].finish_reason == "content_filter"
+    assert last.qwen3guard["response"]["risk"] == "Unsafe" and last.qwen3guard["response"]["categories"] == ["Violent"]
+    assert all(c.id == got[0].id for c in got)
+    assert stream.verdicts[0].risk is RiskLevel.UNSAFE
+    exchange = upstream.exchanges[-1]
+    assert upstream.wait_closed(exchange) and exchange.disconnected
+
+
+def test_no_planted_token_reaches_the_caller_with_the_holdback_window(upstream, bare, guard):
+    """Planted tokens split across chunks, whole, or glued to safe text: never delivered, in text or logprobs."""
+    scripts = [["A pi", "pe", " bo", "mb!"], ["Take a pipe bomb now."], ["Take a", " pipe bomb", " now."]]
+    for pieces in scripts:
+        upstream.push(Script(events=chat_events(pieces, logprobs=True)))
+        got = list(stream_chat(guard(bare, on_unsafe="rewrite"), logprobs=True))
+        delivered = "".join(c.model_dump_json() for c in got)
+        assert "pipe" not in delivered and "bomb" not in delivered, pieces
+        assert got[-1].choices[0].finish_reason == "content_filter"
+
+
+def test_without_holdback_text_flows_at_once_and_the_abort_comes_as_early_as_the_guard_allows(upstream, bare, guard):
+    upstream.push(Script(events=chat_events(UNSAFE_PIECES + TAIL), delay_s=0.002))
+    got, error = read_until_error(stream_chat(guard(bare, holdback_tokens=0)))
+    assert isinstance(error, UnsafeContentError)
+    # The run is judged Unsafe when its second token is complete, i.e. once the next delta arrives.
+    assert error.delivered == text_of(got) == "Sure, here is how: take a pipe bomb"
+
+
+def test_blocked_prompt_never_reaches_upstream(upstream, bare, guard):
+    before = len(upstream.exchanges)
+    with pytest.raises(UnsafeContentError) as info:
+        stream_chat(guard(bare), messages=[{"role": "user", "content": PLANTED_UNSAFE_PROMPT}])
+    assert info.value.verdict.role == "prompt" and info.value.choice_index is None
+    stream = stream_chat(guard(bare, on_unsafe="rewrite"), messages=[{"role": "user", "content": PLANTED_UNSAFE_PROMPT}], n=2)
+    with stream:
+        got = list(stream)
+    assert isinstance(stream, openai.Stream) and isinstance(stream.response, httpx2.Response)
+    assert text_of(got, 0) == text_of(got, 1) == DEFAULT_REFUSAL
+    assert [c.choices[0].finish_reason for c in got] == [None, "content_filter"] * 2
+    assert stream.prompt_verdict.risk is RiskLevel.UNSAFE
+    assert len(upstream.exchanges) == before
+
+
+def test_tool_call_deltas_pass_through(upstream, bare, guard):
+    events = chat_events(["Let me check", " the weather."], tool_call={"name": "get_weather", "arguments": '{"city": "Paris"}'})
+    upstream.push(Script(events=events), Script(events=events))
+    assert dumps(list(stream_chat(guard(bare)))) == dumps(list(stream_chat(bare)))
+
+
+def test_each_of_n_choices_is_judged_on_its_own(upstream, bare, guard):
+    upstream.push(Script(events=chat_events([SAFE_PIECES, UNSAFE_PIECES])))
+    stream = stream_chat(guard(bare, on_unsafe="rewrite"), n=2)
+    got = list(stream)
+    assert text_of(got, 0) == "".join(SAFE_PIECES)
+    assert text_of(got, 1) == "Sure, here is how: take a\n\n" + DEFAULT_REFUSAL
+    finishes = {c.index: c.finish_reason for chunk in got for c in chunk.choices if c.finish_reason}
+    assert finishes == {0: "stop", 1: "content_filter"}
+    assert stream.verdicts[0].risk is RiskLevel.SAFE and stream.verdicts[1].risk is RiskLevel.UNSAFE
+
+
+@pytest.mark.parametrize("mode,error", [("error", openai.APIError), ("drop", openai.APIConnectionError)])
+def test_upstream_errors_mid_stream_propagate_unchanged_and_free_the_guard(upstream, bare, guard, mode, error):
+    script = Script(events=chat_events(SAFE_PIECES), fail_after=5, fail_mode=mode)
+    upstream.push(script, script)
+    _, plain = read_until_error(stream_chat(bare))
+    stream = stream_chat(guard(bare))
+    _, guarded = read_until_error(stream)
+    assert type(guarded) is type(plain) and isinstance(guarded, error)
+    assert str(guarded) == str(plain)
+    assert all(gate.session.closed for gate in stream._moderator.gates.opened().values())
+
+
+def test_stream_keeps_openais_interface(upstream, bare, guard):
+    upstream.push(Script(events=chat_events(SAFE_PIECES + TAIL), delay_s=0.002))
+    with stream_chat(guard(bare)) as stream:
+        assert isinstance(stream, openai.Stream)
+        first = next(iter(stream))
+        assert first.choices[0].delta.role == "assistant"
+    assert stream.response.is_closed
+    exchange = upstream.exchanges[-1]
+    assert upstream.wait_closed(exchange) and exchange.disconnected
+    assert all(gate.session.closed for gate in stream._moderator.gates.opened().values())
+
+
+def test_with_options_keeps_the_guard_and_the_client_is_still_an_openai_client(upstream, bare, guard):
+    client = guard(bare).with_options(timeout=30)
+    assert isinstance(client, OpenAI) and client.timeout == 30
+    with pytest.raises(UnsafeContentError):
+        stream_chat(client, messages=[{"role": "user", "content": PLANTED_UNSAFE_PROMPT}])
+    upstream.push(Script(body={"object": "list", "data": []}), Script(events=chat_events(SAFE_PIECES)))
+    assert client.models.list().data == []  # not moderated: the original resource
+    list(stream_chat(client))
+    assert upstream.exchanges[-1].headers["user-agent"] == upstream.exchanges[-2].headers["user-agent"]
+    assert upstream.exchanges[-1].headers["user-agent"].startswith("OpenAI/Python")
+
+
+def test_raw_response_wrappers_refuse_rather_than_bypass_the_guard(bare, guard):
+    with pytest.raises(NotImplementedError):
+        guard(bare).chat.completions.with_raw_response.create(model="fake-model", messages=USER)
+
+
+# Chat completions, whole
+
+
+def test_whole_completions_are_moderated_with_gen(upstream, bare, guard):
+    unsafe = [{"role": "user", "content": UNSAFE_PROMPT}]
+    safe = [{"role": "user", "content": SAFE_PROMPT}]
+    upstream.push(Script(body=chat_completion([SAFE_ANSWER])))
+    completion = guard(bare).chat.completions.create(model="fake-model", messages=safe)
+    assert completion.choices[0].message.content == SAFE_ANSWER
+    assert completion.qwen3guard["choices"][0]["response"]["risk"] == "Safe"
+
+    before = len(upstream.exchanges)
+    with pytest.raises(UnsafeContentError):
+        guard(bare).chat.completions.create(model="fake-model", messages=unsafe)
+    refused = guard(bare, on_unsafe="rewrite").chat.completions.create(model="fake-model", messages=unsafe)
+    assert refused.choices[0].message.content == DEFAULT_REFUSAL and refused.choices[0].finish_reason == "content_filter"
+    assert len(upstream.exchanges) == before
+
+
+
+#: Gen judges the fixture's unsafe prompt Unsafe/Violent; flagging that category for prompts only
+#: lets the request through, so the answer's own verdict decides (the fixture knows answers to it).
+ASK_ANYWAY = Policy(category_actions={Category.VIOLENT: Action.FLAG})
+
+
+def test_whole_completion_blocks_per_choice_and_reports_refusals(upstream, bare, guard):
+    conversation = [{"role": "user", "content": UNSAFE_PROMPT}]
+    upstream.push(Script(body=chat_completion([REFUSAL_ANSWER, UNSAFE_ANSWER])))
+    client = guard(bare, on_unsafe="rewrite", prompt_policy=ASK_ANYWAY)
+    completion = client.chat.completions.create(model="fake-model", messages=conversation, n=2)
+    assert completion.choices[0].message.content == REFUSAL_ANSWER
+    assert completion.choices[1].message.content == DEFAULT_REFUSAL
+    assert completion.choices[1].finish_reason == "content_filter"
+    notes = completion.qwen3guard
+    assert notes["prompt"]["risk"] == "Unsafe"
+    assert notes["choices"][0]["response"]["refusal"] is True and notes["choices"][0]["response"]["risk"] == "Safe"
+    assert notes["choices"][1]["response"]["risk"] == "Unsafe"
+
+    upstream.push(Script(body=chat_completion([REFUSAL_ANSWER, UNSAFE_ANSWER])))
+    with pytest.raises(UnsafeContentError) as info:
+        guard(bare, prompt_policy=ASK_ANYWAY).chat.completions.create(model="fake-model", messages=conversation, n=2)
+    assert info.value.choice_index == 1 and info.value.verdict.role == "response"
+
+
+# Responses API
+
+
+def test_responses_stream_safe_is_identical_and_unsafe_is_rewritten(upstream, bare, guard):
+    upstream.push(Script(events=responses_events(SAFE_PIECES)), Script(events=responses_events(SAFE_PIECES)))
+    plain = list(bare.responses.create(model="fake-model", input=PLANTED_SAFE_PROMPT, stream=True))
+    guarded = list(guard(bare).responses.create(model="fake-model", input=PLANTED_SAFE_PROMPT, stream=True))
+    assert dumps(guarded) == dumps(plain)
+
+    upstream.push(Script(events=responses_events(UNSAFE_PIECES + TAIL), delay_s=0.002))
+    events = list(guard(bare, on_unsafe="rewrite").responses.create(model="fake-model", input=PLANTED_SAFE_PROMPT, stream=True))
+    assert "pipe" not in json.dumps([e.model_dump() for e in events])
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == "Sure, here is how: take a\n\n" + DEFAULT_REFUSAL
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert done.text == deltas
+    last = events[-1]
+    assert last.type == "response.incomplete" and last.response.incomplete_details.reason == "content_filter"
+    assert last.response.output_text == deltas
+    assert [e.sequence_number for e in events] == sorted({e.sequence_number for e in events})
+
+
+def test_responses_abort_and_blocked_prompt(upstream, bare, guard):
+    upstream.push(Script(events=responses_events(UNSAFE_PIECES + TAIL), delay_s=0.002))
+    _, error = read_until_error(guard(bare).responses.create(model="fake-model", input=PLANTED_SAFE_PROMPT, stream=True))
+    assert isinstance(error, UnsafeContentError) and error.delivered == "Sure, here is how: take a"
+    assert upstream.wait_closed(upstream.exchanges[-1]) and upstream.exchanges[-1].disconnected
+
+    before = len(upstream.exchanges)
+    events = list(guard(bare, on_unsafe="rewrite").responses.create(
+        model="fake-model", input=[{"role": "user", "content": PLANTED_UNSAFE_PROMPT}], stream=True))
+    assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
+    assert events[-1].response.output_text == DEFAULT_REFUSAL
+    assert len(upstream.exchanges) == before
+
+
+def test_whole_responses_are_moderated_with_gen(upstream, bare, guard):
+    upstream.push(Script(body=responses_body(UNSAFE_ANSWER)))
+    refused = guard(bare, on_unsafe="rewrite", prompt_policy=ASK_ANYWAY).responses.create(model="fake-model", input=UNSAFE_PROMPT)
+    assert refused.status == "incomplete" and refused.incomplete_details.reason == "content_filter"
+    assert refused.output_text == DEFAULT_REFUSAL
+    upstream.push(Script(body=responses_body(REFUSAL_ANSWER)))
+    answer = guard(bare, prompt_policy=ASK_ANYWAY).responses.create(model="fake-model", input=UNSAFE_PROMPT)
+    assert answer.output_text == REFUSAL_ANSWER and answer.qwen3guard["response"]["refusal"] is True
+
+
+# asyncio
+
+
+async def test_async_chat_streams(upstream, abare, guard):
+    upstream.push(Script(events=chat_events(SAFE_PIECES)), Script(events=chat_events(SAFE_PIECES)))
+    plain = [c async for c in await abare.chat.completions.create(model="fake-model", messages=USER, stream=True)]
+    client = guard(abare)
+    assert isinstance(client, AsyncOpenAI)
+    stream = await client.chat.completions.create(model="fake-model", messages=USER, stream=True)
+    assert isinstance(stream, openai.AsyncStream)
+    assert dumps([c async for c in stream]) == dumps(plain)
+
+    upstream.push(Script(events=chat_events(UNSAFE_PIECES + TAIL), delay_s=0.002))
+    stream = await client.chat.completions.create(model="fake-model", messages=USER, stream=True)
+    got = []
+    with pytest.raises(UnsafeContentError) as info:
+        async with stream:
+            async for chunk in stream:
+                got.append(chunk)
+    assert info.value.delivered == text_of(got) == "Sure, here is how: take a"
+    assert upstream.wait_closed(upstream.exchanges[-1]) and upstream.exchanges[-1].disconnected
+
+    upstream.push(Script(events=chat_events(UNSAFE_PIECES)))
+    rewrite = guard(abare, on_unsafe="rewrite")
+    got = [c async for c in await rewrite.chat.completions.create(model="fake-model", messages=USER, stream=True)]
+    assert got[-1].choices[0].finish_reason == "content_filter"
+    with pytest.raises(UnsafeContentError):
+        await client.with_options(timeout=10).chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": PLANTED_UNSAFE_PROMPT}], stream=True)
+
+
+async def test_async_responses_and_whole_completions(upstream, abare, guard):
+    upstream.push(Script(events=responses_events(UNSAFE_PIECES)))
+    client = guard(abare, on_unsafe="rewrite")
+    events = [e async for e in await client.responses.create(model="fake-model", input=PLANTED_SAFE_PROMPT, stream=True)]
+    assert events[-1].type == "response.incomplete"
+    assert "pipe" not in json.dumps([e.model_dump() for e in events])
+
+    upstream.push(Script(body=chat_completion([SAFE_ANSWER])))
+    completion = await client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": SAFE_PROMPT}])
+    assert completion.choices[0].message.content == SAFE_ANSWER
+    upstream.push(Script(body=responses_body(UNSAFE_ANSWER)))
+    with pytest.raises(UnsafeContentError):
+        await guard(abare, prompt_policy=ASK_ANYWAY).responses.create(model="fake-model", input=UNSAFE_PROMPT)
+
+
+async def test_async_upstream_error_mid_stream(upstream, abare, guard):
+    upstream.push(Script(events=chat_events(SAFE_PIECES), fail_after=4))
+    stream = await guard(abare).chat.completions.create(model="fake-model", messages=USER, stream=True)
+    with pytest.raises(openai.APIError, match="upstream failed mid-stream"):
+        async for _ in stream:
+            pass
+    assert all(gate.session.closed for gate in stream._moderator.gates.opened().values())
