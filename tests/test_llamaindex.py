@@ -1,0 +1,238 @@
+"""LlamaIndex adapter on real llama-index-core objects and the trained tiny Gen checkpoint.
+
+Node texts and queries are GEN_CASES texts, the only ones the tiny model answers reliably.
+MockLLM (no max_tokens) echoes its prompt, so its answer shows exactly which context reached it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from llama_index.core import Document, MockEmbedding, VectorStoreIndex
+from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
+from llama_index.core.llms import CustomLLM
+from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.mock import MockLLM
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
+from pydantic import PrivateAttr
+
+from guard_core import Action, Category, GenGuard, GuardViolation, Policy, RiskLevel
+from guard_core.testing.cases import (
+    JAILBREAK_PROMPT,
+    REFUSAL_ANSWER,
+    SAFE_ANSWER,
+    SAFE_PROMPT,
+    UNSAFE_ANSWER,
+    UNSAFE_PROMPT,
+)
+from integrations.llamaindex import (
+    DEFAULT_REDACTION_NOTICE,
+    DEFAULT_REFUSAL,
+    GuardedQueryEngine,
+    QwenGuardNodePostprocessor,
+)
+
+FRANCE = "What is the capital of France?"
+CORPUS = [SAFE_PROMPT, UNSAFE_PROMPT, FRANCE, JAILBREAK_PROMPT]
+
+
+class ScriptedLLM(CustomLLM):
+    """A real LlamaIndex LLM that answers ``text`` (streamed in ``chunk``-sized deltas) and counts calls."""
+
+    text: str
+    chunk: int = 4
+    _calls: int = PrivateAttr(default=0)
+    _streamed: int = PrivateAttr(default=0)
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata()
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        self._calls += 1
+        return CompletionResponse(text=self.text)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        self._calls += 1
+
+        def gen() -> CompletionResponseGen:
+            for start in range(0, len(self.text), self.chunk):
+                self._streamed += 1
+                yield CompletionResponse(text=self.text[: start + self.chunk], delta=self.text[start : start + self.chunk])
+
+        return gen()
+
+
+def build_index(texts: list[str]) -> VectorStoreIndex:
+    return VectorStoreIndex.from_documents([Document(text=t) for t in texts], embed_model=MockEmbedding(embed_dim=8))
+
+
+@pytest.fixture(scope="module")
+def index() -> VectorStoreIndex:
+    return build_index(CORPUS)
+
+
+def scored_nodes() -> list[NodeWithScore]:
+    return [NodeWithScore(node=TextNode(text=t, id_=f"n{i}"), score=0.9 - i / 10) for i, t in enumerate(CORPUS)]
+
+
+def texts_of(nodes: list[NodeWithScore]) -> list[str]:
+    return [n.node.get_content() for n in nodes]
+
+
+class CountingGuard:
+    """Counts how many texts reach the model, to prove the cache and the single batch."""
+
+    def __init__(self, guard: GenGuard, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.batches: list[int] = []
+        real = guard.moderate_batch
+
+        def counting(conversations: Any) -> Any:
+            conversations = list(conversations)
+            self.batches.append(len(conversations))
+            return real(conversations)
+
+        monkeypatch.setattr(guard, "moderate_batch", counting)
+
+
+def test_query_engine_drops_unsafe_and_injected_nodes_and_caches(
+    gen_guard: GenGuard, index: VectorStoreIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counter = CountingGuard(gen_guard, monkeypatch)
+    post = QwenGuardNodePostprocessor(gen_guard)
+    engine = index.as_query_engine(llm=MockLLM(), node_postprocessors=[post], similarity_top_k=4)
+
+    response = engine.query(FRANCE)
+
+    assert sorted(texts_of(response.source_nodes)) == sorted([SAFE_PROMPT, FRANCE])
+    assert SAFE_PROMPT in str(response)
+    assert UNSAFE_PROMPT not in str(response) and JAILBREAK_PROMPT not in str(response)
+    assert counter.batches == [4]  # the query (also a corpus text) and 4 nodes: 4 distinct texts, one call
+
+    again = engine.query(FRANCE)
+    assert sorted(texts_of(again.source_nodes)) == sorted([SAFE_PROMPT, FRANCE])
+    assert counter.batches == [4]
+
+
+def test_redaction_keeps_order_scores_and_leaves_the_docstore_alone(gen_guard: GenGuard) -> None:
+    nodes = scored_nodes()
+    out = QwenGuardNodePostprocessor(gen_guard, blocked_nodes="redact").postprocess_nodes(nodes, query_str=FRANCE)
+
+    assert [n.node.node_id for n in out] == ["n0", "n1", "n2", "n3"]
+    assert [n.score for n in out] == [n.score for n in nodes]
+    assert texts_of(out) == [SAFE_PROMPT, DEFAULT_REDACTION_NOTICE, FRANCE, DEFAULT_REDACTION_NOTICE]
+    assert out[0] is nodes[0] and out[2] is nodes[2]
+    assert out[1].node.metadata["qwen3guard"]["categories"] == ["Violent"]
+    assert out[3].node.metadata["qwen3guard"]["categories"] == ["Jailbreak"]
+    assert out[3].node.metadata["qwen3guard"]["action"] == "redact"
+    assert out[3].node.get_content(metadata_mode=MetadataMode.LLM) == DEFAULT_REDACTION_NOTICE
+    assert texts_of(nodes) == CORPUS and all(not n.node.metadata for n in nodes)
+
+
+async def test_flag_policy_annotates_without_leaking_into_the_llm_prompt(
+    gen_guard: GenGuard, index: VectorStoreIndex
+) -> None:
+    policy = Policy(actions={RiskLevel.UNSAFE: Action.FLAG}, category_actions={Category.JAILBREAK: Action.BLOCK})
+    post = QwenGuardNodePostprocessor(gen_guard, policy=policy)
+    engine = index.as_query_engine(llm=MockLLM(), node_postprocessors=[post], similarity_top_k=4)
+
+    response = await engine.aquery(FRANCE)
+
+    by_text = {n.node.get_content(): n.node for n in response.source_nodes}
+    assert sorted(by_text) == sorted([SAFE_PROMPT, UNSAFE_PROMPT, FRANCE])
+    flagged = by_text[UNSAFE_PROMPT].metadata["qwen3guard"]
+    assert (flagged["risk"], flagged["categories"], flagged["action"]) == ("Unsafe", ["Violent"], "flag")
+    assert "qwen3guard" not in by_text[FRANCE].metadata
+    assert UNSAFE_PROMPT in str(response) and JAILBREAK_PROMPT not in str(response)
+    assert "qwen3guard" not in str(response) and "Violent" not in str(response)
+
+
+def test_unsafe_query_raises_before_synthesis(gen_guard: GenGuard, index: VectorStoreIndex) -> None:
+    llm = ScriptedLLM(text=SAFE_ANSWER)
+    engine = index.as_query_engine(llm=llm, node_postprocessors=[QwenGuardNodePostprocessor(gen_guard)])
+
+    with pytest.raises(GuardViolation) as caught:
+        engine.query(JAILBREAK_PROMPT)
+
+    assert caught.value.verdict.categories == (Category.JAILBREAK,)
+    assert llm._calls == 0
+
+
+async def test_blocked_query_can_return_no_nodes_async(gen_guard: GenGuard) -> None:
+    post = QwenGuardNodePostprocessor(gen_guard, blocked_query="empty")
+
+    assert await post.apostprocess_nodes(scored_nodes(), query_str=UNSAFE_PROMPT) == []
+    kept = await post.apostprocess_nodes(scored_nodes(), query_bundle=QueryBundle(SAFE_PROMPT))
+    assert texts_of(kept) == [SAFE_PROMPT, FRANCE]
+
+
+def test_postprocessor_rejects_bad_input(gen_guard: GenGuard) -> None:
+    with pytest.raises(ValueError, match="GenGuard or a model id"):
+        QwenGuardNodePostprocessor(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="blocked_nodes"):
+        QwenGuardNodePostprocessor(gen_guard, blocked_nodes="hide")
+    with pytest.raises(ValueError, match="guard_core.Policy"):
+        QwenGuardNodePostprocessor(gen_guard, policy={"mode": "strict"})
+    with pytest.raises(ValueError, match="expected llama_index NodeWithScore"):
+        QwenGuardNodePostprocessor(gen_guard).postprocess_nodes([TextNode(text=FRANCE)])  # type: ignore[list-item]
+
+
+def test_guarded_engine_blocks_unsafe_query_before_the_wrapped_engine(gen_guard: GenGuard, index: VectorStoreIndex) -> None:
+    llm = ScriptedLLM(text=SAFE_ANSWER)
+    guarded = GuardedQueryEngine(index.as_query_engine(llm=llm), gen_guard=gen_guard)
+
+    with pytest.raises(GuardViolation) as caught:
+        guarded.query(UNSAFE_PROMPT)
+
+    assert caught.value.verdict.categories == (Category.VIOLENT,)
+    assert llm._calls == 0
+
+
+def test_guarded_engine_passes_a_safe_answer_and_records_verdicts(gen_guard: GenGuard, index: VectorStoreIndex) -> None:
+    guarded = GuardedQueryEngine(index.as_query_engine(llm=ScriptedLLM(text=SAFE_ANSWER)), gen_guard=gen_guard)
+
+    response = guarded.query(SAFE_PROMPT)
+
+    assert str(response) == SAFE_ANSWER
+    record = response.metadata["qwen3guard"]
+    assert (record["query"]["risk"], record["answer"]["risk"], record["blocked"]) == ("Safe", "Safe", False)
+    assert response.source_nodes
+
+
+async def test_guarded_engine_refuses_an_unsafe_answer(gen_guard: GenGuard, index: VectorStoreIndex) -> None:
+    inner = index.as_query_engine(llm=ScriptedLLM(text=UNSAFE_ANSWER))
+    guarded = GuardedQueryEngine(inner, gen_guard=gen_guard, check_query=False, on_block="refuse")
+
+    response = await guarded.aquery(UNSAFE_PROMPT)
+
+    assert str(response) == DEFAULT_REFUSAL
+    record = response.metadata["qwen3guard"]
+    assert record["blocked"] is True and record["answer"]["categories"] == ["Violent"]
+    with pytest.raises(GuardViolation):
+        GuardedQueryEngine(inner, gen_guard=gen_guard, check_query=False).query(UNSAFE_PROMPT)
+
+
+def test_gen_only_streaming_releases_nothing_of_a_blocked_answer(gen_guard: GenGuard, index: VectorStoreIndex) -> None:
+    inner = index.as_query_engine(llm=ScriptedLLM(text=UNSAFE_ANSWER), streaming=True)
+    refused = GuardedQueryEngine(inner, gen_guard=gen_guard, check_query=False, on_block="refuse").query(UNSAFE_PROMPT)
+    assert list(refused.response_gen) == [DEFAULT_REFUSAL]
+
+    allowed_inner = index.as_query_engine(llm=ScriptedLLM(text=REFUSAL_ANSWER), streaming=True)
+    allowed = GuardedQueryEngine(allowed_inner, gen_guard=gen_guard, check_query=False).query(UNSAFE_PROMPT)
+    assert "".join(allowed.response_gen) == REFUSAL_ANSWER
+    assert allowed.metadata["qwen3guard"]["answer"]["refusal"] is True
+
+
+def test_guarded_engine_rejects_bad_configuration(gen_guard: GenGuard, index: VectorStoreIndex) -> None:
+    inner = index.as_query_engine(llm=MockLLM())
+    with pytest.raises(ValueError, match="BaseQueryEngine"):
+        GuardedQueryEngine(object(), gen_guard=gen_guard)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gen_guard, stream_guard or both"):
+        GuardedQueryEngine(inner)
+    with pytest.raises(ValueError, match="on_block"):
+        GuardedQueryEngine(inner, gen_guard=gen_guard, on_block="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="holdback_tokens"):
+        GuardedQueryEngine(inner, gen_guard=gen_guard, holdback_tokens=0)
