@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -91,8 +92,11 @@ def _finish_future(fut: asyncio.Future[None]) -> None:
 class StreamScheduler:
     """Batches the pending tokens of all sessions of one model into packed forwards."""
 
-    def __init__(self, model: Qwen3ForGuardModel, *, max_tokens_per_step: int = 512, idle_exit_s: float = 2.0) -> None:
+    def __init__(
+        self, model: Qwen3ForGuardModel, *, max_tokens_per_step: int = 512, idle_exit_s: float = 2.0, gather_s: float = 0.002
+    ) -> None:
         self.model = model
+        self.gather_s = gather_s
         self.max_tokens_per_step = max_tokens_per_step
         self.idle_exit_s = idle_exit_s
         self._cond = threading.Condition()
@@ -163,7 +167,21 @@ class StreamScheduler:
             budget -= n
         return batch
 
+    def _gather(self, previous: list[Lane]) -> None:
+        """Give the sessions of the last step a moment (``gather_s``) to queue their next tokens.
+
+        Their callers were just woken and need the GIL to submit; starting the next step at once
+        would split one round of feeds over several small steps.
+        """
+        deadline = time.monotonic() + self.gather_s
+        while any(not lane.queue and not lane.closed for lane in previous):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
     def _run(self) -> None:
+        previous: list[Lane] = []
         while True:
             with self._cond:
                 if not any(lane.queue for lane in self._lanes):
@@ -171,7 +189,10 @@ class StreamScheduler:
                     if not any(lane.queue for lane in self._lanes):
                         self._worker = None
                         return
+                if len(previous) > 1:
+                    self._gather(previous)
                 batch = self._take_batch()
+                previous = [lane for lane, _ in batch]
             error = self._step(batch)
             with self._cond:
                 self.steps += 1
