@@ -1,0 +1,193 @@
+"""QwenGuardCallbackHandler / AsyncQwenGuardCallbackHandler on real langchain-core models and chains."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage
+from langchain_core.prompts import ChatPromptTemplate
+
+from guard_core import Category, GuardViolation, RiskLevel
+from guard_core.stream import StreamGuard
+from guard_core.testing.cases import REFUSAL_ANSWER, UNSAFE_ANSWER, UNSAFE_PROMPT
+from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_SAFE_TEXT, PLANTED_UNSAFE_PROMPT, stream_checkpoint
+from integrations.langchain import GUARD_EVENT, AsyncQwenGuardCallbackHandler, QwenGuardCallbackHandler
+
+#: The planted " pipe bomb" inside a chunk "bomb." that also carries the token boundary after " bomb".
+UNSAFE_REPLY = "Sure, take a pipe bomb. Then light it."
+SAFE_PREFIX = ["Sure,", " ", "take", " ", "a", " ", "pipe", " "]
+
+
+@pytest.fixture(scope="module")
+def stream_guard() -> StreamGuard:
+    return StreamGuard.from_pretrained(str(stream_checkpoint("planted")))
+
+
+def model(text: str) -> GenericFakeChatModel:
+    return GenericFakeChatModel(messages=iter([AIMessage(content=text)]))
+
+
+def untouched(chat_model: GenericFakeChatModel) -> bool:
+    """True when the model never produced its scripted answer (i.e. it was not called)."""
+    return next(chat_model.messages, None) is not None
+
+
+def collect(stream: Any) -> tuple[list[str], BaseException | None]:
+    got: list[str] = []
+    try:
+        for chunk in stream:
+            got.append(chunk.content)
+    except GuardViolation as exc:
+        return got, exc
+    return got, None
+
+
+async def acollect(stream: Any) -> tuple[list[str], BaseException | None]:
+    got: list[str] = []
+    try:
+        async for chunk in stream:
+            got.append(chunk.content)
+    except GuardViolation as exc:
+        return got, exc
+    return got, None
+
+
+class Recorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+        if name == GUARD_EVENT:
+            self.events.append(data)
+
+
+def test_stream_stops_before_the_chunk_that_completes_the_unsafe_run(stream_guard: StreamGuard) -> None:
+    handler = QwenGuardCallbackHandler(stream_guard)
+    got, exc = collect(model(UNSAFE_REPLY).stream(PLANTED_SAFE_PROMPT, config={"callbacks": [handler]}))
+    assert got == SAFE_PREFIX
+    assert isinstance(exc, GuardViolation)
+    assert exc.verdict.role == "response" and exc.verdict.risk is RiskLevel.UNSAFE
+    assert exc.verdict.categories == (Category.VIOLENT,)
+    assert handler.active_runs == 0
+
+
+def test_astream_stops_with_the_async_handler(stream_guard: StreamGuard) -> None:
+    handler = AsyncQwenGuardCallbackHandler(stream_guard)
+    got, exc = asyncio.run(acollect(model(UNSAFE_REPLY).astream(PLANTED_SAFE_PROMPT, config={"callbacks": [handler]})))
+    assert got == SAFE_PREFIX
+    assert isinstance(exc, GuardViolation) and exc.verdict.risk is RiskLevel.UNSAFE
+    assert handler.active_runs == 0
+
+
+def test_safe_stream_passes_unchanged_in_the_same_chunks(stream_guard: StreamGuard) -> None:
+    plain = [c.content for c in model(PLANTED_SAFE_TEXT).stream(PLANTED_SAFE_PROMPT)]
+    handler = QwenGuardCallbackHandler(stream_guard)
+    guarded = [c.content for c in model(PLANTED_SAFE_TEXT).stream(PLANTED_SAFE_PROMPT, config={"callbacks": [handler]})]
+    assert guarded == plain and "".join(guarded) == PLANTED_SAFE_TEXT
+    assert handler.active_runs == 0
+
+
+def test_stream_prompt_head_blocks_before_the_model_is_called(stream_guard: StreamGuard) -> None:
+    chat_model = model(PLANTED_SAFE_TEXT)
+    handler = QwenGuardCallbackHandler(stream_guard)
+    got, exc = collect(chat_model.stream(PLANTED_UNSAFE_PROMPT, config={"callbacks": [handler]}))
+    assert got == [] and isinstance(exc, GuardViolation) and exc.verdict.role == "prompt"
+    assert untouched(chat_model)
+    assert handler.active_runs == 0
+
+
+def test_gen_prompt_check_blocks_a_templated_prompt(stream_guard: StreamGuard, gen_guard: Any) -> None:
+    chat_model = model(PLANTED_SAFE_TEXT)
+    chain = ChatPromptTemplate.from_messages([("human", "{question}")]) | chat_model
+    handler = QwenGuardCallbackHandler(stream_guard, gen_guard)
+    with pytest.raises(GuardViolation) as info:
+        chain.invoke({"question": UNSAFE_PROMPT}, config={"callbacks": [handler]})
+    assert info.value.verdict.categories == (Category.VIOLENT,) and info.value.verdict.model == gen_guard.model_id
+    assert untouched(chat_model)
+
+
+def test_non_streaming_invoke_is_moderated_with_the_stream_guard(stream_guard: StreamGuard) -> None:
+    handler = QwenGuardCallbackHandler(stream_guard)
+    with pytest.raises(GuardViolation) as info:
+        model(UNSAFE_REPLY).invoke(PLANTED_SAFE_PROMPT, config={"callbacks": [handler]})
+    assert info.value.verdict.role == "response"
+    assert model(PLANTED_SAFE_TEXT).invoke(PLANTED_SAFE_PROMPT, config={"callbacks": [handler]}).content == PLANTED_SAFE_TEXT
+    assert handler.active_runs == 0
+
+
+def test_non_streaming_invoke_is_moderated_with_gen(gen_guard: Any) -> None:
+    handler = QwenGuardCallbackHandler(gen_guard=gen_guard, prompt_check="off")
+    with pytest.raises(GuardViolation) as info:
+        model(UNSAFE_ANSWER).invoke(UNSAFE_PROMPT, config={"callbacks": [handler]})
+    assert info.value.verdict.role == "response" and info.value.verdict.refusal is False
+    assert model(REFUSAL_ANSWER).invoke(UNSAFE_PROMPT, config={"callbacks": [handler]}).content == REFUSAL_ANSWER
+
+
+def test_gen_confirms_a_stream_the_token_guard_let_through(stream_guard: StreamGuard, gen_guard: Any) -> None:
+    # One planted token (" pipe") never makes a debounced run, so only Gen's full-response check catches it.
+    handler = QwenGuardCallbackHandler(stream_guard, gen_guard, prompt_check="off", confirm_with_gen=True)
+    got, exc = collect(model(UNSAFE_ANSWER).stream(UNSAFE_PROMPT, config={"callbacks": [handler]}))
+    assert "".join(got) == UNSAFE_ANSWER
+    assert isinstance(exc, GuardViolation) and exc.verdict.model == gen_guard.model_id
+    assert handler.active_runs == 0
+
+
+def test_concurrent_runs_keep_their_own_sessions(stream_guard: StreamGuard) -> None:
+    handler = AsyncQwenGuardCallbackHandler(stream_guard)
+
+    async def both() -> list[tuple[list[str], BaseException | None]]:
+        config = {"callbacks": [handler]}
+        return await asyncio.gather(
+            acollect(model(PLANTED_SAFE_TEXT).astream(PLANTED_SAFE_PROMPT, config=config)),
+            acollect(model(UNSAFE_REPLY).astream(PLANTED_SAFE_PROMPT, config=config)),
+            acollect(model(PLANTED_SAFE_TEXT).astream(PLANTED_SAFE_PROMPT, config=config)),
+        )
+
+    (safe1, e1), (unsafe, e2), (safe2, e3) = asyncio.run(both())
+    assert "".join(safe1) == "".join(safe2) == PLANTED_SAFE_TEXT and e1 is None and e3 is None
+    assert unsafe == SAFE_PREFIX and isinstance(e2, GuardViolation)
+    assert handler.active_runs == 0
+
+
+def test_a_consumer_that_stops_early_frees_the_session(stream_guard: StreamGuard) -> None:
+    handler = QwenGuardCallbackHandler(stream_guard)
+    stream = model(PLANTED_SAFE_TEXT).stream(PLANTED_SAFE_PROMPT, config={"callbacks": [handler]})
+    next(stream)
+    assert handler.active_runs == 1
+    stream.close()
+    assert handler.active_runs == 0
+
+
+def test_verdicts_are_dispatched_as_custom_events(stream_guard: StreamGuard) -> None:
+    recorder = Recorder()
+    chain = ChatPromptTemplate.from_messages([("human", "{question}")]) | model(PLANTED_SAFE_TEXT)
+    handler = QwenGuardCallbackHandler(stream_guard)
+    list(chain.stream({"question": PLANTED_SAFE_PROMPT}, config={"callbacks": [handler, recorder]}))
+    assert [(e["role"], e["action"], e["verdict"]["risk"]) for e in recorder.events] == [
+        ("prompt", "allow", "Safe"), ("response", "allow", "Safe")]
+
+
+def test_completion_llms_are_moderated_too(stream_guard: StreamGuard) -> None:
+    from langchain_core.language_models.fake import FakeStreamingListLLM
+
+    handler = QwenGuardCallbackHandler(stream_guard)
+    llm = FakeStreamingListLLM(responses=[UNSAFE_REPLY])
+    with pytest.raises(GuardViolation):
+        "".join(llm.stream(PLANTED_SAFE_PROMPT, config={"callbacks": [handler]}))
+    with pytest.raises(GuardViolation):
+        llm.invoke(PLANTED_UNSAFE_PROMPT, config={"callbacks": [handler]})
+    assert handler.active_runs == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"prompt_check": "gen"}, {"prompt_check": "bogus"}, {"confirm_with_gen": True}],
+)
+def test_bad_configuration_is_a_value_error(stream_guard: StreamGuard, kwargs: dict[str, Any]) -> None:
+    guard = None if not kwargs else stream_guard
+    with pytest.raises(ValueError):
+        QwenGuardCallbackHandler(guard, **kwargs)
