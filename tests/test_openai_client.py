@@ -23,7 +23,6 @@ from guard_core.stream import StreamGuard
 from guard_core.testing.cases import REFUSAL_ANSWER, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_ANSWER, UNSAFE_PROMPT
 from guard_core.testing.stream_fixture import (
     PLANTED_SAFE_PROMPT,
-    PLANTED_SAFE_TEXT,
     PLANTED_UNSAFE_PROMPT,
     stream_checkpoint,
 )
@@ -360,3 +359,23 @@ async def test_async_upstream_error_mid_stream(upstream, abare, guard):
         async for _ in stream:
             pass
     assert all(gate.session.closed for gate in stream._moderator.gates.opened().values())
+
+
+def test_openais_stream_helper_and_parse_are_guarded_too(upstream, bare, guard):
+    upstream.push(Script(events=chat_events(UNSAFE_PIECES)))
+    events: list[Any] = []
+    # openai's helper treats the guard's content_filter ending like OpenAI's own filter.
+    with pytest.raises(openai.ContentFilterFinishReasonError):
+        with guard(bare, on_unsafe="rewrite").chat.completions.stream(model="fake-model", messages=USER) as stream:
+            events.extend(stream)
+            stream.get_final_completion()
+    text = "".join(e.delta for e in events if e.type == "content.delta")
+    assert text == "Sure, here is how: take a\n\n" + DEFAULT_REFUSAL
+
+    before = len(upstream.exchanges)
+    with pytest.raises(UnsafeContentError):
+        guard(bare).chat.completions.parse(model="fake-model", messages=[{"role": "user", "content": UNSAFE_PROMPT}])
+    refused = guard(bare, on_unsafe="rewrite").chat.completions.parse(
+        model="fake-model", messages=[{"role": "user", "content": UNSAFE_PROMPT}])
+    assert refused.choices[0].message.parsed is None and refused.choices[0].finish_reason == "content_filter"
+    assert len(upstream.exchanges) == before

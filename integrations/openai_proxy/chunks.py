@@ -85,15 +85,21 @@ def refusal_chunks(template: ChatCompletionChunk | None, index: int, text: str, 
 
 
 def refused_choice(choice: CompletionChoice, text: str) -> CompletionChoice:
-    """A whole-response choice replaced by the refusal (tool calls and logprobs dropped with it)."""
-    message = choice.message.model_copy(update={"content": text, "tool_calls": None, "function_call": None,
-                                                "audio": None, "annotations": None})
+    """A whole-response choice replaced by the refusal (tool calls, logprobs and parsed output dropped with it)."""
+    update: dict[str, Any] = {"content": text, "tool_calls": None, "function_call": None, "audio": None, "annotations": None}
+    if "parsed" in type(choice.message).model_fields:
+        update["parsed"] = None
+    message = choice.message.model_copy(update=update)
     return choice.model_copy(update={"message": message, "finish_reason": CONTENT_FILTER, "logprobs": None})
 
 
-def refusal_completion(model: str, text: str, note: dict[str, Any], n: int = 1) -> ChatCompletion:
-    """The answer to a blocked prompt in ``rewrite`` mode: a completion that never reached upstream."""
-    choices = [{"index": i, "finish_reason": CONTENT_FILTER, "message": {"role": "assistant", "content": text}} for i in range(n)]
+def refusal_completion(model: str, text: str, note: dict[str, Any], n: int = 1, *, parsed: bool = False) -> ChatCompletion:
+    """The answer to a blocked prompt in ``rewrite`` mode: a completion that never reached upstream.
+
+    ``parsed`` adds ``message.parsed = None``, as ``chat.completions.parse`` callers read it.
+    """
+    message: dict[str, Any] = {"role": "assistant", "content": text, **({"parsed": None} if parsed else {})}
+    choices = [{"index": i, "finish_reason": CONTENT_FILTER, "message": message} for i in range(n)]
     return ChatCompletion.model_validate({"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
                                           "model": model, "choices": choices, ANNOTATION_KEY: note})
 

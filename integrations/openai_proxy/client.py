@@ -3,9 +3,9 @@
 The wrapped client is a copy of the given one whose class is a subclass of the original
 (``GuardedOpenAI(OpenAI)``, built per client class), so ``isinstance`` checks, every resource the
 guard does not touch, and ``with_options()`` / ``copy()`` (which rebuild through ``__class__``)
-keep working, the latter keeping the guard. Only ``chat.completions.create`` and
-``responses.create`` are replaced; the raw-response wrappers of those two refuse to run, since
-they hand back bytes the guard cannot judge.
+keep working, the latter keeping the guard. Only ``create`` and ``parse`` of ``chat.completions``
+and ``responses`` are replaced (openai's ``stream()`` helpers call ``create``); their raw-response
+wrappers refuse to run, since they hand back bytes the guard cannot judge.
 
 Streams come back as ``GuardedStream`` / ``AsyncGuardedStream``, subclasses of openai's
 ``Stream`` / ``AsyncStream`` written in the same style: a generator over the upstream stream,
@@ -16,16 +16,15 @@ response and the guard sessions in ``finally``.
 from __future__ import annotations
 
 import functools
+from functools import cached_property
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import httpx2
 from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
-from openai._compat import cached_property
 from openai.resources.chat import AsyncChat, Chat
 from openai.resources.chat.completions import AsyncCompletions, Completions
 from openai.resources.responses import AsyncResponses, Responses
-from openai.types.chat import ChatCompletionChunk
 from openai.types.responses import ResponseStreamEvent
 
 from guard_core import GenGuard, Policy, Verdict
@@ -161,7 +160,7 @@ def _blocked_prompt(moderator: Moderator, verdict: Verdict) -> dict[str, Any]:
 
 
 class _GuardedCompletions(Completions):
-    """``chat.completions`` with ``create`` moderated."""
+    """``chat.completions`` with ``create`` and ``parse`` moderated (``stream()`` goes through ``create``)."""
 
     @functools.wraps(Completions.create)
     def create(self, **kwargs: Any) -> Any:
@@ -180,15 +179,27 @@ class _GuardedCompletions(Completions):
             gates = ChoiceGates(moderator, conversation, gate)
             upstream = _send(lambda: super(_GuardedCompletions, self).create(**kwargs), gates)
             return GuardedStream(upstream, ChatStreamModerator(moderator, gates, n), upstream.response)
+        return self._whole(kwargs, super().create)
+
+    @functools.wraps(Completions.parse)
+    def parse(self, **kwargs: Any) -> Any:
+        _check_not_raw(kwargs)
+        return self._whole(kwargs, super().parse, parsed=True)
+
+    def _whole(self, kwargs: dict[str, Any], send: Any, *, parsed: bool = False) -> Any:
+        """A non-streamed request: Gen judges the prompt, then every choice of the answer."""
+        moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
+        conversation = chat_conversation(kwargs.get("messages") or ())
         verdict = moderator.prompt_verdict(conversation)
         if moderator.prompt_blocks(verdict):
             note = _blocked_prompt(moderator, verdict)
-            return chunks.refusal_completion(kwargs.get("model", ""), moderator.refusal_message, note, n)
-        return moderator.check_completion(conversation, super().create(**kwargs), verdict)
+            return chunks.refusal_completion(kwargs.get("model", ""), moderator.refusal_message, note,
+                                             kwargs.get("n") or 1, parsed=parsed)
+        return moderator.check_completion(conversation, send(**kwargs), verdict)
 
 
 class _AsyncGuardedCompletions(AsyncCompletions):
-    """``chat.completions`` with ``create`` moderated (asyncio)."""
+    """``chat.completions`` with ``create`` and ``parse`` moderated (asyncio)."""
 
     @functools.wraps(AsyncCompletions.create)
     async def create(self, **kwargs: Any) -> Any:
@@ -207,11 +218,23 @@ class _AsyncGuardedCompletions(AsyncCompletions):
             gates = ChoiceGates(moderator, conversation, gate)
             upstream = await _asend(super().create(**kwargs), gates)
             return AsyncGuardedStream(upstream, ChatStreamModerator(moderator, gates, n), upstream.response)
+        return await self._whole(kwargs, super().create)
+
+    @functools.wraps(AsyncCompletions.parse)
+    async def parse(self, **kwargs: Any) -> Any:
+        _check_not_raw(kwargs)
+        return await self._whole(kwargs, super().parse, parsed=True)
+
+    async def _whole(self, kwargs: dict[str, Any], send: Any, *, parsed: bool = False) -> Any:
+        """A non-streamed request: Gen judges the prompt, then every choice of the answer."""
+        moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
+        conversation = chat_conversation(kwargs.get("messages") or ())
         verdict = await moderator.aprompt_verdict(conversation)
         if moderator.prompt_blocks(verdict):
             note = _blocked_prompt(moderator, verdict)
-            return chunks.refusal_completion(kwargs.get("model", ""), moderator.refusal_message, note, n)
-        return await moderator.acheck_completion(conversation, await super().create(**kwargs), verdict)
+            return chunks.refusal_completion(kwargs.get("model", ""), moderator.refusal_message, note,
+                                             kwargs.get("n") or 1, parsed=parsed)
+        return await moderator.acheck_completion(conversation, await send(**kwargs), verdict)
 
 
 def _responses_conversation(kwargs: dict[str, Any]) -> Conversation:
@@ -224,8 +247,13 @@ def _prompt_refusal_events(model: str, moderator: Moderator, note: dict[str, Any
         text=moderator.refusal_message, prior=[], sequence=0, note=note, model=model, opened=False)
 
 
+def _prompt_refusal_response(kwargs: dict[str, Any], moderator: Moderator, note: dict[str, Any]) -> Any:
+    item = chunks.message_item(chunks.new_id("msg"), moderator.refusal_message)
+    return chunks.incomplete_response(None, [item], note, model=kwargs.get("model", ""))
+
+
 class _GuardedResponses(Responses):
-    """``responses`` with ``create`` moderated."""
+    """``responses`` with ``create`` and ``parse`` moderated (``stream()`` goes through ``create``)."""
 
     @functools.wraps(Responses.create)
     def create(self, **kwargs: Any) -> Any:
@@ -242,16 +270,25 @@ class _GuardedResponses(Responses):
             gates = ChoiceGates(moderator, conversation, gate)
             upstream = _send(lambda: super(_GuardedResponses, self).create(**kwargs), gates)
             return GuardedStream(upstream, ResponsesStreamModerator(moderator, gates), upstream.response)
+        return self._whole(kwargs, super().create)
+
+    @functools.wraps(Responses.parse)
+    def parse(self, **kwargs: Any) -> Any:
+        _check_not_raw(kwargs)
+        return self._whole(kwargs, super().parse)
+
+    def _whole(self, kwargs: dict[str, Any], send: Any) -> Any:
+        """A non-streamed request: Gen judges the prompt, then the answer's text."""
+        moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
+        conversation = _responses_conversation(kwargs)
         verdict = moderator.prompt_verdict(conversation)
         if moderator.prompt_blocks(verdict):
-            note = _blocked_prompt(moderator, verdict)
-            return chunks.incomplete_response(None, [chunks.message_item(chunks.new_id("msg"), moderator.refusal_message)],
-                                              note, model=kwargs.get("model", ""))
-        return moderator.check_response(conversation, super().create(**kwargs), verdict)
+            return _prompt_refusal_response(kwargs, moderator, _blocked_prompt(moderator, verdict))
+        return moderator.check_response(conversation, send(**kwargs), verdict)
 
 
 class _AsyncGuardedResponses(AsyncResponses):
-    """``responses`` with ``create`` moderated (asyncio)."""
+    """``responses`` with ``create`` and ``parse`` moderated (asyncio)."""
 
     @functools.wraps(AsyncResponses.create)
     async def create(self, **kwargs: Any) -> Any:
@@ -268,12 +305,21 @@ class _AsyncGuardedResponses(AsyncResponses):
             gates = ChoiceGates(moderator, conversation, gate)
             upstream = await _asend(super().create(**kwargs), gates)
             return AsyncGuardedStream(upstream, ResponsesStreamModerator(moderator, gates), upstream.response)
+        return await self._whole(kwargs, super().create)
+
+    @functools.wraps(AsyncResponses.parse)
+    async def parse(self, **kwargs: Any) -> Any:
+        _check_not_raw(kwargs)
+        return await self._whole(kwargs, super().parse)
+
+    async def _whole(self, kwargs: dict[str, Any], send: Any) -> Any:
+        """A non-streamed request: Gen judges the prompt, then the answer's text."""
+        moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
+        conversation = _responses_conversation(kwargs)
         verdict = await moderator.aprompt_verdict(conversation)
         if moderator.prompt_blocks(verdict):
-            note = _blocked_prompt(moderator, verdict)
-            return chunks.incomplete_response(None, [chunks.message_item(chunks.new_id("msg"), moderator.refusal_message)],
-                                              note, model=kwargs.get("model", ""))
-        return await moderator.acheck_response(conversation, await super().create(**kwargs), verdict)
+            return _prompt_refusal_response(kwargs, moderator, _blocked_prompt(moderator, verdict))
+        return await moderator.acheck_response(conversation, await send(**kwargs), verdict)
 
 
 def _send(request: Any, gates: ChoiceGates) -> Any:
@@ -295,6 +341,8 @@ async def _asend(request: Any, gates: ChoiceGates) -> Any:
 
 
 class _GuardedChat(Chat):
+    """``chat`` whose ``completions`` are the guarded ones."""
+
     @cached_property
     def completions(self) -> Completions:
         """Moderated chat completions."""
@@ -302,6 +350,8 @@ class _GuardedChat(Chat):
 
 
 class _AsyncGuardedChat(AsyncChat):
+    """``chat`` whose ``completions`` are the guarded ones (asyncio)."""
+
     @cached_property
     def completions(self) -> AsyncCompletions:
         """Moderated chat completions."""

@@ -1,0 +1,50 @@
+"""examples/openai_stream.py runs as written against a local OpenAI-compatible server and the test checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from openai_fake_upstream import FakeUpstream, Script, chat_events
+
+from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_UNSAFE_PROMPT, stream_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(upstream: FakeUpstream, gen_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OPENAI_BASE_URL": upstream.base_url, "OPENAI_API_KEY": "sk-test", "OPENAI_MODEL": "fake-model",
+           "QWEN3GUARD_GEN_PATH": str(gen_dir), "QWEN3GUARD_STREAM_PATH": str(stream_checkpoint("planted"))}
+    return subprocess.run([sys.executable, str(ROOT / "examples" / "openai_stream.py"), *args],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "pieces,args,code,expected",
+    [
+        (["Preheat the oven", " to 180C", " and bake."], [], 0,
+         "Preheat the oven to 180C and bake.\n[finish_reason=stop; guard verdict: response Safe]\n"),
+        (["Sure, take a", " pipe", " bomb", " and light it."], ["--on-unsafe", "rewrite"], 0,
+         "Sure, take a\n\nI'm sorry, but I can't help with that.\n[finish_reason=content_filter; guard verdict: response Unsafe]\n"),
+        (["Sure, take a", " pipe", " bomb", " and light it."], [], 1,
+         "Sure, take a\n[blocked response: Unsafe (Violent); delivered 12 characters before the stop]\n"),
+    ],
+)
+def test_example_streams_through_the_guard(gen_dir: Path, pieces: list[str], args: list[str], code: int, expected: str) -> None:
+    with FakeUpstream() as upstream:
+        upstream.push(Script(events=chat_events(pieces)))
+        result = run_example(upstream, gen_dir, PLANTED_SAFE_PROMPT, *args)
+        assert (result.returncode, result.stdout) == (code, expected), result.stderr
+        assert upstream.exchanges[0].body["messages"] == [{"role": "user", "content": PLANTED_SAFE_PROMPT}]
+
+
+def test_example_blocked_prompt_is_never_sent(gen_dir: Path) -> None:
+    with FakeUpstream() as upstream:
+        result = run_example(upstream, gen_dir, PLANTED_UNSAFE_PROMPT)
+        assert result.returncode == 1, result.stderr
+        assert result.stdout == "\n[blocked prompt: Unsafe (Violent); delivered 0 characters before the stop]\n"
+        assert upstream.exchanges == []
