@@ -30,7 +30,7 @@ from integrations.openai_proxy import DEFAULT_REFUSAL, UnsafeContentError, guard
 
 SAFE_PIECES = ["Preheat", " the oven", " to 180C.", " Mix flour,", " sugar and", " eggs,", " then bake", " for 30 minutes."]
 UNSAFE_PIECES = ["Sure,", " here", " is", " how:", " take a", " pipe", " bomb", " and", " light", " it."]
-TAIL = [" and"] * 300  # keeps upstream busy, so a hang-up is seen while it still has tokens to send
+TAIL = [" and"] * 2000  # keeps upstream busy, so a hang-up is seen while it still has tokens to send
 USER = [{"role": "user", "content": PLANTED_SAFE_PROMPT}]
 
 
@@ -233,7 +233,6 @@ def test_whole_completions_are_moderated_with_gen(upstream, bare, guard):
     refused = guard(bare, on_unsafe="rewrite").chat.completions.create(model="fake-model", messages=unsafe)
     assert refused.choices[0].message.content == DEFAULT_REFUSAL and refused.choices[0].finish_reason == "content_filter"
     assert len(upstream.exchanges) == before
-
 
 
 #: Gen judges the fixture's unsafe prompt Unsafe/Violent; flagging that category for prompts only

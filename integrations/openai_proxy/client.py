@@ -165,21 +165,21 @@ class _GuardedCompletions(Completions):
     @functools.wraps(Completions.create)
     def create(self, **kwargs: Any) -> Any:
         _check_not_raw(kwargs)
+        if not kwargs.get("stream"):
+            return self._whole(kwargs, super().create)
         moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
         conversation = chat_conversation(kwargs.get("messages") or ())
         n = kwargs.get("n") or 1
-        if kwargs.get("stream"):
-            gate = moderator.open_gate(conversation)
-            if moderator.prompt_blocks(gate.prompt_verdict):
-                gate.close()
-                note = _blocked_prompt(moderator, gate.prompt_verdict)
-                replay = ReplayStream(chunks.prompt_refusal_chunks(kwargs.get("model", ""), moderator.refusal_message, note, n),
-                                      gate.prompt_verdict)
-                return GuardedStream(None, replay, _sse_response(self._client, "chat/completions"))
-            gates = ChoiceGates(moderator, conversation, gate)
-            upstream = _send(lambda: super(_GuardedCompletions, self).create(**kwargs), gates)
-            return GuardedStream(upstream, ChatStreamModerator(moderator, gates, n), upstream.response)
-        return self._whole(kwargs, super().create)
+        gate = moderator.open_gate(conversation)
+        if moderator.prompt_blocks(gate.prompt_verdict):
+            gate.close()
+            note = _blocked_prompt(moderator, gate.prompt_verdict)
+            replay = ReplayStream(chunks.prompt_refusal_chunks(kwargs.get("model", ""), moderator.refusal_message, note, n),
+                                  gate.prompt_verdict)
+            return GuardedStream(None, replay, _sse_response(self._client, "chat/completions"))
+        gates = ChoiceGates(moderator, conversation, gate)
+        upstream = _send(lambda: super(_GuardedCompletions, self).create(**kwargs), gates)
+        return GuardedStream(upstream, ChatStreamModerator(moderator, gates, n), upstream.response)
 
     @functools.wraps(Completions.parse)
     def parse(self, **kwargs: Any) -> Any:
@@ -204,21 +204,21 @@ class _AsyncGuardedCompletions(AsyncCompletions):
     @functools.wraps(AsyncCompletions.create)
     async def create(self, **kwargs: Any) -> Any:
         _check_not_raw(kwargs)
+        if not kwargs.get("stream"):
+            return await self._whole(kwargs, super().create)
         moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
         conversation = chat_conversation(kwargs.get("messages") or ())
         n = kwargs.get("n") or 1
-        if kwargs.get("stream"):
-            gate = await moderator.aopen_gate(conversation)
-            if moderator.prompt_blocks(gate.prompt_verdict):
-                gate.close()
-                note = _blocked_prompt(moderator, gate.prompt_verdict)
-                replay = ReplayStream(chunks.prompt_refusal_chunks(kwargs.get("model", ""), moderator.refusal_message, note, n),
-                                      gate.prompt_verdict)
-                return AsyncGuardedStream(None, replay, _sse_response(self._client, "chat/completions"))
-            gates = ChoiceGates(moderator, conversation, gate)
-            upstream = await _asend(super().create(**kwargs), gates)
-            return AsyncGuardedStream(upstream, ChatStreamModerator(moderator, gates, n), upstream.response)
-        return await self._whole(kwargs, super().create)
+        gate = await moderator.aopen_gate(conversation)
+        if moderator.prompt_blocks(gate.prompt_verdict):
+            gate.close()
+            note = _blocked_prompt(moderator, gate.prompt_verdict)
+            replay = ReplayStream(chunks.prompt_refusal_chunks(kwargs.get("model", ""), moderator.refusal_message, note, n),
+                                  gate.prompt_verdict)
+            return AsyncGuardedStream(None, replay, _sse_response(self._client, "chat/completions"))
+        gates = ChoiceGates(moderator, conversation, gate)
+        upstream = await _asend(super().create(**kwargs), gates)
+        return AsyncGuardedStream(upstream, ChatStreamModerator(moderator, gates, n), upstream.response)
 
     @functools.wraps(AsyncCompletions.parse)
     async def parse(self, **kwargs: Any) -> Any:
@@ -258,19 +258,19 @@ class _GuardedResponses(Responses):
     @functools.wraps(Responses.create)
     def create(self, **kwargs: Any) -> Any:
         _check_not_raw(kwargs)
+        if not kwargs.get("stream"):
+            return self._whole(kwargs, super().create)
         moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
         conversation = _responses_conversation(kwargs)
-        if kwargs.get("stream"):
-            gate = moderator.open_gate(conversation)
-            if moderator.prompt_blocks(gate.prompt_verdict):
-                gate.close()
-                note = _blocked_prompt(moderator, gate.prompt_verdict)
-                replay = ReplayStream(_prompt_refusal_events(kwargs.get("model", ""), moderator, note), gate.prompt_verdict)
-                return GuardedStream(None, replay, _sse_response(self._client, "responses"))
-            gates = ChoiceGates(moderator, conversation, gate)
-            upstream = _send(lambda: super(_GuardedResponses, self).create(**kwargs), gates)
-            return GuardedStream(upstream, ResponsesStreamModerator(moderator, gates), upstream.response)
-        return self._whole(kwargs, super().create)
+        gate = moderator.open_gate(conversation)
+        if moderator.prompt_blocks(gate.prompt_verdict):
+            gate.close()
+            note = _blocked_prompt(moderator, gate.prompt_verdict)
+            replay = ReplayStream(_prompt_refusal_events(kwargs.get("model", ""), moderator, note), gate.prompt_verdict)
+            return GuardedStream(None, replay, _sse_response(self._client, "responses"))
+        gates = ChoiceGates(moderator, conversation, gate)
+        upstream = _send(lambda: super(_GuardedResponses, self).create(**kwargs), gates)
+        return GuardedStream(upstream, ResponsesStreamModerator(moderator, gates), upstream.response)
 
     @functools.wraps(Responses.parse)
     def parse(self, **kwargs: Any) -> Any:
@@ -293,19 +293,19 @@ class _AsyncGuardedResponses(AsyncResponses):
     @functools.wraps(AsyncResponses.create)
     async def create(self, **kwargs: Any) -> Any:
         _check_not_raw(kwargs)
+        if not kwargs.get("stream"):
+            return await self._whole(kwargs, super().create)
         moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
         conversation = _responses_conversation(kwargs)
-        if kwargs.get("stream"):
-            gate = await moderator.aopen_gate(conversation)
-            if moderator.prompt_blocks(gate.prompt_verdict):
-                gate.close()
-                note = _blocked_prompt(moderator, gate.prompt_verdict)
-                replay = ReplayStream(_prompt_refusal_events(kwargs.get("model", ""), moderator, note), gate.prompt_verdict)
-                return AsyncGuardedStream(None, replay, _sse_response(self._client, "responses"))
-            gates = ChoiceGates(moderator, conversation, gate)
-            upstream = await _asend(super().create(**kwargs), gates)
-            return AsyncGuardedStream(upstream, ResponsesStreamModerator(moderator, gates), upstream.response)
-        return await self._whole(kwargs, super().create)
+        gate = await moderator.aopen_gate(conversation)
+        if moderator.prompt_blocks(gate.prompt_verdict):
+            gate.close()
+            note = _blocked_prompt(moderator, gate.prompt_verdict)
+            replay = ReplayStream(_prompt_refusal_events(kwargs.get("model", ""), moderator, note), gate.prompt_verdict)
+            return AsyncGuardedStream(None, replay, _sse_response(self._client, "responses"))
+        gates = ChoiceGates(moderator, conversation, gate)
+        upstream = await _asend(super().create(**kwargs), gates)
+        return AsyncGuardedStream(upstream, ResponsesStreamModerator(moderator, gates), upstream.response)
 
     @functools.wraps(AsyncResponses.parse)
     async def parse(self, **kwargs: Any) -> Any:
