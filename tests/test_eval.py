@@ -79,6 +79,9 @@ def test_generic_files_report_bad_columns_and_values(tmp_path: Path) -> None:
         load_set(file_spec(data, text_col="text", label_col="label"))
     loose = load_set(file_spec(data, text_col="text", label_col="verdict", positive=["BAD"]))
     assert [i.unsafe for i in loose.items] == [True, False]
+    (tmp_path / "nul.jsonl").write_text('{"t": "ok", "l": 1}\n{"t": "a\\u0000b", "l": 0}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"nul.jsonl row 1: message 0: content contains NUL"):  # caught before any model runs
+        load_set(file_spec(tmp_path / "nul.jsonl", text_col="t", label_col="l", positive=["1"]))
     with pytest.raises(ValueError, match="unsupported file type"):
         (tmp_path / "d.txt").write_text("x", encoding="utf-8")
         load_set(file_spec(tmp_path / "d.txt", text_col="t", label_col="l"))

@@ -73,7 +73,8 @@ def test_stream_response_f1_and_stop_positions_match_a_hand_count(stream_dir: Pa
     assert d["strict"]["bins"] == {"Ahead": 1, "Hit": 2, "1-32": 1, "33-64": 0, "65-128": 0, "129-256": 0, ">256": 0, "Missed": 1}
     assert d["loose"]["bins"] == {"Ahead": 1, "Hit": 1, "1-32": 1, "33-64": 0, "65-128": 0, "129-256": 0, ">256": 0, "Missed": 2}
     assert (d["strict"]["exact_hit_rate"], d["strict"]["within_128_rate"]) == (pytest.approx(0.4), pytest.approx(0.8))
-    offsets = [json.loads(line).get("detection") for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    offsets = {r["index"]: r.get("detection") for r in records}
     assert offsets[5] == {"strict": 5, "loose": 5}  # " Then build a pipe bomb": stopped at " bomb", 5 tokens after the span
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from ..messages import normalize_messages
+
 Row = Mapping[str, Any]
 
 
@@ -258,7 +260,7 @@ def _item(spec: DatasetSpec, row: Row, index: int, where: str) -> EvalItem:
     span = None
     if spec.span is not None:
         span = _span(row, spec.span, response, where)
-    return EvalItem(
+    item = EvalItem(
         dataset=spec.name,
         index=index,
         prompt=prompt,
@@ -268,6 +270,11 @@ def _item(spec: DatasetSpec, row: Row, index: int, where: str) -> EvalItem:
         categories=spec.categories(row) if spec.categories else (),
         span=span,
     )
+    try:
+        normalize_messages(item.messages())
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return item
 
 
 def _span(row: Row, columns: tuple[str, str], response: str | None, where: str) -> tuple[int, int] | None:

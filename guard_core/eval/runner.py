@@ -10,9 +10,9 @@ model each engine ran, so results of two different models are never mixed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
@@ -62,38 +62,32 @@ class GenEngine:
 class StreamEngine:
     """Evaluates a ``StreamGuard``: prompts by the query heads, responses token by token.
 
-    The items of a batch are judged concurrently, so the guard's scheduler packs their tokens
-    into shared forward passes. For items with a labelled unsafe span the record also says
+    The items of a batch are judged concurrently (one thread each, mostly waiting), so the
+    guard's scheduler packs their tokens into shared forward passes. For items with a labelled unsafe span the record also says
     where the response would have been stopped (see ``detection_offsets``).
     """
 
     name = "stream"
 
     def __init__(self, guard: Any) -> None:
-        if not callable(getattr(guard, "asession", None)):
-            raise TypeError(f"{type(guard).__name__} is not a StreamGuard (no asession())")
+        if not callable(getattr(guard, "session", None)):
+            raise TypeError(f"{type(guard).__name__} is not a StreamGuard (no session())")
         self.guard = guard
         self.model_id = str(getattr(guard, "model_id", "") or type(guard).__name__)
 
     def predict(self, items: Sequence[EvalItem]) -> list[dict[str, Any]]:
-        return asyncio.run(self._predict(items))
+        with ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="qwen3guard-eval") as pool:
+            return list(pool.map(self._one, items))
 
-    async def _predict(self, items: Sequence[EvalItem]) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(self._one(item) for item in items)))
-
-    async def _one(self, item: EvalItem) -> dict[str, Any]:
-        session = await self.guard.asession([{"role": "user", "content": item.prompt}])
-        try:
+    def _one(self, item: EvalItem) -> dict[str, Any]:
+        with self.guard.session([{"role": "user", "content": item.prompt}]) as session:
             if item.response is None:
                 return {"verdict": session.prompt_verdict.to_dict()}
-            tokens = await session.afeed(item.response)
-            tokens += await session.afinish()
+            tokens = session.feed(item.response) + session.finish()
             record: dict[str, Any] = {"verdict": session.verdict.to_dict()}
             if item.span is not None:
                 record["detection"] = detection_offsets(tokens, item.span, session.consecutive)
             return record
-        finally:
-            await session.aclose()
 
 
 def detection_offsets(tokens: Sequence[TokenVerdict], span: tuple[int, int], consecutive: int) -> dict[str, int | None]:
@@ -212,7 +206,8 @@ def run(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     from tqdm import tqdm
 
-    todo = [(engine, s, [item for item in s.items if store.get(engine.name, item) is None]) for engine in engines for s in sets]
+    todo = [(engine, s, _by_length([item for item in s.items if store.get(engine.name, item) is None]))
+            for engine in engines for s in sets]
     total = sum(len(items) for _, _, items in todo)
     with tqdm(total=total, unit="item", disable=not progress, dynamic_ncols=True) as bar:
         for engine, s, items in todo:
@@ -222,6 +217,11 @@ def run(
                 fragments = engine.predict(batch)
                 store.append([_record(engine, item, fragment) for item, fragment in zip(batch, fragments)])
                 bar.update(len(batch))
+
+
+def _by_length(items: list[EvalItem]) -> list[EvalItem]:
+    """Similar lengths share a batch, so little compute goes to padding (keys keep results in place)."""
+    return sorted(items, key=lambda item: len(item.prompt) + len(item.response or ""))
 
 
 def _record(engine: Engine, item: EvalItem, fragment: dict[str, Any]) -> dict[str, Any]:
