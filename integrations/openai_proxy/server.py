@@ -42,7 +42,8 @@ ProxyOnUnsafe = Literal["finish", "error"]
 log = logging.getLogger(__name__)
 
 _SSE_END = re.compile(rb"\r?\n\r?\n")
-_MODES = {"finish": "rewrite", "error": "abort"}
+#: The shared Moderator's ``on_unsafe`` behind each proxy ``on_unsafe``.
+MODERATOR_MODES = {"finish": "rewrite", "error": "abort"}
 
 
 class _BadRequest(Exception):
@@ -168,11 +169,11 @@ def create_app(
     Bearer keys clients must present; ``upstream_api_key`` is sent upstream instead of the
     client's key (without it and without ``api_keys`` the client's ``Authorization`` is passed on).
     """
-    if on_unsafe not in _MODES:
+    if on_unsafe not in MODERATOR_MODES:
         raise ValueError(f"on_unsafe must be 'finish' or 'error', got {on_unsafe!r}")
-    moderator = moderator or Moderator(on_unsafe=_MODES[on_unsafe])  # type: ignore[arg-type]
-    if moderator.on_unsafe != _MODES[on_unsafe]:
-        raise ValueError(f"on_unsafe={on_unsafe!r} needs a moderator with on_unsafe={_MODES[on_unsafe]!r}")
+    moderator = moderator or Moderator(on_unsafe=MODERATOR_MODES[on_unsafe])  # type: ignore[arg-type]
+    if moderator.on_unsafe != MODERATOR_MODES[on_unsafe]:
+        raise ValueError(f"on_unsafe={on_unsafe!r} needs a moderator with on_unsafe={MODERATOR_MODES[on_unsafe]!r}")
     base = upstream.rstrip("/") + "/"
     client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
     keys = {k.encode() for k in api_keys} if api_keys else None
