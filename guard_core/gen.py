@@ -25,7 +25,8 @@ from transformers.generation import StoppingCriteria, StoppingCriteriaList
 from .gen_parser import REFUSAL_PATTERN, parse_answer
 from .gen_template import ANSWER_PREFIX, render_pieces
 from .loading import pick_device, pick_dtype, resolve_model_source
-from .messages import Message, MessageLike, normalize_messages
+from .messages import MessageLike, normalize_messages
+from .remote_gen import RemoteGenGuard
 from .tokenization import ENDOFTEXT, IM_END, TextTokenizer, join_pieces
 from .types import RiskLevel, Verdict
 from .windows import plan_windows, worst_verdict
@@ -107,6 +108,8 @@ class GenGuard:
         self._stop_ids = [self.tokens.special_id(IM_END), self.tokens.special_id(ENDOFTEXT)]
         self._pad_id = self._stop_ids[1]
         self._check_chat_template()
+
+    from_server = staticmethod(RemoteGenGuard.from_server)
 
     @classmethod
     def from_pretrained(

@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# With several OpenMP thread teams alive (torch ops run from worker threads), the process can
+# abort at interpreter exit after every test passed ("terminate called without an active
+# exception"). The tiny test models gain nothing from intra-op threads, so the suite uses one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path
 

@@ -15,16 +15,14 @@ the released models.
   query heads read it: a prompt containing `` bomb`` (``PLANTED_UNSAFE_PROMPT``) is
   Unsafe/Violent at its ``<|im_end|>``, other prompts are Safe (up to ~500 prompt tokens).
 
-Checkpoints are built once and cached under ``$QWEN3GUARD_CACHE`` (default
-``~/.cache/qwen3guard-middleware``), keyed by ``FIXTURE_VERSION``.
+Checkpoints are built once and cached like the Gen fixture (``guard_core.testing.cache``), keyed
+by ``FIXTURE_VERSION``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -36,6 +34,7 @@ from transformers import Qwen3Config
 from ..stream import StreamGuard
 from ..stream_model import DEFAULT_CATEGORY_MAP, DEFAULT_QUERY_CATEGORY_MAP, DEFAULT_RISK_MAP, Qwen3ForGuardModel
 from ..tokenization import TextTokenizer
+from .cache import cached_directory
 from .tokenizer import QWEN3_VOCAB_SIZE, build_qwen3_tokenizer, save_qwen3_tokenizer
 
 FIXTURE_VERSION = 1
@@ -149,29 +148,16 @@ def _planted_model() -> Qwen3ForGuardModel:
     return model
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("QWEN3GUARD_CACHE") or Path.home() / ".cache" / "qwen3guard-middleware")
-
-
 def stream_checkpoint(kind: Kind = "planted") -> Path:
     """Directory of a tiny Stream checkpoint (``"random"`` or ``"planted"``), built on first use."""
     if kind not in ("random", "planted"):
         raise ValueError(f"kind must be 'random' or 'planted', got {kind!r}")
-    target = _cache_root() / f"stream-{kind}-v{FIXTURE_VERSION}"
-    if (target / "model.safetensors").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".stream-{kind}-", dir=target.parent))
-    try:
-        save_upstream_checkpoint(_planted_model() if kind == "planted" else _random_model(), staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    build = _planted_model if kind == "planted" else _random_model
+
+    def write(directory: Path) -> None:
+        save_upstream_checkpoint(build(), directory)
+
+    return cached_directory(f"stream-{kind}-v{FIXTURE_VERSION}", write)
 
 
 @lru_cache(maxsize=None)
