@@ -14,10 +14,11 @@ import httpx
 import pytest
 import uvicorn
 from openai import OpenAI
-from openai_fake_upstream import FakeUpstream, Script, chat_events, responses_events
+from openai_fake_upstream import FakeUpstream, Script, chat_completion, chat_events, responses_events
 
 from guard_core import GenGuard
 from guard_core.stream import StreamGuard
+from guard_core.testing.cases import SAFE_ANSWER, SAFE_PROMPT, UNSAFE_PROMPT
 from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_UNSAFE_PROMPT, stream_checkpoint
 from integrations.openai_proxy import DEFAULT_REFUSAL, Moderator
 from integrations.openai_proxy.server import create_app
@@ -201,3 +202,33 @@ def test_concurrent_streams_keep_their_verdicts_apart(upstream, proxy):
 def test_models_are_forwarded(upstream, proxy):
     upstream.push(Script(body={"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "me"}]}))
     assert [m.id for m in client(proxy).models.list()] == ["fake-model"]
+
+
+def test_whole_chat_completion_carries_verdicts(upstream, proxy):
+    upstream.push(Script(body=chat_completion(SAFE_ANSWER)))
+    safe = client(proxy).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": SAFE_PROMPT}])
+    assert safe.choices[0].message.content == SAFE_ANSWER
+    assert safe.model_extra["prompt_filter_results"][0]["content_filter_results"]["qwen3guard"]["risk"] == "Safe"  # type: ignore[index]
+    assert safe.model_extra["content_filter_results"][0]["qwen3guard"]["risk"] == "Safe"  # type: ignore[index]
+
+
+def test_whole_blocked_prompt_never_reaches_upstream(upstream, proxy):
+    before = len(upstream.exchanges)
+    blocked = client(proxy).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": UNSAFE_PROMPT}])
+    assert blocked.choices[0].finish_reason == "content_filter"
+    assert blocked.model_extra["prompt_filter_results"][0]["content_filter_results"]["qwen3guard"]["risk"] == "Unsafe"  # type: ignore[index]
+    assert len(upstream.exchanges) == before
+
+
+def test_blocked_responses_prompt_streams_an_incomplete_response(upstream, proxy):
+    before = len(upstream.exchanges)
+    events = list(client(proxy).responses.create(model="fake-model", input=PLANTED_UNSAFE_PROMPT, stream=True))
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "content_filter"  # type: ignore[union-attr]
+    assert len(upstream.exchanges) == before
+
+
+def test_healthz(upstream, proxy):
+    upstream.push(Script(body={"object": "list", "data": []}))
+    reply = httpx.get(proxy.removesuffix("/v1") + "/healthz", timeout=30)
+    assert reply.status_code == 200 and reply.json() == {"models": "loaded", "upstream": "reachable"}
