@@ -232,3 +232,19 @@ def test_healthz(upstream, proxy):
     upstream.push(Script(body={"object": "list", "data": []}))
     reply = httpx.get(proxy.removesuffix("/v1") + "/healthz", timeout=30)
     assert reply.status_code == 200 and reply.json() == {"models": "loaded", "upstream": "reachable"}
+
+
+def test_main_wires_env_and_flags_into_the_app(monkeypatch, gen_dir, upstream):
+    from integrations.openai_proxy import __main__ as cli
+
+    served: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    monkeypatch.setenv("QWEN3GUARD_UPSTREAM", upstream.base_url)
+    monkeypatch.setenv("QWEN3GUARD_PROXY_KEYS", "a, b")
+    monkeypatch.setenv("QWEN3GUARD_UPSTREAM_API_KEY", UPSTREAM_KEY)
+    argv = ["--port", "8123", "--gen-model", str(gen_dir), "--stream-model", str(stream_checkpoint("planted"))]
+    assert cli.main(argv) == 0
+    assert served["port"] == 8123 and served["host"] == "127.0.0.1"
+    monkeypatch.delenv("QWEN3GUARD_UPSTREAM")
+    with pytest.raises(SystemExit):
+        cli.main([])
