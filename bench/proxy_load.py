@@ -14,41 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from asgi_server import serve_app  # noqa: E402
 from openai_fake_upstream import FakeUpstream, Script, chat_events  # noqa: E402
 
 from guard_core import GenGuard, StreamGuard  # noqa: E402
 from guard_core.testing import PLANTED_SAFE_PROMPT, gen_checkpoint, stream_checkpoint  # noqa: E402
 from integrations.openai_proxy import Moderator  # noqa: E402
 from integrations.openai_proxy.server import create_app  # noqa: E402
-
-
-class _Server(uvicorn.Server):
-    def install_signal_handlers(self) -> None:
-        pass
-
-
-def serve(app: object) -> tuple[str, _Server, threading.Thread]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", server, thread
 
 
 def one_stream(base_url: str) -> list[float]:
@@ -88,8 +70,7 @@ def main() -> None:
     with FakeUpstream() as upstream:
         moderator = Moderator(stream_guard=StreamGuard.from_pretrained(str(stream_checkpoint("planted"))),
                               gen_guard=GenGuard.from_pretrained(str(gen_checkpoint())), on_unsafe="rewrite")
-        proxy_url, server, thread = serve(create_app(upstream.base_url, moderator=moderator))
-        try:
+        with serve_app(create_app(upstream.base_url, moderator=moderator)) as proxy_url:
             run_load(proxy_url, upstream, script, 1)
             for concurrency in (1, 32):
                 direct_s, direct = run_load(upstream.base_url, upstream, script, concurrency)
@@ -103,9 +84,6 @@ def main() -> None:
                     "added_ms_p50": round(1000 * statistics.median(added), 2),
                     "added_ms_p99": round(1000 * percentile(added, 0.99), 2),
                 }
-        finally:
-            server.should_exit = True
-            thread.join(10)
     print(json.dumps(result))
 
 

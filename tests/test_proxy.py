@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -14,6 +11,7 @@ import httpx
 import pytest
 import uvicorn
 from openai import OpenAI
+from asgi_server import serve_app
 from openai_fake_upstream import FakeUpstream, Script, chat_completion, chat_events, responses_events
 
 from guard_core import GenGuard
@@ -42,25 +40,6 @@ def upstream() -> Iterator[FakeUpstream]:
         yield server
 
 
-class _Server(uvicorn.Server):
-    def install_signal_handlers(self) -> None:
-        pass
-
-
-def _serve(app: Any) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(10)
-
-
 def _moderator(stream_guard: StreamGuard, gen_guard: GenGuard, on_unsafe: str = "rewrite") -> Moderator:
     return Moderator(stream_guard=stream_guard, gen_guard=gen_guard, on_unsafe=on_unsafe)  # type: ignore[arg-type]
 
@@ -69,13 +48,15 @@ def _moderator(stream_guard: StreamGuard, gen_guard: GenGuard, on_unsafe: str = 
 def proxy(upstream: FakeUpstream, stream_guard: StreamGuard, gen_guard: GenGuard) -> Iterator[str]:
     app = create_app(upstream.base_url, moderator=_moderator(stream_guard, gen_guard), api_keys={PROXY_KEY},
                      upstream_api_key=UPSTREAM_KEY, max_body_bytes=20_000, max_messages=8)
-    yield from _serve(app)
+    with serve_app(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def proxy_error_mode(upstream: FakeUpstream, stream_guard: StreamGuard, gen_guard: GenGuard) -> Iterator[str]:
     app = create_app(upstream.base_url, moderator=_moderator(stream_guard, gen_guard, "abort"), on_unsafe="error")
-    yield from _serve(app)
+    with serve_app(app) as url:
+        yield url
 
 
 def client(base_url: str) -> OpenAI:
