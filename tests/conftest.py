@@ -16,8 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from guard_core import GenGuard
-from guard_core.testing import gen_checkpoint
+from collections.abc import Iterator
+
+from openai_fake_upstream import FakeUpstream
+
+from guard_core import GenGuard, StreamGuard
+from guard_core.testing import gen_checkpoint, stream_guard as planted_stream_guard
 
 
 SHARED_DIR = Path(os.environ.get("QWEN3GUARD_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
@@ -42,3 +46,16 @@ def gen_dir() -> Path:
 def gen_guard(gen_dir: Path) -> GenGuard:
     """A GenGuard over the trained tiny checkpoint, shared by the whole run (it is thread-safe)."""
     return GenGuard.from_pretrained(str(gen_dir))
+
+
+@pytest.fixture(scope="session")
+def stream_guard() -> StreamGuard:
+    """The planted Stream checkpoint: `` pipe`` and `` bomb`` are Unsafe/Violent, prompts with `` bomb`` are Unsafe."""
+    return planted_stream_guard("planted")
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    """A scripted OpenAI-compatible SSE server on 127.0.0.1, one per test module."""
+    with FakeUpstream() as server:
+        yield server

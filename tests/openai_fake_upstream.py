@@ -26,6 +26,12 @@ from typing import Any, Literal
 MODEL = "fake-model"
 
 
+#: Scripted answers the client-wrapper and proxy tests share; `` pipe`` `` bomb`` trips the planted Stream guard.
+SAFE_PIECES = ["Preheat", " the oven", " to 180C.", " Mix flour,", " sugar and", " eggs,", " then bake", " for 30 minutes."]
+UNSAFE_PIECES = ["Sure,", " here", " is", " how:", " take a", " pipe", " bomb", " and", " light", " it."]
+TAIL = [" and"] * 2000  # keeps upstream busy, so a hang-up is seen while it still has tokens to send
+
+
 @dataclass
 class Script:
     """What the server answers to one request.

@@ -14,17 +14,12 @@ from langchain_core.prompts import ChatPromptTemplate
 from guard_core import Category, GuardViolation, RiskLevel
 from guard_core.stream import StreamGuard
 from guard_core.testing.cases import REFUSAL_ANSWER, UNSAFE_ANSWER, UNSAFE_PROMPT
-from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_SAFE_TEXT, PLANTED_UNSAFE_PROMPT, stream_checkpoint
+from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_SAFE_TEXT, PLANTED_UNSAFE_PROMPT
 from integrations.langchain import GUARD_EVENT, AsyncQwenGuardCallbackHandler, QwenGuardCallbackHandler
 
 #: The planted " pipe bomb" inside a chunk "bomb." that also carries the token boundary after " bomb".
 UNSAFE_REPLY = "Sure, take a pipe bomb. Then light it."
 SAFE_PREFIX = ["Sure,", " ", "take", " ", "a", " ", "pipe", " "]
-
-
-@pytest.fixture(scope="module")
-def stream_guard() -> StreamGuard:
-    return StreamGuard.from_pretrained(str(stream_checkpoint("planted")))
 
 
 def model(text: str) -> GenericFakeChatModel:

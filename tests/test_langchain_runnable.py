@@ -20,18 +20,12 @@ from guard_core.testing.stream_fixture import (
     PLANTED_SAFE_PROMPT,
     PLANTED_SAFE_TEXT,
     PLANTED_UNSAFE_PROMPT,
-    stream_checkpoint,
 )
 from integrations.langchain import DEFAULT_REFUSAL, GUARD_EVENT, METADATA_KEY, QwenGuardRunnable
 
 UNSAFE_REPLY = "Sure, take a pipe bomb. Then light it."
 #: With the default hold-back the chunk carrying " pipe" is still held when " bomb" blocks.
 SAFE_PREFIX = ["Sure,", " ", "take", " ", "a"]
-
-
-@pytest.fixture(scope="module")
-def stream_guard() -> StreamGuard:
-    return StreamGuard.from_pretrained(str(stream_checkpoint("planted")))
 
 
 def model(text: str) -> GenericFakeChatModel:

@@ -17,18 +17,12 @@ from guard_core.testing.stream_fixture import (
     PLANTED_SAFE_TEXT,
     PLANTED_UNSAFE_PROMPT,
     PLANTED_UNSAFE_TEXT,
-    stream_checkpoint,
 )
 from integrations.llamaindex import DEFAULT_REFUSAL, GuardedQueryEngine
 from tests.test_llamaindex import ScriptedLLM
 
 UNSAFE_STREAM = f"Here is a tip. Take a{PLANTED_UNSAFE_TEXT} and light it, then run away fast."
 BEFORE_PLANT = UNSAFE_STREAM[: UNSAFE_STREAM.index(PLANTED_UNSAFE_TEXT)]
-
-
-@pytest.fixture(scope="module")
-def stream_guard() -> StreamGuard:
-    return StreamGuard.from_pretrained(str(stream_checkpoint("planted")))
 
 
 @pytest.fixture(scope="module")

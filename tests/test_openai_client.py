@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any
 
 import httpx2
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 from openai_fake_upstream import (
+    SAFE_PIECES,
+    TAIL,
+    UNSAFE_PIECES,
     FakeUpstream,
     Script,
     chat_completion,
@@ -24,26 +27,10 @@ from guard_core.testing.cases import REFUSAL_ANSWER, SAFE_ANSWER, SAFE_PROMPT, U
 from guard_core.testing.stream_fixture import (
     PLANTED_SAFE_PROMPT,
     PLANTED_UNSAFE_PROMPT,
-    stream_checkpoint,
 )
 from integrations.openai_proxy import DEFAULT_REFUSAL, UnsafeContentError, guard_openai
 
-SAFE_PIECES = ["Preheat", " the oven", " to 180C.", " Mix flour,", " sugar and", " eggs,", " then bake", " for 30 minutes."]
-UNSAFE_PIECES = ["Sure,", " here", " is", " how:", " take a", " pipe", " bomb", " and", " light", " it."]
-TAIL = [" and"] * 2000  # keeps upstream busy, so a hang-up is seen while it still has tokens to send
 USER = [{"role": "user", "content": PLANTED_SAFE_PROMPT}]
-
-
-@pytest.fixture(scope="module")
-def stream_guard() -> StreamGuard:
-    """The planted Stream checkpoint: `` pipe`` and `` bomb`` are Unsafe/Violent, prompts with `` bomb`` are Unsafe."""
-    return StreamGuard.from_pretrained(str(stream_checkpoint("planted")))
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as server:
-        yield server
 
 
 @pytest.fixture

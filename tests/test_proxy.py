@@ -12,7 +12,7 @@ import pytest
 import uvicorn
 from openai import OpenAI
 from asgi_server import serve_app
-from openai_fake_upstream import FakeUpstream, Script, chat_completion, chat_events, responses_events
+from openai_fake_upstream import SAFE_PIECES, TAIL, UNSAFE_PIECES, FakeUpstream, Script, chat_completion, chat_events, responses_events
 
 from guard_core import GenGuard
 from guard_core.stream import StreamGuard
@@ -21,23 +21,9 @@ from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_UNSAF
 from integrations.openai_proxy import DEFAULT_REFUSAL, Moderator
 from integrations.openai_proxy.server import create_app
 
-SAFE_PIECES = ["Preheat", " the oven", " to 180C.", " Mix flour,", " sugar and", " eggs,", " then bake", " for 30 minutes."]
-UNSAFE_PIECES = ["Sure,", " here", " is", " how:", " take a", " pipe", " bomb", " and", " light", " it."]
-TAIL = [" and"] * 2000
 USER = [{"role": "user", "content": PLANTED_SAFE_PROMPT}]
 PROXY_KEY = "proxy-key"
 UPSTREAM_KEY = "sk-upstream-secret"
-
-
-@pytest.fixture(scope="module")
-def stream_guard() -> StreamGuard:
-    return StreamGuard.from_pretrained(str(stream_checkpoint("planted")))
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as server:
-        yield server
 
 
 def _moderator(stream_guard: StreamGuard, gen_guard: GenGuard, on_unsafe: str = "rewrite") -> Moderator:
