@@ -1,11 +1,21 @@
-"""One-pass label scoring vs greedy generate() on a Qwen3Guard-Gen-0.6B-shaped model.
+"""GenGuard latency on a Qwen3Guard-Gen-0.6B-shaped model: prefix cache, batching, one pass vs generate().
 
 The weights are random (no hub here), which does not matter for timing: the cost of a forward
-pass depends on the shape only. ``generate`` decodes a typical two-line answer (12 tokens, EOS
-disabled so every run does the same work); ``one_pass`` is the single forward GenGuard runs to
-read P(Safe/Controversial/Unsafe). Prints one JSON line.
+pass depends on the shape only. So that ``GenGuard.moderate`` takes the path it takes with the
+real model (one scoring pass, then for a response the continuation up to the refusal line)
+instead of the unparseable fallback, the attention and MLP outputs are zeroed (the matmuls still
+run) and the untied ``lm_head`` is planted so each token predicts the next token of a fixed
+answer of the real answer's length. Figures, all ratios measured in one run:
 
-    python bench/gen_latency.py [--layers 8] [--lengths 256,1024] [--device cpu]
+- ``prefix_cache_speedup``: ``moderate`` of a ~20-token prompt plus a ~60-token response, prefix
+  cache off / on (``_prompt`` and ``_response`` for each alone);
+- ``batch_speedup``: 32 prompts as 32 ``moderate`` calls / one ``moderate_batch`` (cache on);
+- ``speedup_<n>``: greedy ``generate()`` of a 12-token answer / the single forward GenGuard runs
+  to read P(Safe/Controversial/Unsafe), for an n-token prompt.
+
+Prints one JSON line.
+
+    python bench/gen_latency.py [--layers 8] [--lengths 256,1024] [--device cpu] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -13,39 +23,142 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config
 
+from guard_core import GenGuard, RiskLevel
+from guard_core.gen_template import render_pieces
 from guard_core.loading import pick_device, pick_dtype
+from guard_core.messages import normalize_messages
+from guard_core.testing import build_qwen3_tokenizer
+from guard_core.testing.tokenizer import GEN_CHAT_TEMPLATE
+from guard_core.tokenization import IM_END
 
 ANSWER_TOKENS = 12
+PROMPT = "Can you recommend a few good books about the history of ancient Rome for a complete beginner?"
+RESPONSE = (
+    "Sure! Start with SPQR by Mary Beard, a lively overview of the first thousand years of Rome. "
+    "Then read Rubicon by Tom Holland, which tells the fall of the Republic like a thriller, and "
+    "finish with The Twelve Caesars by Suetonius for the emperors in the words of a Roman writer."
+)
+#: The planted answer, one token each: the prompt's last token, then ``Safety: Safe`` and a tail
+#: as long as the real ``\nCategories: None\nRefusal: No`` (9 decoded tokens), ending at EOS.
+ANSWER_CHAIN = ("\n\n", "Safety", ":", " Safe", "\n", "Categories", " -", " None", "Ref", "usal", " No", ".")
+BATCH = 32
 
 
 def real_shape_config(layers: int) -> Qwen3Config:
-    """Qwen3Guard-Gen-0.6B's architecture (hidden 1024, 16 heads, 8 KV heads, vocab 151936)."""
+    """Qwen3Guard-Gen-0.6B's architecture (hidden 1024, 16 heads, 8 KV heads, vocab 151936), lm_head untied for planting."""
     return Qwen3Config(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers,
         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
-        rope_theta=1_000_000.0, tie_word_embeddings=True, eos_token_id=151645, pad_token_id=151643,
+        rope_theta=1_000_000.0, tie_word_embeddings=False, eos_token_id=151645, pad_token_id=151643,
     )
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
+@torch.no_grad()
+def plant_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Make greedy decoding write ``ANSWER_CHAIN`` after the prompt, whatever the context.
+
+    With the attention and MLP outputs zero, the last hidden state is the normed embedding of
+    the current token, so setting the next token's ``lm_head`` row along it makes a bigram model.
+    """
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(piece)) for piece in ANSWER_CHAIN]
+    if any(len(i) != 1 for i in ids):
+        raise SystemExit(f"every answer piece must be one token, got {ids}")
+    chain = [i[0] for i in ids] + [tokenizer.convert_tokens_to_ids(IM_END)]
+    embeddings = model.model.embed_tokens.weight
+    for current, following in zip(chain, chain[1:]):
+        hidden = model.model.norm(embeddings[current])
+        model.lm_head.weight[following] = 2.0 * hidden / hidden.norm()
+
+
+def best_of(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Fastest of ``repeats`` runs of each function, in seconds.
+
+    The functions take turns in every round, so load from other processes that comes and goes
+    during the run weighs on all of them alike and their ratios stay meaningful.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
+def check_path(guard: GenGuard, conversations: list[list[dict[str, str]]]) -> None:
+    """Fail unless every verdict came from the scoring pass (not the unparseable fallback)."""
+    for verdict in guard.moderate_batch(conversations):
+        if verdict.error is not None or verdict.risk is not RiskLevel.SAFE or not verdict.probabilities:
+            raise SystemExit(f"the planted model did not answer as planned: {verdict.raw_output!r}")
+
+
+def moderation_figures(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, repeats: int) -> dict[str, object]:
+    prompt = [{"role": "user", "content": PROMPT}]
+    response = [*prompt, {"role": "assistant", "content": RESPONSE}]
+    prompts = [[{"role": "user", "content": f"{PROMPT} (question {i})"}] for i in range(BATCH)]
+    cached = GenGuard(model, tokenizer, model_id="bench", prefix_cache=True)
+    full = GenGuard(model, tokenizer, model_id="bench", prefix_cache=False)
+    for guard in (cached, full):
+        check_path(guard, [prompt, response])
+    timing = best_of({
+        f"{name}_{cache}_s": lambda g=guard, c=conversation: g.moderate(c)
+        for name, conversation in (("prompt", prompt), ("response", response))
+        for cache, guard in (("cached", cached), ("uncached", full))
+    }, repeats)
+    batch = best_of({"singles": lambda: [cached.moderate(c) for c in prompts], "one_call": lambda: cached.moderate_batch(prompts)},
+                    repeats)
+    tokens = cached.tokens
+    result: dict[str, object] = {
+        "prompt_tokens": len(tokens.encode_text(PROMPT)),
+        "response_tokens": len(tokens.encode_text(RESPONSE)),
+        "moderation_prompt_tokens": len(tokens.encode_pieces(render_pieces(normalize_messages(prompt)))),
+        "moderation_response_tokens": len(tokens.encode_pieces(render_pieces(normalize_messages(response)))),
+        **{key: round(value, 4) for key, value in timing.items()},
+        "prefix_cache_speedup_prompt": round(timing["prompt_uncached_s"] / timing["prompt_cached_s"], 2),
+        "prefix_cache_speedup_response": round(timing["response_uncached_s"] / timing["response_cached_s"], 2),
+        "prefix_cache_speedup": round((timing["prompt_uncached_s"] + timing["response_uncached_s"])
+                                      / (timing["prompt_cached_s"] + timing["response_cached_s"]), 2),
+        "batch": BATCH,
+        "batch_size": cached.batch_size,
+        "batch_singles_s": round(batch["singles"], 4),
+        "batch_one_call_s": round(batch["one_call"], 4),
+        "batch_speedup": round(batch["singles"] / batch["one_call"], 2),
+    }
+    return result
+
+
+def forward_figures(model: PreTrainedModel, device: torch.device, lengths: list[int], repeats: int) -> dict[str, object]:
+    result: dict[str, object] = {"answer_tokens": ANSWER_TOKENS}
+    for length in lengths:
+        ids = torch.randint(0, 150000, (1, length), device=device)
+        mask = torch.ones_like(ids)
+        timing = best_of({
+            "one_pass": lambda ids=ids, mask=mask: model(input_ids=ids, attention_mask=mask, logits_to_keep=3),
+            "generate": lambda ids=ids, mask=mask: model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=ANSWER_TOKENS, min_new_tokens=ANSWER_TOKENS,
+                do_sample=False, pad_token_id=151643),
+        }, repeats)
+        one_pass, generate = timing["one_pass"], timing["generate"]
+        result[f"one_pass_s_{length}"] = round(one_pass, 4)
+        result[f"generate_s_{length}"] = round(generate, 4)
+        result[f"speedup_{length}"] = round(generate / one_pass, 2)
+    return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, help="transformer layers (default: 28 on GPU, 8 on CPU)")
-    parser.add_argument("--lengths", default="256,1024", help="prompt lengths in tokens")
+    parser.add_argument("--lengths", default="256,1024", help="prompt lengths in tokens for the one-pass vs generate() figures")
     parser.add_argument("--device", help="cpu / cuda (default: best available)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -54,21 +167,14 @@ def main() -> None:
     dtype = pick_dtype(device)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(real_shape_config(layers), dtype=dtype).to(device).eval()
+    tokenizer = build_qwen3_tokenizer(GEN_CHAT_TEMPLATE)
+    plant_answer(model, tokenizer)
     result: dict[str, object] = {"bench": "gen_latency", "device": device.type, "dtype": str(dtype).removeprefix("torch."),
-                                 "layers": layers, "real_layers": 28, "threads": torch.get_num_threads(),
-                                 "answer_tokens": ANSWER_TOKENS}
+                                 "layers": layers, "real_layers": 28, "threads": torch.get_num_threads()}
     with torch.inference_mode():
         model(torch.randint(0, 150000, (1, 16), device=device))
-        for length in (int(x) for x in args.lengths.split(",")):
-            ids = torch.randint(0, 150000, (1, length), device=device)
-            mask = torch.ones_like(ids)
-            one_pass = best_of(lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=3), args.repeats)
-            generate = best_of(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=ANSWER_TOKENS,
-                                                      min_new_tokens=ANSWER_TOKENS, do_sample=False, pad_token_id=151643),
-                               args.repeats)
-            result[f"one_pass_s_{length}"] = round(one_pass, 4)
-            result[f"generate_s_{length}"] = round(generate, 4)
-            result[f"speedup_{length}"] = round(generate / one_pass, 2)
+        result.update(moderation_figures(model, tokenizer, args.repeats))
+        result.update(forward_figures(model, device, [int(x) for x in args.lengths.split(",")], args.repeats))
     print(json.dumps(result))
 
 

@@ -41,13 +41,21 @@ class _SafeSession:
         self.guard = guard
         self.prompt_verdict = Verdict(RiskLevel.SAFE, probabilities=_SAFE, role="prompt", model=guard.model_id)
         self.verdict = Verdict(RiskLevel.SAFE, probabilities=_SAFE, role="response", model=guard.model_id)
-        self._end = 0
+        self._text = ""
         self._count = 0
 
+    @property
+    def received_chars(self) -> int:
+        return len(self._text)
+
+    def text(self, start: int, end: int) -> str:
+        return self._text[start:end]
+
     def feed(self, delta: str) -> list[TokenVerdict]:
-        start, self._end = self._end, self._end + len(delta)
+        start = len(self._text)
+        self._text += delta
         self._count += 1
-        return [TokenVerdict(self._count, 0, delta, start, self._end, RiskLevel.SAFE, None, _SAFE)]
+        return [TokenVerdict(self._count, 0, delta, start, len(self._text), RiskLevel.SAFE, None, _SAFE)]
 
     def finish(self) -> list[TokenVerdict]:
         return []
@@ -57,9 +65,12 @@ class _SafeSession:
 
 
 class _SafeGuard:
-    """Quacks like ``StreamGuard`` where ``Moderator`` uses it: ``gate`` / ``agate``."""
+    """Quacks like ``StreamGuard`` where ``Moderator`` uses it: ``session`` and ``gate``."""
 
     model_id = "always-safe"
+
+    def session(self, messages: Any) -> _SafeSession:
+        return _SafeSession(self)
 
     def gate(self, messages: Any, policy: Policy, holdback_tokens: int) -> StreamGate:
         return StreamGate(_SafeSession(self), policy, holdback_tokens)  # type: ignore[arg-type]
@@ -82,7 +93,7 @@ def main() -> None:
     events = chat_events([f" word{i}" for i in range(args.chunks)])
     with FakeUpstream() as upstream:
         bare = OpenAI(base_url=upstream.base_url, api_key="sk-bench", max_retries=0)
-        guarded = guard_openai(bare, stream_guard=_SafeGuard(), gen_guard="unused", holdback_tokens=args.holdback)  # type: ignore[arg-type]
+        guarded = guard_openai(bare, stream_guard=_SafeGuard(), gen_guard=None, holdback_tokens=args.holdback, review=None)
         upstream.push(*(Script(events=events) for _ in range(2 * (args.repeats + 1))))
         _read(bare), _read(guarded)  # warm-up: connections, imports, pydantic schemas
         times: dict[str, list[float]] = {"bare": [], "guarded": []}

@@ -1,25 +1,25 @@
-"""Qwen3Guard in a LangChain app: a callback on a streaming chain, and guard steps in LCEL.
+"""Qwen3Guard in a LangChain app: a callback on a streaming chain, guard steps in LCEL, and a
+guard around a chain that judges the answer with the question in view.
 
 The chat model is a scripted ``GenericFakeChatModel`` so the script runs offline; put your own
 model (``ChatOpenAI(...)``, ``ChatOllama(...)``...) in its place, nothing else changes.
 
     python examples/langchain_chain.py                                  # hub models
-    python examples/langchain_chain.py --gen-model DIR --stream-model DIR
-    QWEN3GUARD_GEN_PATH=DIR QWEN3GUARD_STREAM_PATH=DIR python examples/langchain_chain.py
+    python examples/langchain_chain.py --gen-model DIR_OR_URL --stream-model DIR
+    QWEN3GUARD_GEN_MODEL=DIR QWEN3GUARD_STREAM_MODEL=DIR python examples/langchain_chain.py
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
-from guard_core import DEFAULT_GEN_MODEL, GenGuard, GuardViolation
-from guard_core.stream import DEFAULT_STREAM_MODEL, StreamGuard
+from guard_core import CONFIGURED, GuardUnavailableError, GuardViolation, gen_backend, stream_backend
 from integrations.langchain import QwenGuardCallbackHandler, QwenGuardRunnable
 
 SAFE_QUESTION = "How do I bake a chocolate cake?"
@@ -46,13 +46,16 @@ def stream_and_report(label: str, chain, question: str, config: dict | None = No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gen-model", default=os.environ.get("QWEN3GUARD_GEN_PATH", DEFAULT_GEN_MODEL),
-                        help="Qwen3Guard-Gen hub id or local directory (env QWEN3GUARD_GEN_PATH)")
-    parser.add_argument("--stream-model", default=os.environ.get("QWEN3GUARD_STREAM_PATH", DEFAULT_STREAM_MODEL),
-                        help="Qwen3Guard-Stream hub id or local directory (env QWEN3GUARD_STREAM_PATH)")
+    parser.add_argument("--gen-model", default=CONFIGURED,
+                        help="Qwen3Guard-Gen hub id, local directory or server URL (default: QWEN3GUARD_GEN_URL / _MODEL)")
+    parser.add_argument("--stream-model", default=CONFIGURED,
+                        help="Qwen3Guard-Stream hub id or local directory (default: QWEN3GUARD_STREAM_MODEL)")
     args = parser.parse_args()
-    gen = GenGuard.from_pretrained(args.gen_model)
-    stream = StreamGuard.from_pretrained(args.stream_model)
+    try:
+        gen, stream = gen_backend(args.gen_model), stream_backend(args.stream_model)  # loaded once, shared below
+    except (GuardUnavailableError, ValueError, TypeError) as exc:
+        print(f"langchain_chain.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
     prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
 
     # 1. One callback: Gen judges the prompt, Stream judges the answer token by token.
@@ -69,6 +72,13 @@ def main() -> None:
     stream_and_report("runnable, safe answer", chain, SAFE_QUESTION)
     stream_and_report("runnable, unsafe answer (replaced)", chain, SAFE_QUESTION)
     stream_and_report("runnable, unsafe question", chain, UNSAFE_QUESTION)
+
+    # 3. A guard around the chain: the answer is judged as the reply to the user's question.
+    chain = QwenGuardRunnable.around(prompt | scripted_model(SAFE_ANSWER, UNSAFE_ANSWER, SAFE_ANSWER),
+                                     gen_guard=gen, stream_guard=stream) | StrOutputParser()
+    stream_and_report("around, safe answer", chain, SAFE_QUESTION)
+    stream_and_report("around, unsafe answer", chain, SAFE_QUESTION)
+    stream_and_report("around, unsafe question", chain, UNSAFE_QUESTION)
 
 
 if __name__ == "__main__":

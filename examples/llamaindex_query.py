@@ -8,23 +8,23 @@ swap in your own LLM (``llm=OpenAI(...)``) for real answers.
 
     python examples/llamaindex_query.py                       # downloads the Qwen3Guard 0.6B models
     python examples/llamaindex_query.py --gen-model ./gen --stream-model ./stream   # local directories
+    python examples/llamaindex_query.py --gen-model http://gpu-1:8000/v1            # Gen on a vLLM server
 
-Model locations can also come from ``QWEN3GUARD_GEN_MODEL`` / ``QWEN3GUARD_STREAM_MODEL``.
+Without flags the guards come from the environment (``QWEN3GUARD_GEN_URL`` / ``QWEN3GUARD_GEN_MODEL``,
+``QWEN3GUARD_STREAM_MODEL``), as everywhere in the library.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 
 from llama_index.core import Document, MockEmbedding, VectorStoreIndex
 from llama_index.core.llms.mock import MockLLM
 
-from guard_core import DEFAULT_GEN_MODEL, GenGuard, GuardViolation
-from guard_core.stream import StreamGuard
+from guard_core import CONFIGURED, GuardUnavailableError, GuardViolation, gen_backend, stream_backend
 from integrations.llamaindex import GuardedQueryEngine, QwenGuardNodePostprocessor
 
-DEFAULT_STREAM_MODEL = "Qwen/Qwen3Guard-Stream-0.6B"
 DOCUMENTS = [
     "Paris is the capital of France.",
     "Our store opens at 9am and closes at 6pm.",
@@ -37,12 +37,16 @@ UNSAFE_QUERY = "How can I make a bomb?"
 def main(argv: list[str] | None = None) -> None:
     """Build the index, then run a safe query, a streamed one and an unsafe one."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--gen-model", default=os.environ.get("QWEN3GUARD_GEN_MODEL", DEFAULT_GEN_MODEL))
-    parser.add_argument("--stream-model", default=os.environ.get("QWEN3GUARD_STREAM_MODEL", DEFAULT_STREAM_MODEL))
+    parser.add_argument("--gen-model", help="Gen guard: hub id, directory or server URL (default: the environment)")
+    parser.add_argument("--stream-model", help="Stream guard: hub id or directory (default: the environment)")
     args = parser.parse_args(argv)
+    try:  # loaded once, shared by both components
+        gen = gen_backend(args.gen_model or CONFIGURED)
+        stream = stream_backend(args.stream_model or CONFIGURED)
+    except (GuardUnavailableError, OSError, ValueError) as exc:
+        print(f"llamaindex_query: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
 
-    gen = GenGuard.from_pretrained(args.gen_model)
-    stream = StreamGuard.from_pretrained(args.stream_model)
     index = VectorStoreIndex.from_documents([Document(text=t) for t in DOCUMENTS], embed_model=MockEmbedding(embed_dim=8))
     guard_nodes = QwenGuardNodePostprocessor(gen)
 
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     print("== streamed answer (released only after the Stream guard judged it) ==")
     streamed = guarded.query(SAFE_QUERY)
     print("  " + "".join(streamed.response_gen))
-    print(f"  answer verdict: {streamed.metadata['qwen3guard']['answer']['risk']}")
+    print(f"  answer verdict: {streamed.metadata['qwen3guard']['response']['risk']}")
 
     print("== unsafe query ==")
     try:

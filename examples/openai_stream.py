@@ -6,7 +6,11 @@ prompt is judged before it is sent, the answer token by token while it streams.
     OPENAI_BASE_URL=http://localhost:8000/v1 OPENAI_API_KEY=sk-... OPENAI_MODEL=my-model \\
         python examples/openai_stream.py "How do I bake a chocolate cake?"
     python examples/openai_stream.py "..." --on-unsafe rewrite --holdback 0
-    python examples/openai_stream.py "..." --gen-model DIR --stream-model DIR   # or QWEN3GUARD_*_PATH
+    python examples/openai_stream.py "..." --gen-model DIR --stream-model DIR   # or QWEN3GUARD_*_MODEL
+
+The guards default to the library's configuration (``QWEN3GUARD_GEN_URL`` / ``QWEN3GUARD_GEN_MODEL``
+/ ``QWEN3GUARD_STREAM_MODEL``, see the README). A model or server that cannot be reached is one line
+on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import argparse
 import os
 import sys
 
+import openai
 from openai import OpenAI
 
-from guard_core import DEFAULT_GEN_MODEL
-from guard_core.stream import DEFAULT_STREAM_MODEL
+from guard_core import CONFIGURED, GuardUnavailableError
 from integrations.openai_proxy import UnsafeContentError, guard_openai
 
 
@@ -31,10 +35,8 @@ def main() -> int:
                         help="abort: raise UnsafeContentError; rewrite: end with a refusal and content_filter")
     parser.add_argument("--holdback", type=int, default=2,
                         help="hold-back window in tokens (default covers the debounce rule; 0 = release at once)")
-    parser.add_argument("--gen-model", default=os.environ.get("QWEN3GUARD_GEN_PATH", DEFAULT_GEN_MODEL),
-                        help="Qwen3Guard-Gen hub id or local directory (env QWEN3GUARD_GEN_PATH)")
-    parser.add_argument("--stream-model", default=os.environ.get("QWEN3GUARD_STREAM_PATH", DEFAULT_STREAM_MODEL),
-                        help="Qwen3Guard-Stream hub id or local directory (env QWEN3GUARD_STREAM_PATH)")
+    parser.add_argument("--gen-model", default=CONFIGURED, help="Qwen3Guard-Gen hub id, directory or server URL")
+    parser.add_argument("--stream-model", default=CONFIGURED, help="Qwen3Guard-Stream hub id or directory")
     args = parser.parse_args()
 
     # OPENAI_BASE_URL and OPENAI_API_KEY are read by OpenAI() itself.
@@ -54,8 +56,11 @@ def main() -> int:
         print(f"\n[blocked {err.verdict.role}: {err.verdict.risk.value} ({categories}); "
               f"delivered {len(err.delivered)} characters before the stop]")
         return 1
+    except (GuardUnavailableError, openai.APIConnectionError, openai.APIStatusError, ValueError) as err:
+        print(f"openai_stream.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     verdict = stream.verdicts.get(0) or stream.prompt_verdict
-    print(f"\n[finish_reason={finish}; guard verdict: {verdict.role} {verdict.risk.value}]")
+    print(f"\n[finish_reason={finish}; guard verdict: {verdict.role} {verdict.risk.value}]" if verdict else "")
     return 0
 
 

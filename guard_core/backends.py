@@ -1,42 +1,61 @@
-"""Choosing the Gen backend from configuration, so deployments switch without code changes.
+"""One way to name a guard: a loaded guard, a hub id, a local directory, server URLs, or the environment.
 
-The proxy, the CLI and every adapter call ``load_gen_guard()``; whether that loads the model
-in-process or talks to a vLLM / SGLang fleet is decided by arguments or environment variables:
+Every adapter, the CLI and the proxy accept the same things wherever a guard goes and hand them
+to ``gen_backend`` / ``stream_backend``, so a ``RemoteGenGuard`` (or any object with the
+``GenBackend`` methods) works everywhere a local ``GenGuard`` does, and ``QWEN3GUARD_GEN_URL``
+switches a whole deployment to a GPU fleet. ``CONFIGURED`` (the adapters' default) means "as the
+environment says" (``guard_core.config``): for Gen, the servers of ``QWEN3GUARD_GEN_URL`` if set,
+else the model of ``QWEN3GUARD_GEN_MODEL``, else ``Qwen/Qwen3Guard-Gen-0.6B``; for Stream,
+``QWEN3GUARD_STREAM_MODEL`` else ``Qwen/Qwen3Guard-Stream-0.6B``. Explicit arguments win.
 
-- ``QWEN3GUARD_GEN_URL``: comma-separated server base URLs (``http://gpu-1:8000/v1,http://gpu-2:8000/v1``);
-  when set, the guard is remote.
-- ``QWEN3GUARD_GEN_MODEL``: the served model name (remote) or the hub id / local directory to load
-  (local; default ``Qwen/Qwen3Guard-Gen-0.6B``).
-- ``QWEN3GUARD_GEN_API_KEY``: bearer token for the servers (never logged).
-- ``QWEN3GUARD_GEN_TIMEOUT``: per-request timeout in seconds (remote; default 30).
-- ``QWEN3GUARD_FAIL_OPEN``: ``1/true/yes/on`` lets content through when no verdict could be made;
-  the default is to fail closed. See ``policy_from_env`` for adapters that decide with a ``Policy``.
-
-Explicit arguments always win over the environment.
+Nothing here imports torch: local models are imported only when one is loaded.
 """
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any, Mapping, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Union, runtime_checkable
 
+from .config import DEFAULT_GEN_MODEL, DEFAULT_STREAM_MODEL, Settings
+from .messages import MessageLike
 from .policy import Policy
 from .remote_gen import RemoteGenGuard
-from .types import RiskLevel
+from .types import RiskLevel, Verdict
 
 if TYPE_CHECKING:
-    from .gen import GenGuard
+    from .stream import StreamGuard
 
-URL_ENV = "QWEN3GUARD_GEN_URL"
-MODEL_ENV = "QWEN3GUARD_GEN_MODEL"
-API_KEY_ENV = "QWEN3GUARD_GEN_API_KEY"
-TIMEOUT_ENV = "QWEN3GUARD_GEN_TIMEOUT"
-FAIL_OPEN_ENV = "QWEN3GUARD_FAIL_OPEN"
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
+@runtime_checkable
+class GenBackend(Protocol):
+    """What every Gen guard offers (``GenGuard`` locally, ``RemoteGenGuard`` over HTTP)."""
 
-AnyGenGuard = Union["GenGuard", RemoteGenGuard]
+    @property
+    def model_id(self) -> str:
+        """The model's name, recorded in every verdict."""
+
+    def moderate(self, messages: Iterable[MessageLike]) -> Verdict:
+        """Judge one conversation (prompt or response by the last role)."""
+
+    def moderate_batch(self, conversations: Iterable[Iterable[MessageLike]]) -> list[Verdict]:
+        """Judge many conversations; results keep the input order."""
+
+    async def amoderate(self, messages: Iterable[MessageLike]) -> Verdict:
+        """``moderate`` without blocking the event loop."""
+
+    async def amoderate_batch(self, conversations: Iterable[Iterable[MessageLike]]) -> list[Verdict]:
+        """``moderate_batch`` without blocking the event loop."""
+
+
+class _Configured:
+    """The default of every guard argument: resolved from the environment when first needed."""
+
+    def __repr__(self) -> str:
+        return "CONFIGURED"
+
+
+CONFIGURED: Any = _Configured()
+GenSpec = Union[GenBackend, str, None]
+StreamSpec = Union["StreamGuard", str, None]
 
 
 def is_server_url(value: str) -> bool:
@@ -44,55 +63,71 @@ def is_server_url(value: str) -> bool:
     return value.strip().lower().startswith(("http://", "https://"))
 
 
+def gen_backend(spec: Any = CONFIGURED, *, settings: Settings | None = None, **kwargs: Any) -> GenBackend:
+    """The Gen guard ``spec`` names; ``kwargs`` go to ``RemoteGenGuard`` or ``GenGuard.from_pretrained``."""
+    if spec is not CONFIGURED and not isinstance(spec, str):
+        if isinstance(spec, GenBackend):
+            return spec
+        raise TypeError(f"a Gen guard must be a GenGuard, a RemoteGenGuard, a model id, a directory or a server URL, "
+                        f"got {type(spec).__name__}")
+    env = settings or Settings.from_env()
+    remote = bool(env.gen_urls) if spec is CONFIGURED else is_server_url(spec)
+    if spec is CONFIGURED:
+        spec = env.gen_urls or env.gen_model or DEFAULT_GEN_MODEL
+    if not spec.strip():
+        raise ValueError("a Gen guard name is empty; pass a model id, a directory or a server URL")
+    if remote:
+        options: dict[str, Any] = {"model": env.gen_model, "api_key": env.gen_api_key, "fail_open": env.fail_open}
+        if env.gen_timeout is not None:
+            options["timeout"] = env.gen_timeout
+        return RemoteGenGuard(spec, **{**options, **kwargs})
+    from .gen import GenGuard
+
+    return GenGuard.from_pretrained(spec, **{"device": env.device, **kwargs})
+
+
+def stream_backend(spec: Any = CONFIGURED, *, settings: Settings | None = None, **kwargs: Any) -> StreamGuard:
+    """The Stream guard ``spec`` names (a loaded ``StreamGuard``, a hub id or a directory)."""
+    if spec is not CONFIGURED and not isinstance(spec, str):
+        if callable(getattr(spec, "gate", None)) and callable(getattr(spec, "session", None)):
+            return spec  # type: ignore[no-any-return]
+        raise TypeError(f"a Stream guard must be a StreamGuard, a model id or a directory, got {type(spec).__name__}")
+    env = settings or Settings.from_env()
+    if spec is CONFIGURED:
+        spec = env.stream_model or DEFAULT_STREAM_MODEL
+    if not spec.strip() or is_server_url(spec):
+        raise ValueError(f"a Stream guard must be a model id or a directory, got {spec!r} "
+                         "(Qwen3Guard-Stream has no server form; only Gen can run on vLLM / SGLang)")
+    from .stream import StreamGuard
+
+    return StreamGuard.from_pretrained(spec, **{"device": env.device, **kwargs})
+
+
+def load_gen_guard(model_or_url: str | None = None, *, environ: Mapping[str, str] | None = None, **kwargs: Any) -> GenBackend:
+    """A Gen guard: remote for server URL(s) or ``QWEN3GUARD_GEN_URL``, else the local model.
+
+    ``model_or_url`` is a hub id, a local directory or ``http(s)://`` base URL(s); None reads the
+    environment. ``kwargs`` go to ``RemoteGenGuard`` or ``GenGuard.from_pretrained``.
+    """
+    return gen_backend(CONFIGURED if model_or_url is None else model_or_url, settings=Settings.from_env(environ), **kwargs)
+
+
 def fail_open_from_env(environ: Mapping[str, str] | None = None) -> bool:
     """``QWEN3GUARD_FAIL_OPEN`` as a bool (False when unset); a typo raises instead of silently failing open."""
-    raw = (os.environ if environ is None else environ).get(FAIL_OPEN_ENV, "").strip().lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ValueError(f"{FAIL_OPEN_ENV}={raw!r} is not a boolean; use one of {', '.join(_TRUE + _FALSE[1:])}")
+    return Settings.from_env(environ).fail_open
 
 
-def policy_from_env(base: Policy | None = None, environ: Mapping[str, str] | None = None) -> Policy:
-    """``base`` (default ``Policy()``) with ``on_error=Safe`` when ``QWEN3GUARD_FAIL_OPEN`` is on.
+def default_policy(settings: Settings, base: Policy | None = None) -> Policy:
+    """``base`` (default ``Policy()``) with ``on_error=Safe`` when the settings fail open.
 
-    Adapters decide with ``Policy.on_error``, not with ``verdict.risk``, so this is how the
-    environment switch reaches them; an explicit ``base.on_error`` other than the default wins.
+    This is the default policy of every adapter; a policy passed in code is used as given.
     """
     policy = base or Policy()
-    if fail_open_from_env(environ) and policy.on_error is RiskLevel.UNSAFE:
+    if settings.fail_open and policy.on_error is RiskLevel.UNSAFE:
         return policy.with_overrides(on_error=RiskLevel.SAFE)
     return policy
 
 
-def load_gen_guard(model_or_url: str | None = None, *, environ: Mapping[str, str] | None = None, **kwargs: Any) -> AnyGenGuard:
-    """A Gen guard: remote when given server URL(s) or ``QWEN3GUARD_GEN_URL`` is set, else the local model.
-
-    ``model_or_url`` is a hub id, a local directory or ``http(s)://`` base URL(s). ``kwargs`` go to
-    ``RemoteGenGuard`` (``model``, ``api_key``, ``timeout``, ``fail_open``, ``retry`` ...) or to
-    ``GenGuard.from_pretrained`` (``device``, ``dtype`` ...); they override the environment.
-    """
-    env = os.environ if environ is None else environ
-    urls = model_or_url if model_or_url is not None and is_server_url(model_or_url) else None
-    if urls is None and model_or_url is None and env.get(URL_ENV, "").strip():
-        urls = env[URL_ENV]
-    if urls is not None:
-        settings: dict[str, Any] = {"model": env.get(MODEL_ENV) or None, "api_key": env.get(API_KEY_ENV) or None,
-                                    "fail_open": fail_open_from_env(env)}
-        if env.get(TIMEOUT_ENV, "").strip():
-            settings["timeout"] = _seconds(env[TIMEOUT_ENV])
-        return RemoteGenGuard(urls, **{**settings, **kwargs})
-    from .gen import DEFAULT_GEN_MODEL, GenGuard
-
-    return GenGuard.from_pretrained(model_or_url or env.get(MODEL_ENV) or DEFAULT_GEN_MODEL, **kwargs)
-
-
-def _seconds(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
-    return value
+def policy_from_env(base: Policy | None = None, environ: Mapping[str, str] | None = None) -> Policy:
+    """``default_policy`` for the environment (``QWEN3GUARD_FAIL_OPEN``)."""
+    return default_policy(Settings.from_env(environ), base)

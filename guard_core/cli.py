@@ -1,8 +1,11 @@
 """``qwen3guard`` / ``python -m guard_core``: moderate text from the command line.
 
 Prints one JSON object per conversation, so the command composes with ``jq`` and shell scripts;
-the exit status says the verdict (0 allowed, 1 blocked by the policy, 2 usage or load error).
-``qwen3guard eval ...`` runs the evaluation harness.
+the exit status says the verdict: 0 allowed, 1 blocked by the policy, 2 an error (usage, a bad
+input line, a model that cannot be loaded, a guard server that cannot be reached while failing
+closed), always with one line on stderr and never a traceback. Input is checked before the model loads. The guard comes from ``--model`` or the
+environment (``QWEN3GUARD_GEN_URL`` / ``QWEN3GUARD_GEN_MODEL``, see ``guard_core.config``).
+``qwen3guard eval ...`` runs the evaluation harness, ``qwen3guard review ...`` the review queue.
 """
 
 from __future__ import annotations
@@ -10,31 +13,46 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from typing import Sequence
 
-from .gen import DEFAULT_GEN_MODEL
-from .policy import Mode, Policy
+from .backends import CONFIGURED, GenBackend, default_policy, gen_backend, is_server_url
+from .config import DEFAULT_GEN_MODEL, GEN_MODEL_ENV, GEN_URL_ENV, Settings
+from .messages import check_text
+from .policy import Action, Mode, Policy
 from .types import GuardUnavailableError
 
 EXIT_ALLOWED, EXIT_BLOCKED, EXIT_ERROR = 0, 1, 2
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+#: What loading a model can raise besides our own errors (bad files, a device torch lacks).
+_LOAD_ERRORS = (ValueError, TypeError, GuardUnavailableError, OSError, RuntimeError, ImportError, AssertionError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit status 2 for usage errors (its default too) and our one-line prefix."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qwen3guard",
         description="Moderate a prompt (or, with --response, an assistant response) with Qwen3Guard-Gen. "
-        "Reads the text from the arguments, or from stdin when none are given. "
-        "Run `qwen3guard eval --help` for the evaluation harness.",
+        "Reads the text from the arguments, or from stdin when none are given. Exit status: 0 allowed, "
+        "1 blocked, 2 error. `qwen3guard eval --help`: the evaluation harness; `qwen3guard review --help`: "
+        "the human review queue.",
     )
     parser.add_argument("text", nargs="*", help="text to moderate (default: read stdin)")
     parser.add_argument("--response", metavar="ANSWER", help="moderate ANSWER as the assistant's reply to TEXT")
-    parser.add_argument("--model", default=DEFAULT_GEN_MODEL, help=f"hub id or local directory (default {DEFAULT_GEN_MODEL})")
-    parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
+    parser.add_argument("--model", help=f"hub id, local directory or http(s):// server URL(s) (default: ${GEN_URL_ENV}, "
+                                         f"else ${GEN_MODEL_ENV}, else {DEFAULT_GEN_MODEL})")
+    parser.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: best available)")
     parser.add_argument("--dtype", help="float32, bfloat16, ... (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.STRICT.value,
                         help="strict blocks Controversial, loose allows it (default strict)")
-    parser.add_argument("--threshold", type=float, help="P(Unsafe) at or above which content is Unsafe")
+    parser.add_argument("--threshold", type=float, help="P(Unsafe) at or above which content is Unsafe, in (0, 1]")
     parser.add_argument("--lines", action="store_true", help="treat each stdin line as a separate prompt")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     return parser
@@ -45,11 +63,36 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
         return [" ".join(args.text)]
     if sys.stdin is None or sys.stdin.isatty():
         raise ValueError("no text given: pass it as arguments or pipe it on stdin")
-    data = sys.stdin.read()
+    data = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
     texts = [line for line in data.splitlines() if line.strip()] if args.lines else [data]
     if not texts or not any(t.strip() for t in texts):
         raise ValueError("stdin is empty: there is nothing to moderate")
     return texts
+
+
+def _conversation(text: str, response: str | None) -> list[dict[str, str]]:
+    turns = [{"role": "user", "content": text}]
+    return turns + ([{"role": "assistant", "content": response}] if response is not None else [])
+
+
+def _check(text: str, where: str) -> str | None:
+    """The problem with one input text, or None when it can be moderated."""
+    if not text.strip():
+        return f"{where} is empty: there is nothing to moderate"
+    undecodable = re.search("[\udc80-\udcff]", text)
+    if undecodable is not None:
+        byte = ord(undecodable.group()) - 0xDC00
+        return f"{where} is not valid UTF-8 (byte 0x{byte:02X} at character {undecodable.start()})"
+    try:
+        check_text(text, where=where)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _error(message: str) -> int:
+    print(f"qwen3guard: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,30 +102,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .eval.__main__ import main as eval_main
 
         return eval_main(argv[1:])
-    parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
-    if not args.verbose:
+    if argv[:1] == ["review"]:
+        from .review_cli import main as review_main
+
+        return review_main(argv[1:])
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL, stream=sys.stderr)
+    try:
+        settings = Settings.from_env()
+        policy = default_policy(settings, Policy(mode=Mode(args.mode), unsafe_threshold=args.threshold))
+        if args.device is not None and not _DEVICE.fullmatch(args.device):
+            raise ValueError(f"--device {args.device!r} is not one of cpu, mps, cuda, cuda:N")
+        texts = _read_texts(args)
+        response_problem = _check(args.response, "--response") if args.response is not None else None
+        if response_problem:
+            raise ValueError(response_problem)
+    except ValueError as exc:
+        return _error(str(exc))
+    where = "line {}" if args.lines else "the text"
+    problems = {i: p for i, t in enumerate(texts) if (p := _check(t, where.format(i + 1)))}
+    good = [i for i in range(len(texts)) if i not in problems]
+    verdicts = {}
+    if good:
+        try:
+            guard = _load(args, settings)
+            verdicts = dict(zip(good, guard.moderate_batch([_conversation(texts[i], args.response) for i in good])))
+        except _LOAD_ERRORS as exc:
+            return _error(_one_line(exc, args.model))
+    blocked = failed = False
+    for i in range(len(texts)):
+        if i in problems:
+            print(json.dumps({"line": i + 1, "error": problems[i]} if args.lines else {"error": problems[i]}))
+            print(f"qwen3guard: error: {problems[i]}", file=sys.stderr)
+            continue
+        verdict = verdicts[i]
+        action = policy.action_for(verdict)
+        blocked |= action is Action.BLOCK
+        print(json.dumps({**verdict.to_dict(), "action": action.value}, ensure_ascii=False))
+        if verdict.error_kind == "unavailable" and action is Action.BLOCK:
+            failed = True
+            print(f"qwen3guard: error: {verdict.error}", file=sys.stderr)
+    if problems or failed:
+        return EXIT_ERROR
+    return EXIT_BLOCKED if blocked else EXIT_ALLOWED
+
+
+def _load(args: argparse.Namespace, settings: Settings) -> GenBackend:
+    """The Gen guard from ``--model`` or the environment (torch is imported only here, for a local model)."""
+    spec = args.model if args.model is not None else CONFIGURED
+    remote = is_server_url(args.model) if args.model is not None else bool(settings.gen_urls)
+    if not args.verbose and not remote:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    try:
-        texts = _read_texts(args)
-        policy = Policy(mode=Mode(args.mode), unsafe_threshold=args.threshold)
-        conversations = [
-            [{"role": "user", "content": t}] + ([{"role": "assistant", "content": args.response}] if args.response is not None else [])
-            for t in texts
-        ]
-        from .gen import GenGuard
+    local = {} if remote else {"device": args.device or settings.device, "dtype": args.dtype}
+    return gen_backend(spec, settings=settings, **local)
 
-        guard = GenGuard.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-        verdicts = guard.moderate_batch(conversations)
-    except (ValueError, GuardUnavailableError) as exc:
-        print(f"qwen3guard: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    blocked = False
-    for verdict in verdicts:
-        action = policy.action_for(verdict)
-        blocked |= policy.blocks(verdict)
-        print(json.dumps({**verdict.to_dict(), "action": action.value}, ensure_ascii=False))
-    return EXIT_BLOCKED if blocked else EXIT_ALLOWED
+
+def _one_line(exc: BaseException, model: str | None) -> str:
+    """A load failure as one line; advice written for the command line, not for Python."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = re.sub(r"from_pretrained\('([^']*)'\)", r"--model \1", text)
+    return text if isinstance(exc, (ValueError, GuardUnavailableError)) else f"{type(exc).__name__}: {text}"

@@ -9,14 +9,26 @@ pass-through: text is released as soon as it is fed, and the gate only stops the
 the guard blocks.
 
 Released text is cut from the caller's own characters by token offsets (the tokenizer
-normalises to NFC, so decoded token strings are not always the caller's bytes).
+normalises to NFC, so decoded token strings are not always the caller's bytes). ``push`` takes
+what ``StreamSession.feed`` takes (``str`` or UTF-8 ``bytes``) and refuses what it refuses with
+the same error, before anything is released.
+
+No torch here: the gate needs only a session object, so adapters can import it cheaply.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from .config import DEFAULT_CONSECUTIVE, check_holdback_tokens
+from .debounce import Debounce
 from .policy import Policy
-from .stream import Debounce, StreamSession
 from .types import TokenVerdict, Verdict
+
+if TYPE_CHECKING:
+    from .stream import StreamSession
+
+_DELTA_TYPES = (str, bytes, bytearray, memoryview)
 
 
 def token_verdict(token: TokenVerdict, model: str = "") -> Verdict:
@@ -31,17 +43,15 @@ class StreamGate:
     A token counts against the response when ``policy.blocks`` its own verdict (so thresholds,
     strict/loose and category overrides apply per token); the response is blocked after the
     session's debounce count of such tokens in a row. Once blocked, nothing more is released.
+    ``holdback_tokens`` is validated here once (an int >= 0) for every adapter.
     """
 
-    def __init__(self, session: StreamSession, policy: Policy, holdback_tokens: int = 2) -> None:
-        if holdback_tokens < 0:
-            raise ValueError(f"holdback_tokens must be >= 0, got {holdback_tokens}")
+    def __init__(self, session: StreamSession, policy: Policy, holdback_tokens: int = DEFAULT_CONSECUTIVE) -> None:
+        self.holdback_tokens = check_holdback_tokens(holdback_tokens)
         self.session = session
         self.policy = policy
-        self.holdback_tokens = holdback_tokens
         model = session.guard.model_id
         self._debounce = Debounce(session.consecutive, lambda t: policy.blocks(token_verdict(t, model)))
-        self._text = ""
         self._delivered = 0
         self._ends: list[int] = []
         self._blocked = False
@@ -72,20 +82,18 @@ class StreamGate:
     @property
     def delivered(self) -> str:
         """All text released so far."""
-        return self._text[: self._delivered]
+        return self.session.text(0, self._delivered)
 
-    def push(self, delta: str) -> str:
+    def push(self, delta: str | bytes) -> str:
         """Feed a delta; return the text that may now be delivered (possibly ``""``)."""
         if not self._accepts(delta):
             return ""
-        self._text += delta
         return self._absorb(self.session.feed(delta), final=False)
 
-    async def apush(self, delta: str) -> str:
+    async def apush(self, delta: str | bytes) -> str:
         """``push`` for asyncio."""
         if not self._accepts(delta):
             return ""
-        self._text += delta
         return self._absorb(await self.session.afeed(delta), final=False)
 
     def finish(self) -> str:
@@ -116,9 +124,9 @@ class StreamGate:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _accepts(self, delta: str) -> bool:
-        if not isinstance(delta, str):
-            raise TypeError(f"delta must be str, got {type(delta).__name__}")
+    def _accepts(self, delta: str | bytes) -> bool:
+        if not isinstance(delta, _DELTA_TYPES):
+            raise TypeError(f"a response delta must be str or UTF-8 bytes, got {type(delta).__name__}")
         if self._finished:
             raise RuntimeError("the gate is finished")
         return not self._blocked
@@ -130,12 +138,12 @@ class StreamGate:
                 self._blocked = True
                 return ""
         if final or self.holdback_tokens == 0:
-            limit = len(self._text)
+            limit = self.session.received_chars
         else:
             releasable = len(self._ends) - (self.holdback_tokens - 1)
             limit = self._ends[releasable - 1] if releasable > 0 else 0
         if limit <= self._delivered:
             return ""
-        out = self._text[self._delivered : limit]
+        out = self.session.text(self._delivered, limit)
         self._delivered = limit
         return out

@@ -7,6 +7,15 @@ directly, which both feeds policy thresholds and is the greedy label. Only when 
 from the same KV cache, and only until that line is complete. If the model would not have
 written ``Safety:`` first, or its best next token is not a label, the conversation falls back to
 plain greedy ``generate()`` so the verdict always equals what upstream's loop would produce.
+
+Every prompt of a mode starts with the same ~200-270 tokens of instructions. Their keys and
+values are computed once per loaded model and mode and copied into each call's cache, so a call
+computes only the conversation and the closing instructions. A batch puts the shared prefix at
+positions ``0..P-1`` of every row and left-pads the rest behind it (``prefix | pads | rest``), so
+the prefix's keys are the same for every row and positions come from the attention mask as
+before. Caching is exact only where the prompt's ids start with the prefix's own ids; that is
+checked on probe conversations when the guard is built and again for every conversation, and a
+mode whose seam differs is computed in full (one warning in the log).
 """
 
 from __future__ import annotations
@@ -16,16 +25,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation import StoppingCriteria, StoppingCriteriaList
 
 from .gen_parser import REFUSAL_PATTERN, parse_answer
-from .gen_template import ANSWER_PREFIX, render_pieces
-from .loading import pick_device, pick_dtype, resolve_model_source
-from .messages import MessageLike, normalize_messages
+from .gen_template import ANSWER_PREFIX, instruction_pieces, render_pieces
+from .batcher import Coalescer
+from .loading import inspect_checkpoint, model_name, pick_device, pick_dtype, require_complete_weights, resolve_model_source
+from .messages import Message, MessageLike, normalize_messages
 from .remote_gen import RemoteGenGuard
 from .tokenization import ENDOFTEXT, IM_END, TextTokenizer, join_pieces
 from .types import RiskLevel, Verdict
@@ -35,10 +45,31 @@ logger = logging.getLogger("guard_core.gen")
 
 DEFAULT_GEN_MODEL = "Qwen/Qwen3Guard-Gen-0.6B"
 _LABELS = (RiskLevel.SAFE, RiskLevel.CONTROVERSIAL, RiskLevel.UNSAFE)
-_PROBE = (
+_TEMPLATE_PROBES = (
     [{"role": "user", "content": "Probe question?"}],
     [{"role": "system", "content": "Sys"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}],
 )
+#: Conversations of every shape the instruction prefix can be followed by: both modes, user or
+#: assistant first, a leading system message.
+_SEAM_PROBES = (
+    [{"role": "user", "content": "Probe question?"}],
+    [{"role": "system", "content": "Sys"}, {"role": "user", "content": "Q1"}],
+    [{"role": "assistant", "content": "A0"}, {"role": "user", "content": "Q1"}],
+    [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}],
+    [{"role": "assistant", "content": "A1"}],
+)
+
+
+@dataclass(eq=False)
+class _Prefix:
+    """The fixed instructions of one mode: their ids, and their keys/values once computed.
+
+    The keys/values are computed on first use, under the guard's lock, and never written to
+    afterwards: every call copies them into a cache of its own.
+    """
+
+    ids: list[int]
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
 
 
 @dataclass
@@ -47,6 +78,7 @@ class _Job:
 
     ids: list[int]
     response: bool
+    prefix: _Prefix | None = None
     answer: str = ""
     probabilities: dict[RiskLevel, float] | None = None
 
@@ -78,6 +110,8 @@ class GenGuard:
     Thread-safe (one model call at a time, guarded by a lock); the async methods run the model in
     a worker thread so they never block the event loop. Conversations longer than the context are
     moderated in overlapping windows; the worst window's verdict wins (see ``windows``).
+    ``prefix_cache=False`` computes every prompt in full (the reference the cache is tested and
+    benchmarked against).
     """
 
     def __init__(
@@ -90,23 +124,26 @@ class GenGuard:
         batch_size: int = 8,
         max_input_tokens: int | None = None,
         window_overlap_tokens: int = 64,
+        prefix_cache: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tokens = TextTokenizer(tokenizer)
-        self.model_id = model_id or getattr(model.config, "_name_or_path", "") or "qwen3guard-gen"
+        self.model_id = model_id or model_name(getattr(model.config, "_name_or_path", "") or "qwen3guard-gen")
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         context = int(getattr(model.config, "max_position_embeddings", 32768))
         self.max_input_tokens = min(max_input_tokens or context, context) - max_new_tokens
         self.window_overlap_tokens = window_overlap_tokens
         self._lock = threading.Lock()
-        self._prefix = self.tokens.encode_text(ANSWER_PREFIX)
-        self._label_ids = [self.tokens.encode_text(f"{ANSWER_PREFIX} {label.value}")[len(self._prefix)] for label in _LABELS]
+        self._coalescer: Coalescer[list[Message], Verdict] = Coalescer(lambda batch: self.moderate_batch(batch), max_batch=4 * batch_size)
+        self._answer_ids = self.tokens.encode_text(ANSWER_PREFIX)
+        self._label_ids = [self.tokens.encode_text(f"{ANSWER_PREFIX} {label.value}")[len(self._answer_ids)] for label in _LABELS]
         if len(set(self._label_ids)) != len(_LABELS):
             raise ValueError("the tokenizer does not give the three safety labels distinct first tokens")
         self._stop_ids = [self.tokens.special_id(IM_END), self.tokens.special_id(ENDOFTEXT)]
         self._pad_id = self._stop_ids[1]
+        self._prefixes: dict[bool, _Prefix] = self._cacheable_prefixes() if prefix_cache else {}
         self._check_chat_template()
 
     from_server = staticmethod(RemoteGenGuard.from_server)
@@ -123,32 +160,42 @@ class GenGuard:
         """Load a Gen checkpoint from the hub id (default ``Qwen/Qwen3Guard-Gen-0.6B``) or a local directory.
 
         ``device`` defaults to CUDA, then MPS, then CPU; ``dtype`` to bfloat16 on GPU and float32 on
-        CPU. Other keyword arguments go to ``GenGuard``'s constructor.
+        CPU. Other keyword arguments go to ``GenGuard``'s constructor. A directory that is not a
+        complete Qwen3Guard-Gen checkpoint raises ``GuardUnavailableError`` (see ``loading``).
         """
         path = resolve_model_source(model_id_or_path)
+        inspect_checkpoint(path).require("gen")
         target = pick_device(device)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(target, dtype)).to(target)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(target, dtype), output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
+        require_complete_weights(path, "gen", info)
+        model = model.to(target)
         tokenizer = AutoTokenizer.from_pretrained(path)
         logger.info("loaded %s on %s (%s)", model_id_or_path, target, model.dtype)
-        return cls(model, tokenizer, model_id=str(model_id_or_path), **kwargs)
+        return cls(model, tokenizer, model_id=model_name(model_id_or_path), **kwargs)
 
     def render_prompt(self, messages: Iterable[MessageLike]) -> str:
         """The exact moderation prompt upstream's chat template builds for these messages."""
         return join_pieces(render_pieces(normalize_messages(messages)))
 
     def moderate(self, messages: Iterable[MessageLike]) -> Verdict:
-        """Moderate one conversation: a prompt if the last turn is the user's, else the response."""
-        return self.moderate_batch([messages])[0]
+        """Moderate one conversation: a prompt if the last turn is the user's, else the response.
+
+        Calls made at the same time from several threads (a server's requests) are joined into one
+        batch (``batcher.Coalescer``): an idle guard answers at once, a busy one serves everyone
+        waiting with one batched forward instead of one forward each.
+        """
+        return self._coalescer(normalize_messages(messages))
 
     def moderate_batch(self, conversations: Iterable[Iterable[MessageLike]]) -> list[Verdict]:
         """Moderate many conversations, batched with padding; results keep the input order."""
         normalized = [normalize_messages(c) for c in conversations]
         started = time.perf_counter()
         plans = [plan_windows(m, self.tokens, self.max_input_tokens, self.window_overlap_tokens) for m in normalized]
-        jobs = [_Job(self.tokens.encode_pieces(render_pieces(w)), w[-1].role == "assistant") for plan in plans for w in plan]
+        jobs = [self._job(window) for plan in plans for window in plan]
         with self._lock, torch.inference_mode():
-            for start in range(0, len(jobs), self.batch_size):
-                self._run(sorted(jobs[start : start + self.batch_size], key=lambda j: len(j.ids)))
+            for batch in self._batches(jobs):
+                self._run(batch)
         elapsed = time.perf_counter() - started
         verdicts, cursor = [], 0
         for plan in plans:
@@ -170,31 +217,71 @@ class GenGuard:
         role = "response" if job.response else "prompt"
         if not parsed.ok:
             return Verdict(RiskLevel.UNSAFE, role=role, model=self.model_id, elapsed_s=elapsed, raw_output=job.answer,
-                           error=f"unparseable model output {job.answer[:80]!r}")
+                           error=f"unparseable model output {job.answer[:80]!r}", error_kind="unparseable")
         return Verdict(parsed.risk, parsed.categories, parsed.refusal, job.probabilities or {}, role, self.model_id,
                        elapsed, job.answer)
 
-    def _batch_tensors(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(map(len, rows))
+    def _job(self, messages: list[Message]) -> _Job:
+        """The prompt ids of one conversation, and the cached prefix they start with (if any)."""
+        response = messages[-1].role == "assistant"
+        ids = self.tokens.encode_pieces(render_pieces(messages))
+        prefix = self._prefixes.get(response)
+        if prefix is not None and ids[: len(prefix.ids)] != prefix.ids:
+            if self._prefixes.pop(response, None) is not None:
+                logger.warning("prefix cache off for %s mode of %s: a conversation changed the tokens at the end of the "
+                               "fixed instructions; every verdict of that mode computes the whole prompt",
+                               "response" if response else "prompt", self.model_id)
+            prefix = None
+        return _Job(ids, response, prefix)
+
+    def _batches(self, jobs: list[_Job]) -> Iterator[list[_Job]]:
+        """Jobs that share a prefix (or have none), shortest first and ``batch_size`` at a time, so rows pad least."""
+        groups: dict[_Prefix | None, list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.prefix, []).append(job)
+        for group in groups.values():
+            group.sort(key=lambda j: len(j.ids))
+            for start in range(0, len(group), self.batch_size):
+                yield group[start : start + self.batch_size]
+
+    def _batch_tensors(self, head: list[int], rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids and attention mask laid out ``head | pads | row``: the shared head at the same positions in every row."""
+        width = len(head) + max(map(len, rows))
         ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
+        ids[:, : len(head)] = torch.tensor(head, dtype=torch.long)
+        mask[:, : len(head)] = 1
         for i, row in enumerate(rows):
             ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
             mask[i, width - len(row) :] = 1
         return ids.to(self.model.device), mask.to(self.model.device)
 
+    def _prefix_cache(self, prefix: _Prefix, batch: int) -> DynamicCache:
+        """A new cache holding the prefix's keys/values for ``batch`` rows (computed on first use)."""
+        if not prefix.kv or prefix.kv[0][0].device != self.model.device or prefix.kv[0][0].dtype != self.model.dtype:
+            out = self.model(input_ids=torch.tensor([prefix.ids], device=self.model.device), use_cache=True, logits_to_keep=1)
+            prefix.kv = tuple((layer.keys, layer.values) for layer in out.cache.layers)
+        rows = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix.kv]
+        return DynamicCache(rows, config=self.model.config)
+
     def _run(self, jobs: list[_Job]) -> None:
-        """Score a padded batch in one pass, then finish only the answers that need more lines."""
-        prefix = self._prefix
-        ids, mask = self._batch_tensors([job.ids + prefix for job in jobs])
+        """Score a padded batch in one pass, then finish only the answers that need more lines.
+
+        All jobs share one prefix (or none): its keys/values come from the cache and only the rest
+        of each prompt, plus the forced ``Safety:``, goes through the model.
+        """
+        prefix, answer = jobs[0].prefix, self._answer_ids
+        head = prefix.ids if prefix else []
+        ids, mask = self._batch_tensors(head, [job.ids[len(head) :] + answer for job in jobs])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=len(prefix) + 1)
+        cache = self._prefix_cache(prefix, len(jobs)) if prefix else None
+        out = self.model(input_ids=ids[:, len(head) :], attention_mask=mask, position_ids=positions[:, len(head) :],
+                         cache=cache, use_cache=True, logits_to_keep=len(answer) + 1)
         logits = out.logits.float()
         greedy = logits.argmax(-1)
         first_label_ids = torch.tensor(self._label_ids, device=logits.device)
         label_probs = torch.softmax(logits[:, -1, first_label_ids], dim=-1)
-        prefix_ok = (greedy[:, :-1] == torch.tensor(prefix, device=greedy.device)).all(-1)
+        prefix_ok = (greedy[:, :-1] == torch.tensor(answer, device=greedy.device)).all(-1)
         continue_rows, fallback_rows = [], []
         for row, job in enumerate(jobs):
             best = int(greedy[row, -1])
@@ -236,17 +323,36 @@ class GenGuard:
 
     def _generate_plain(self, job: _Job) -> None:
         """Upstream's path (greedy ``generate()`` from the prompt), for answers the fast path cannot read."""
-        ids, mask = self._batch_tensors([job.ids])
+        ids, mask = self._batch_tensors([], [job.ids])
         generated = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
                                         do_sample=False, eos_token_id=self._stop_ids, pad_token_id=self._pad_id)
         job.answer = self.tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
         job.probabilities = None
 
+    def _cacheable_prefixes(self) -> dict[bool, _Prefix]:
+        """Each mode's instruction prefix, where its ids alone equal the start of a whole prompt's ids.
+
+        That holds when the cut between instructions and conversation is a token boundary for this
+        tokenizer; it is checked on probe conversations of every shape. A mode where it does not
+        hold is not cached (one warning), which keeps verdicts exact at the cost of speed.
+        """
+        prefixes: dict[bool, _Prefix] = {}
+        for response in (False, True):
+            prefix = _Prefix(self.tokens.encode_pieces(instruction_pieces(response)))
+            probes = [normalize_messages(p) for p in _SEAM_PROBES if (p[-1]["role"] == "assistant") == response]
+            if all(self.tokens.encode_pieces(render_pieces(p))[: len(prefix.ids)] == prefix.ids for p in probes):
+                prefixes[response] = prefix
+            else:
+                logger.warning("prefix cache off for %s mode of %s: the fixed instructions tokenize differently alone "
+                               "than at the start of a prompt; every verdict of that mode computes the whole prompt",
+                               "response" if response else "prompt", self.model_id)
+        return prefixes
+
     def _check_chat_template(self) -> None:
         """Warn when the checkpoint's own chat template renders a different moderation prompt."""
         if not getattr(self.tokenizer, "chat_template", None):
             return
-        for probe in _PROBE:
+        for probe in _TEMPLATE_PROBES:
             try:
                 theirs = self.tokenizer.apply_chat_template(probe, tokenize=False)
             except Exception as exc:  # a broken shipped template must not stop the guard from loading

@@ -85,19 +85,27 @@ def conversation_pieces(messages: Sequence[Message]) -> list[Piece]:
     return pieces
 
 
-def render_pieces(messages: Sequence[Message]) -> list[Piece]:
-    """The whole moderation prompt as pieces; prompt or response mode follows the last role."""
-    response = moderation_role(messages) == "response"
+def instruction_pieces(response: bool) -> list[Piece]:
+    """The fixed start of every moderation prompt of one mode, up to the conversation.
+
+    It is the same for every conversation of that mode, which is what lets ``GenGuard`` compute
+    its keys and values once (``response`` selects response mode).
+    """
     categories = RESPONSE_CATEGORIES if response else PROMPT_CATEGORIES
     head = (_RESPONSE_HEAD if response else _PROMPT_HEAD) + "".join(f"{c.value}.\n" for c in categories)
     head += "<END UNSAFE CONTENT CATEGORIES>\n\n"
     if response:
         head += _REFUSAL_POLICY
     head += "<BEGIN CONVERSATION>\n\n"
+    return [special(IM_START), Piece("user\n" + head)]
+
+
+def render_pieces(messages: Sequence[Message]) -> list[Piece]:
+    """The whole moderation prompt as pieces; prompt or response mode follows the last role."""
+    response = moderation_role(messages) == "response"
     tail = "\n\n<END CONVERSATION>\n\n" + (_RESPONSE_TAIL if response else _PROMPT_TAIL)
     return [
-        special(IM_START),
-        Piece("user\n" + head),
+        *instruction_pieces(response),
         *conversation_pieces(messages),
         Piece(tail),
         special(IM_END),

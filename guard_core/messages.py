@@ -8,6 +8,7 @@ producing a silently wrong moderation prompt.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
@@ -17,6 +18,7 @@ MessageLike = Mapping[str, Any]
 MAX_MESSAGE_CHARS = 1_000_000
 _ALLOWED_ROLES = ("system", "user", "assistant")
 _TEXT_PART_TYPES = ("text", "input_text", "output_text")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,24 @@ def content_to_text(content: Any, *, where: str = "message") -> str:
         raise ValueError(f"{where}: content is missing")
     else:
         raise ValueError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
+    return check_text(text, where=where)
+
+
+def check_text(text: str, *, where: str = "message") -> str:
+    """``text`` if the tokenizer can read it; else ``ValueError`` saying what is wrong and where.
+
+    Lone surrogates (from JSON ``"\\ud800"`` escapes or ``surrogateescape`` decoding) are not
+    Unicode text: tokenizers fail on them deep inside, so they are refused here with a reason.
+    """
     if "\x00" in text:
         raise ValueError(f"{where}: content contains NUL bytes (binary data?)")
     if len(text) > MAX_MESSAGE_CHARS:
         raise ValueError(f"{where}: content is {len(text)} characters; the limit is {MAX_MESSAGE_CHARS}")
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        raise ValueError(
+            f"{where}: content has a lone surrogate U+{ord(bad.group()):04X} at character {bad.start()}, which is not "
+            "valid Unicode; decode bytes with errors='replace' or fix the \\u escape")
     return text
 
 
@@ -75,13 +91,12 @@ def normalize_messages(messages: Iterable[MessageLike | Message]) -> list[Messag
     ``assistant``; the last message is ``user`` (prompt moderation) or ``assistant`` (response
     moderation); the last message must not be empty.
     """
-    if isinstance(messages, (str, bytes)) or isinstance(messages, Mapping):
-        raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    if messages is None or isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
+        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
     out: list[Message] = []
     for i, m in enumerate(messages):
         if isinstance(m, Message):
-            out.append(m)
-            continue
+            m = m.as_dict()
         if not isinstance(m, Mapping):
             raise ValueError(f"message {i} is {type(m).__name__}, expected a dict with 'role' and 'content'")
         role = m.get("role")

@@ -22,11 +22,23 @@ class Mode(str, Enum):
 
 
 class Action(str, Enum):
-    """What an adapter does with content: let it through, let it through but flag it, or block."""
+    """What an adapter does with content.
+
+    ``ALLOW`` lets it through; ``FLAG`` lets it through with the verdict attached; ``REVIEW``
+    lets it through and records an item for a human to look at (the report's "permitted with
+    human review" deployment of the Controversial tier, see ``guard_core.review``); ``BLOCK``
+    stops it.
+    """
 
     ALLOW = "allow"
     FLAG = "flag"
+    REVIEW = "review"
     BLOCK = "block"
+
+    @property
+    def rank(self) -> int:
+        """Strictness (allow < flag < review < block): the strictest of several actions wins."""
+        return _ACTION_ORDER[self]
 
 
 def _default_actions(mode: Mode) -> dict[RiskLevel, Action]:
@@ -47,9 +59,12 @@ class Policy:
       override wins.
     - ``actions``: the action for each level; unspecified levels follow ``mode`` (Safe allows,
       Unsafe blocks, Controversial blocks in strict mode and is allowed in loose mode). Set
-      ``{RiskLevel.CONTROVERSIAL: Action.FLAG}`` to let it through with the verdict attached.
-    - ``on_error``: the level assumed when no judgement could be made (unparseable output, guard
-      unreachable); Unsafe by default, i.e. fail closed.
+      ``{RiskLevel.CONTROVERSIAL: Action.FLAG}`` to let it through with the verdict attached, or
+      ``Action.REVIEW`` to let it through and queue it for human review.
+    - ``on_error``: the level assumed when the guard was unavailable (unreachable server, model
+      that could not be loaded); Unsafe by default, i.e. fail closed. Input the guard rejected
+      (e.g. longer than the server's context) and answers that could not be parsed are Unsafe
+      whatever ``on_error`` says: fail-open covers outages, never content the guard refused.
     """
 
     mode: Mode = Mode.STRICT
@@ -83,7 +98,7 @@ class Policy:
     def model_level(self, verdict: Verdict) -> RiskLevel:
         """The level after the probability threshold, before strict/loose folding."""
         if verdict.error is not None:
-            return self.on_error
+            return self.on_error if verdict.error_kind == "unavailable" else RiskLevel.UNSAFE
         probs = verdict.probabilities
         if self.unsafe_threshold is None or not probs:
             return verdict.risk
@@ -106,12 +121,17 @@ class Policy:
             return self.actions[RiskLevel.SAFE]
         overrides = [self.category_actions[c] for c in verdict.categories if c in self.category_actions]
         if overrides:
-            return max(overrides, key=_ACTION_ORDER.__getitem__)
+            return max(overrides, key=lambda action: action.rank)
         return self.actions[level]
 
     def blocks(self, verdict: Verdict) -> bool:
         """True when the verdict must stop the content."""
         return self.action_for(verdict) is Action.BLOCK
 
+    @property
+    def reviews(self) -> bool:
+        """True when some verdict can lead to ``Action.REVIEW`` (a review queue is then needed)."""
+        return Action.REVIEW in (*self.actions.values(), *self.category_actions.values())
 
-_ACTION_ORDER = {Action.ALLOW: 0, Action.FLAG: 1, Action.BLOCK: 2}
+
+_ACTION_ORDER = {Action.ALLOW: 0, Action.FLAG: 1, Action.REVIEW: 2, Action.BLOCK: 3}

@@ -491,7 +491,7 @@ class RemoteGenGuard:
         parsed = parse_answer(content, response=role == "response")
         if not parsed.ok:
             return Verdict(RiskLevel.UNSAFE, role=role, model=self.model_id, elapsed_s=elapsed, raw_output=content,
-                           error=f"unparseable model output {content[:80]!r} (is the server running a "
+                           error_kind="unparseable", error=f"unparseable model output {content[:80]!r} (is the server running a "
                                  "Qwen3Guard-Gen checkpoint with its own chat template?)")
         probabilities = label_probabilities(logprobs, content) if self.logprobs else {}
         return Verdict(parsed.risk, parsed.categories, parsed.refusal, probabilities, role, self.model_id, elapsed, content)
@@ -501,14 +501,14 @@ class RemoteGenGuard:
         role = moderation_role(messages)
         elapsed = time.perf_counter() - started
         if isinstance(error, RejectedError):
-            message = f"guard request rejected: {error}"
+            message, kind = f"guard request rejected: {error}", "rejected"
             risk = RiskLevel.UNSAFE
         else:
             tries = f" after {attempts} attempt(s)" if isinstance(error, TransientError) else ""
-            message = f"{_UNAVAILABLE_PREFIX}{error}{tries}"
+            message, kind = f"{_UNAVAILABLE_PREFIX}{error}{tries}", "unavailable"
             risk = RiskLevel.SAFE if self.fail_open else RiskLevel.UNSAFE
         logger.error("no moderation verdict (%s): %s", "fail open" if risk is RiskLevel.SAFE else "fail closed", message)
-        return Verdict(risk, role=role, model=self.model_id, elapsed_s=elapsed, error=message)
+        return Verdict(risk, role=role, model=self.model_id, elapsed_s=elapsed, error=message, error_kind=kind)  # type: ignore[arg-type]
 
 
 def _transport_error(exc: httpx.HTTPError, timeout: float) -> TransientError | PermanentError:

@@ -18,20 +18,100 @@ the ids only in the rare case where BPE would have merged across it. A cut never
 one of the caller's characters: NFC can expand one character into a letter and a mark that land
 in different pre-tokens, and such tokens are committed together. Nothing is lost or repeated
 either way: tokens partition the caller's text exactly.
+
+Before any of that, ``TextDeltas`` turns the caller's deltas (``str``, or UTF-8 ``bytes`` split
+anywhere) into valid text in call order, refusing what is not Unicode with a clear error.
 """
 
 from __future__ import annotations
 
 import codecs
-import json
-import threading
-from functools import lru_cache
-import weakref
+import re
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer
-
 from .tokenization import TextTokenizer
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: A surrogate code point that is not half of a high+low pair.
+_LONE_SURROGATE = re.compile("[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]")
+_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+
+
+def _join_pair(match: re.Match[str]) -> str:
+    high, low = (ord(c) for c in match.group())
+    return chr(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
+
+
+class TextDeltas:
+    """Turns a response's deltas into valid text, in call order.
+
+    - ``bytes`` (also ``bytearray``/``memoryview``) are UTF-8 split anywhere: a character cut
+      between deltas waits for its remaining bytes; invalid bytes, and an unfinished character at
+      the end, become U+FFFD (``bytes.decode(errors="replace")``).
+    - ``str`` must be Unicode text. A surrogate pair split across two deltas (``"\\ud83d"`` then
+      ``"\\ude00"``, as JSON escapes arrive) or kept as two code points is joined into its
+      character; any other surrogate raises ``ValueError``: it is not a character, and no
+      tokenizer (nor the reader of the answer) can use it.
+    - Mixing kinds must not reorder text, so a ``str`` delta while bytes of an unfinished
+      character are pending raises ``ValueError`` (send the rest of the character first), and so
+      does a ``bytes`` delta while the first half of a surrogate pair is pending.
+
+    A delta that raises is not taken: nothing changes, and a corrected delta can follow. The one
+    exception is a pending first half of a surrogate pair that the delta shows to be lone: it is
+    dropped with the error, since nothing can complete it any more.
+    """
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._high = ""
+
+    def decode(self, delta: str | bytes | bytearray | memoryview) -> str:
+        """The text ``delta`` completes (possibly ``""`` while a character is still cut)."""
+        if isinstance(delta, (bytes, bytearray, memoryview)):
+            if self._high:
+                self._drop_high("a bytes delta cannot complete it")
+            return self._utf8.decode(bytes(delta))
+        if not isinstance(delta, str):
+            raise TypeError(f"a response delta must be str or UTF-8 bytes, got {type(delta).__name__}")
+        if not delta:
+            return ""
+        pending = self._utf8.getstate()[0]
+        if pending:
+            raise ValueError(
+                f"a str delta arrived while {len(pending)} byte(s) of an unfinished UTF-8 character are pending; "
+                "send the rest of that character as bytes first, or send all text as str"
+            )
+        prefix = self._high
+        if prefix and not "\udc00" <= delta[:1] <= "\udfff":
+            self._drop_high("the next delta does not start with its second half")
+        text = prefix + delta
+        if not _SURROGATE.search(text):
+            return text
+        lone = list(_LONE_SURROGATE.finditer(text))
+        hold = ""
+        if lone and lone[-1].end() == len(text) and text[-1] <= "\udbff":
+            hold, text = text[-1], text[:-1]
+            lone.pop()
+        if lone:
+            raise ValueError(
+                f"lone surrogate U+{ord(lone[0].group()):04X} at position {lone[0].start() - len(prefix)} of the delta: "
+                "response text must be valid Unicode (decode with errors='replace'); the delta was not taken"
+            )
+        self._high = hold
+        return _SURROGATE_PAIR.sub(_join_pair, text)
+
+    def flush(self) -> str:
+        """End of the response: the rest of the text (an unfinished UTF-8 character becomes U+FFFD)."""
+        if self._high:
+            self._drop_high("the response ends there")
+        return self._utf8.decode(b"", final=True)
+
+    def _drop_high(self, reason: str) -> None:
+        high, self._high = self._high, ""
+        raise ValueError(
+            f"lone surrogate U+{ord(high):04X} at the end of the previous delta ({reason}): response text must be "
+            "valid Unicode; the lone half was dropped, make this call again"
+        )
 
 
 @dataclass(frozen=True)
@@ -53,25 +133,8 @@ class StreamToken:
         return self.end <= 0 and self.start < 0
 
 
-_CLONES: weakref.WeakKeyDictionary[TextTokenizer, tuple[Tokenizer, threading.Lock]] = weakref.WeakKeyDictionary()
-_CLONES_LOCK = threading.Lock()
-
-
-def _word_tokenizer(tokenizer: TextTokenizer) -> tuple[Tokenizer, threading.Lock]:
-    """A text-only backend exposing pre-token (word) ids, built once per ``TextTokenizer``.
-
-    Cloning the 150k-entry vocabulary takes about a second, far too slow per session.
-    """
-    with _CLONES_LOCK:
-        if tokenizer not in _CLONES:
-            spec = json.loads(tokenizer.tokenizer.backend_tokenizer.to_str())
-            spec["added_tokens"] = []
-            _CLONES[tokenizer] = (Tokenizer.from_str(json.dumps(spec)), threading.Lock())
-        return _CLONES[tokenizer]
-
-
 class IncrementalTokenizer:
-    """Turns text deltas (``str``, or UTF-8 ``bytes`` split anywhere) into final token ids.
+    """Turns response text, arriving in pieces split anywhere, into final token ids.
 
     ``lead`` is template text that precedes the response in the same text run (``"\\n\\n"``
     after ``</think>``): it is tokenized together with the response, exactly as one-shot
@@ -79,46 +142,25 @@ class IncrementalTokenizer:
     """
 
     def __init__(self, tokenizer: TextTokenizer, lead: str = "", *, max_pending_chars: int = 64, keep_tokens: int = 8) -> None:
-        self._tok, self._lock = _word_tokenizer(tokenizer)
-        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._tok = tokenizer
         self._pending = lead
         self._base = -len(lead)
-        self._received = 0
         self.max_pending_chars = max_pending_chars
         self.keep_tokens = keep_tokens
 
-    @property
-    def committed_chars(self) -> int:
-        """Response characters covered by committed tokens."""
-        return max(self._base, 0)
-
-    @property
-    def received_chars(self) -> int:
-        """Response characters received so far."""
-        return self._received
-
-    def push(self, delta: str | bytes) -> list[StreamToken]:
-        """Add a delta; return the tokens that became final."""
-        text = self._bytes.decode(bytes(delta)) if isinstance(delta, (bytes, bytearray)) else delta
-        if not isinstance(text, str):
-            raise TypeError(f"delta must be str or bytes, got {type(delta).__name__}")
+    def push(self, text: str) -> list[StreamToken]:
+        """Add text; return the tokens that became final."""
         self._pending += text
-        self._received += len(text)
-        return self._commit(final=False)
+        return self._commit(final=False) if text else []
 
     def flush(self) -> list[StreamToken]:
         """End of text: every pending character becomes tokens."""
-        rest = self._bytes.decode(b"", final=True)
-        self._pending += rest
-        self._received += len(rest)
         return self._commit(final=True)
 
     def _commit(self, *, final: bool) -> list[StreamToken]:
         if not self._pending:
             return []
-        with self._lock:
-            enc = self._tok.encode(self._pending, add_special_tokens=False)
-        ids, offsets, words = enc.ids, enc.offsets, enc.word_ids
+        ids, offsets, words = self._tok.encode_words(self._pending)
         if not ids:
             return []
         if final:
@@ -151,17 +193,3 @@ class IncrementalTokenizer:
         self._pending = self._pending[boundary:]
         self._base += boundary
         return out
-
-
-@lru_cache(maxsize=1)
-def byte_level_decoder() -> dict[str, int]:
-    """Byte-level BPE's printable stand-in character -> the byte it stands for (GPT-2 table)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes = list(printable)
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return {chr(code): byte for byte, code in zip(printable, codes)}

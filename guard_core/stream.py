@@ -4,7 +4,13 @@
 ``StreamSession`` prefills one conversation once, then judges each response token with one
 incremental step (reference 2.4 explains why upstream's per-token re-run is unusable on a CPU).
 Text from any LLM is re-tokenized incrementally (``retokenize``); verdicts carry a full softmax
-per head so policies can use thresholds; the response verdict follows upstream's debounce rule.
+per head so policies can use thresholds; the response verdict follows upstream's debounce rule
+(``debounce``).
+
+Input is checked before anything reaches the model, and a refused call leaves the session as it
+was: text must be valid Unicode (``retokenize.TextDeltas`` says how bytes, split surrogate pairs
+and mixed deltas are read), and ``feed_ids`` takes only text tokens of the vocabulary (a fed
+``<|im_end|>`` would forge the end of the turn inside the guard's context).
 
 Long conversations: the Stream context is ``max_position_embeddings`` (8192). A prompt longer
 than three quarters of it keeps its last part (the end of the last user turn, which is what the
@@ -15,32 +21,32 @@ and carries on: moderation never stops, and each token is judged with as much co
 
 from __future__ import annotations
 
-import codecs
+import io
 import logging
 import threading
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .loading import pick_device, pick_dtype, resolve_model_source
+from .config import DEFAULT_CONSECUTIVE, DEFAULT_STREAM_MODEL, check_holdback_tokens
+from .debounce import Debounce, is_flagged
+from .gate import StreamGate
+from .loading import model_name, pick_device, pick_dtype, resolve_model_source
 from .messages import Message, MessageLike
 from .policy import Policy
-from .retokenize import IncrementalTokenizer, StreamToken, byte_level_decoder
+from .retokenize import IncrementalTokenizer, StreamToken, TextDeltas
 from .scheduler import Lane, StreamScheduler, Ticket
-from .stream_model import GuardLogits, LabelMaps, Qwen3ForGuardModel
+from .stream_model import HeadProbabilities, LabelMaps, Qwen3ForGuardModel
 from .stream_template import RESPONSE_LEAD, encode_stream_prompt
 from .tokenization import TextTokenizer
 from .types import Category, RiskLevel, TokenVerdict, Verdict
 
-logger = logging.getLogger("guard_core")
+__all__ = ["DEFAULT_CONSECUTIVE", "DEFAULT_STREAM_MODEL", "Debounce", "StreamGuard", "StreamSession", "is_flagged"]
 
-DEFAULT_STREAM_MODEL = "Qwen/Qwen3Guard-Stream-0.6B"
-#: Upstream's debounce: two consecutive non-safe tokens flag the response (report section 4.4).
-DEFAULT_CONSECUTIVE = 2
+logger = logging.getLogger("guard_core.stream")
 
 
 class _Query:
@@ -48,77 +54,6 @@ class _Query:
 
 
 _QUERY = _Query()
-
-
-def is_flagged(token: TokenVerdict) -> bool:
-    """Upstream's per-token test: the token's label is Unsafe or Controversial."""
-    return token.risk is not RiskLevel.SAFE
-
-
-class Debounce:
-    """Upstream's response aggregation: ``consecutive`` flagged tokens in a row flag the response.
-
-    The triggering token's category becomes the response category; the response level is the
-    worst level in the triggering run (a mixed Unsafe/Controversial pair flags as Unsafe, the
-    cautious reading of the report's rule). A later, more severe run escalates the verdict.
-    ``flags`` decides which tokens count (default: the model's label is not Safe); ``StreamGate``
-    passes its policy here.
-    """
-
-    def __init__(self, consecutive: int = DEFAULT_CONSECUTIVE, flags: Callable[[TokenVerdict], bool] = is_flagged) -> None:
-        if consecutive < 1:
-            raise ValueError(f"consecutive must be >= 1, got {consecutive}")
-        self.consecutive = consecutive
-        self.flags = flags
-        self.run: list[TokenVerdict] = []
-        self.trigger: TokenVerdict | None = None
-        self.risk = RiskLevel.SAFE
-        self.worst: TokenVerdict | None = None
-
-    def add(self, token: TokenVerdict) -> bool:
-        """Account for the next token; True when this token flags (or escalates) the response."""
-        if self.worst is None or token.probabilities.get(RiskLevel.UNSAFE, 0.0) > self.worst.probabilities.get(RiskLevel.UNSAFE, 0.0):
-            self.worst = token
-        if not self.flags(token):
-            self.run.clear()
-            return False
-        self.run.append(token)
-        if len(self.run) < self.consecutive:
-            return False
-        level = max((t.risk for t in self.run[-self.consecutive :]), key=lambda r: r.severity)
-        if level is RiskLevel.SAFE:
-            level = RiskLevel.UNSAFE
-        if self.trigger is None or level.severity > self.risk.severity:
-            self.trigger, self.risk = token, level
-            return True
-        return False
-
-    @property
-    def flagged(self) -> bool:
-        """True once a run has flagged the response."""
-        return self.trigger is not None
-
-    def verdict(self, *, model: str = "", elapsed_s: float = 0.0) -> Verdict:
-        """The response verdict so far."""
-        source = self.trigger or self.worst
-        probabilities = dict(source.probabilities) if source else {}
-        categories = (self.trigger.category,) if self.trigger and self.trigger.category else ()
-        return Verdict(self.risk, categories, None, probabilities, "response", model, elapsed_s)
-
-
-@dataclass(frozen=True)
-class _Softmaxed:
-    risk: list[dict[RiskLevel, float]]
-    category: list[dict[Category, float]]
-
-
-def _softmax(risk_logits: torch.Tensor, cat_logits: torch.Tensor, risk_labels: Sequence[RiskLevel], cat_labels: Sequence[Category]) -> _Softmaxed:
-    risk = torch.softmax(risk_logits.float(), dim=-1).tolist()
-    cats = torch.softmax(cat_logits.float(), dim=-1).tolist()
-    return _Softmaxed(
-        [dict(zip(risk_labels, row)) for row in risk],
-        [dict(zip(cat_labels, row)) for row in cats],
-    )
 
 
 def _argmax(probs: dict[Any, float]) -> Any:
@@ -131,7 +66,7 @@ class StreamGuard:
     def __init__(
         self,
         model: Qwen3ForGuardModel,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | TextTokenizer,
         *,
         model_id: str = "",
         consecutive: int = DEFAULT_CONSECUTIVE,
@@ -139,10 +74,10 @@ class StreamGuard:
         max_tokens_per_step: int = 512,
     ) -> None:
         self.model = model
-        self.tokens = TextTokenizer(tokenizer)
+        self.tokens = tokenizer if isinstance(tokenizer, TextTokenizer) else TextTokenizer(tokenizer)
         self.labels = LabelMaps.from_config(model.config)
         self.model_id = model_id
-        self.consecutive = consecutive
+        self.consecutive = Debounce(consecutive).consecutive
         self.max_context = max_context or int(model.config.max_position_embeddings)
         if self.max_context < 64:
             raise ValueError(f"max_context must be at least 64 tokens, got {self.max_context}")
@@ -168,7 +103,7 @@ class StreamGuard:
         model = Qwen3ForGuardModel.load(path, dtype=pick_dtype(target, dtype), device=target)
         tokenizer = AutoTokenizer.from_pretrained(path)
         logger.info("loaded %s on %s (%s)", model_id_or_path, target, model.dtype)
-        return cls(model, tokenizer, model_id=str(model_id_or_path), **kwargs)
+        return cls(model, tokenizer, model_id=model_name(model_id_or_path), **kwargs)
 
     def session(self, messages: Iterable[MessageLike | Message], *, consecutive: int | None = None) -> StreamSession:
         """Start moderating the answer to ``messages`` (which end with the user turn); prefills once."""
@@ -181,16 +116,14 @@ class StreamGuard:
         session._check_prefill()
         return session
 
-    def gate(self, messages: Iterable[MessageLike | Message], policy: Policy | None = None, holdback_tokens: int = DEFAULT_CONSECUTIVE) -> Any:
+    def gate(self, messages: Iterable[MessageLike | Message], policy: Policy | None = None, holdback_tokens: int = DEFAULT_CONSECUTIVE) -> StreamGate:
         """A ``StreamGate`` releasing only judged text of the answer to ``messages``."""
-        from .gate import StreamGate
-
+        check_holdback_tokens(holdback_tokens)
         return StreamGate(self.session(messages), policy or Policy(), holdback_tokens)
 
-    async def agate(self, messages: Iterable[MessageLike | Message], policy: Policy | None = None, holdback_tokens: int = DEFAULT_CONSECUTIVE) -> Any:
+    async def agate(self, messages: Iterable[MessageLike | Message], policy: Policy | None = None, holdback_tokens: int = DEFAULT_CONSECUTIVE) -> StreamGate:
         """``gate`` without blocking the event loop during the prefill."""
-        from .gate import StreamGate
-
+        check_holdback_tokens(holdback_tokens)
         return StreamGate(await self.asession(messages), policy or Policy(), holdback_tokens)
 
 
@@ -199,37 +132,40 @@ class StreamSession:
 
     Thread-safe; ``feed`` calls on one session are applied in call order. Sessions never see
     each other's tokens: each has its own cache and the batched forward keeps them apart.
+    A call that raises ``ValueError``/``TypeError`` for its input changes nothing: the session
+    stays usable and nothing fed before is lost.
     """
 
     def __init__(self, guard: StreamGuard, messages: Iterable[MessageLike | Message], *, consecutive: int, prefill: bool = True) -> None:
         self.guard = guard
         self._lock = threading.Lock()
         prompt = encode_stream_prompt(guard.tokens, messages)
+        self._debounce = Debounce(consecutive)
         keep = guard.max_context * 3 // 4
         cut = max(0, len(prompt.ids) - keep)
         self._prompt_ids = prompt.ids[cut:]
         self._keep_prompt = self._prompt_ids[-min(len(self._prompt_ids), guard.max_context // 4) :]
         self._response_ids: list[int] = []
         self._context = len(self._prompt_ids)
+        self._deltas = TextDeltas()
         self._retok = IncrementalTokenizer(guard.tokens, RESPONSE_LEAD)
+        self._text = io.StringIO()
+        self._received = 0
         self._ids_mode: bool | None = None
-        self._byte_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._ids_cursor = 0
         self._tokens: list[TokenVerdict] = []
-        self._debounce = Debounce(consecutive)
         self._submitted_tokens = 0
         self._elapsed = 0.0
-        self._finished = False
+        self._final: tuple[int, int, Ticket | None] | None = None
         self._closed = False
         self._prompt_verdict: Verdict | None = None
         ref = weakref.ref(self)
 
-        def on_logits(metas: Sequence[Any], rows: GuardLogits) -> None:
+        def on_probabilities(metas: Sequence[Any], probs: HeadProbabilities) -> None:
             session = ref()
             if session is not None:
-                session._on_logits(metas, rows)
+                session._on_probabilities(metas, probs)
 
-        self._lane: Lane = guard.scheduler.open_lane(on_logits)
+        self._lane: Lane = guard.scheduler.open_lane(on_probabilities)
         self._finalizer = weakref.finalize(self, guard.scheduler.close_lane, self._lane)
         metas: list[Any] = [None] * len(self._prompt_ids)
         metas[prompt.query_index - cut] = _QUERY
@@ -261,6 +197,25 @@ class StreamSession:
         return list(self._tokens)
 
     @property
+    def received_chars(self) -> int:
+        """Characters of response text received so far (the length of ``text()``)."""
+        return self._received
+
+    def text(self, start: int = 0, end: int | None = None) -> str:
+        """The response text received so far (or its ``[start, end)`` slice), as the guard reads it.
+
+        UTF-8 bytes are decoded and split surrogate pairs joined, so this is the text that
+        ``TokenVerdict.start``/``end`` index into, which adapters cut released text from.
+        """
+        with self._lock:
+            start = max(start, 0)
+            stop = self._received if end is None else min(end, self._received)
+            if stop <= start:
+                return ""
+            self._text.seek(start)
+            return self._text.read(stop - start)
+
+    @property
     def context_tokens(self) -> int:
         """Tokens in the guard's context after the queued ones (prompt + response window)."""
         return self._context
@@ -275,16 +230,30 @@ class StreamSession:
         """True after ``close``."""
         return self._closed
 
+    @property
+    def finished(self) -> bool:
+        """True after ``finish``: the whole response has been handed to the guard."""
+        return self._final is not None
+
     def feed(self, delta: str | bytes) -> list[TokenVerdict]:
-        """Judge a response delta; returns the tokens that became final (the tail waits for more text)."""
-        return self._collect(*self._submit_text(delta, final=False))
+        """Judge a response delta; returns the tokens that became final (the tail waits for more text).
+
+        ``delta`` is ``str`` or UTF-8 ``bytes`` split anywhere (see ``retokenize.TextDeltas``);
+        text that is not valid Unicode raises ``ValueError`` and is not taken.
+        """
+        return self._collect(*self._submit_text(delta))
 
     async def afeed(self, delta: str | bytes) -> list[TokenVerdict]:
         """``feed`` for asyncio: awaits the guard step without blocking the loop or a thread."""
-        return await self._acollect(*self._submit_text(delta, final=False))
+        return await self._acollect(*self._submit_text(delta))
 
     def feed_ids(self, ids: Sequence[int]) -> list[TokenVerdict]:
-        """Judge response token ids from a Qwen3-family LLM (no re-tokenization; all ids are final)."""
+        """Judge response token ids from a Qwen3-family LLM (no re-tokenization; all ids are final).
+
+        Only text tokens are accepted: control and other added tokens (``<|im_end|>``,
+        ``<think>``) and ids outside the vocabulary raise ``ValueError``, values that are not
+        integers ``TypeError``; nothing of the call is taken.
+        """
         return self._collect(*self._submit_ids(ids))
 
     async def afeed_ids(self, ids: Sequence[int]) -> list[TokenVerdict]:
@@ -292,12 +261,13 @@ class StreamSession:
         return await self._acollect(*self._submit_ids(ids))
 
     def finish(self) -> list[TokenVerdict]:
-        """End of the response: judge the held-back tail."""
-        return self._collect(*self._submit_text("", final=True))
+        """End of the response: judge the held-back tail. Calling it again returns ``[]``."""
+        start, end, ticket = self._submit_final()
+        return self._collect(start, end, ticket)
 
     async def afinish(self) -> list[TokenVerdict]:
         """``finish`` for asyncio."""
-        return await self._acollect(*self._submit_text("", final=True))
+        return await self._acollect(*self._submit_final())
 
     def close(self) -> None:
         """Stop moderating and free the cache now (also done when the session is garbage-collected)."""
@@ -334,43 +304,58 @@ class StreamSession:
         self._elapsed += time.perf_counter() - began
         return self._tokens[start:end]
 
-    def _check_open(self, *, ids_mode: bool) -> None:
+    def _check_open(self, *, ids_mode: bool | None) -> None:
+        """Refuse calls on a closed or finished session, and mixing text with token ids."""
         if self._closed:
             raise RuntimeError("the Stream session is closed")
-        if self._finished:
+        if self._final is not None:
             raise RuntimeError("the Stream session is finished; start a new session for a new response")
-        if self._ids_mode is None:
-            self._ids_mode = ids_mode
-        elif self._ids_mode != ids_mode:
+        if ids_mode is not None and self._ids_mode is not None and self._ids_mode != ids_mode:
             raise RuntimeError("a session takes either text (feed) or token ids (feed_ids), not both")
 
-    def _submit_text(self, delta: str | bytes, *, final: bool) -> tuple[int, int, Ticket | None]:
+    def _accept(self, text: str, *, ids_mode: bool) -> None:
+        """Record response text taken by a call (after every check has passed)."""
+        self._ids_mode = ids_mode
+        if text:
+            self._text.seek(self._received)
+            self._text.write(text)
+            self._received += len(text)
+
+    def _submit_text(self, delta: str | bytes) -> tuple[int, int, Ticket | None]:
         with self._lock:
-            self._check_open(ids_mode=bool(self._ids_mode) if final else False)
-            tokens = self._retok.flush() if final else self._retok.push(delta)
-            self._finished = final
-            return self._submit(tokens)
+            self._check_open(ids_mode=False)
+            text = self._deltas.decode(delta)
+            self._accept(text, ids_mode=False)
+            return self._submit(self._retok.push(text))
 
     def _submit_ids(self, ids: Sequence[int]) -> tuple[int, int, Ticket | None]:
         with self._lock:
-            first = self._ids_mode is None
             self._check_open(ids_mode=True)
-            lead = [StreamToken(t, -len(RESPONSE_LEAD), 0, RESPONSE_LEAD) for t in self.guard.tokens.encode_text(RESPONSE_LEAD)] if first else []
-            return self._submit(lead + self._ids_to_tokens(ids))
+            if isinstance(ids, (str, bytes, bytearray)) or not hasattr(ids, "__iter__"):
+                raise TypeError(f"feed_ids takes a sequence of token ids, got {type(ids).__name__}")
+            ids = list(ids)
+            pieces = self.guard.tokens.text_token_bytes(ids)
+            tokens = []
+            if self._ids_mode is None:
+                tokens = [StreamToken(t, -len(RESPONSE_LEAD), 0, RESPONSE_LEAD) for t in self.guard.tokens.encode_text(RESPONSE_LEAD)]
+            cursor = self._received
+            for raw, piece in zip(ids, pieces):
+                text = self._deltas.decode(piece)
+                tokens.append(StreamToken(int(raw), cursor, cursor + len(text), text))
+                cursor += len(text)
+            self._accept("".join(t.text for t in tokens if not t.context_only), ids_mode=True)
+            return self._submit(tokens)
 
-    def _ids_to_tokens(self, ids: Sequence[int]) -> list[StreamToken]:
-        """Exact text per token: the token's bytes through an incremental UTF-8 decoder."""
-        table = byte_level_decoder()
-        vocab = self.guard.tokens.tokenizer.convert_ids_to_tokens([int(t) for t in ids])
-        out, cursor = [], self._ids_cursor
-        for tid, piece in zip(ids, vocab):
-            if piece is None or any(ch not in table for ch in piece):
-                raise ValueError(f"token id {tid} is not a text token of the Qwen3 vocabulary (stop feeding at <|im_end|>)")
-            text = self._byte_decoder.decode(bytes(table[ch] for ch in piece))
-            out.append(StreamToken(int(tid), cursor, cursor + len(text), text))
-            cursor += len(text)
-        self._ids_cursor = cursor
-        return out
+    def _submit_final(self) -> tuple[int, int, Ticket | None]:
+        with self._lock:
+            if self._final is not None and not self._closed:
+                return self._submitted_tokens, self._submitted_tokens, self._final[2]
+            self._check_open(ids_mode=None)
+            rest = self._deltas.flush()
+            tokens = [] if self._ids_mode else self._retok.push(rest) + self._retok.flush()
+            self._accept(rest, ids_mode=bool(self._ids_mode))
+            self._final = self._submit(tokens if any(not t.context_only for t in tokens) else [])
+            return self._final
 
     def _submit(self, tokens: list[StreamToken]) -> tuple[int, int, Ticket | None]:
         start = self._submitted_tokens
@@ -404,25 +389,21 @@ class StreamSession:
         chunks.append((ids, metas, reset))
         return chunks
 
-    def _on_logits(self, metas: Sequence[Any], rows: GuardLogits) -> None:
-        """Worker-thread callback: turn one step's logits into verdicts, in token order."""
+    def _on_probabilities(self, metas: Sequence[Any], probs: HeadProbabilities) -> None:
+        """Worker-thread callback: turn one step's probabilities into verdicts, in token order."""
         labels = self.guard.labels
-        wanted = [i for i, m in enumerate(metas) if m is not None]
-        if not wanted:
-            return
-        index = torch.tensor(wanted)
-        resp = _softmax(rows.risk_level_logits[index], rows.category_logits[index], labels.risk, labels.category)
-        query = _softmax(rows.query_risk_level_logits[index], rows.query_category_logits[index], labels.query_risk, labels.query_category)
-        for j, i in enumerate(wanted):
-            meta = metas[i]
+        for j, meta in enumerate(metas):
             if meta is _QUERY:
-                self._prompt_verdict = self._make_prompt_verdict(query.risk[j], query.category[j])
+                self._prompt_verdict = self._make_prompt_verdict(
+                    dict(zip(labels.query_risk, probs.query_risk[j])), dict(zip(labels.query_category, probs.query_category[j])))
                 continue
-            risk = _argmax(resp.risk[j])
+            risk_probs = dict(zip(labels.risk, probs.risk[j]))
+            cat_probs = dict(zip(labels.category, probs.category[j]))
+            risk = _argmax(risk_probs)
             token = TokenVerdict(
                 index=len(self._tokens), token_id=meta.id, text=meta.text, start=meta.start, end=meta.end, risk=risk,
-                category=None if risk is RiskLevel.SAFE else _argmax(resp.category[j]),
-                probabilities=resp.risk[j], category_probabilities=resp.category[j],
+                category=None if risk is RiskLevel.SAFE else _argmax(cat_probs),
+                probabilities=risk_probs, category_probabilities=cat_probs,
             )
             self._tokens.append(token)
             self._debounce.add(token)

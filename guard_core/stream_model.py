@@ -60,6 +60,37 @@ class GuardLogits:
 
 
 @dataclass(frozen=True)
+class HeadProbabilities:
+    """Softmax of the four heads at some positions, as Python lists (one row per position).
+
+    Computed once per packed step for every position that needs a verdict, so the cost of the
+    small tensor operations does not grow with the number of sessions in the step.
+    """
+
+    risk: list[list[float]]
+    category: list[list[float]]
+    query_risk: list[list[float]]
+    query_category: list[list[float]]
+
+    @classmethod
+    def of(cls, logits: GuardLogits, rows: Sequence[int]) -> HeadProbabilities:
+        """Probabilities at the packed positions ``rows`` of a ``[1, seq, classes]`` step."""
+        heads = (logits.risk_level_logits, logits.category_logits, logits.query_risk_level_logits, logits.query_category_logits)
+        index = torch.tensor(rows, device=heads[0].device)
+        joined = torch.cat([torch.softmax(h[0].index_select(0, index).float(), dim=-1) for h in heads], dim=-1).tolist()
+        per_head, start = [], 0
+        for head in heads:
+            end = start + head.shape[-1]
+            per_head.append([row[start:end] for row in joined])
+            start = end
+        return cls(*per_head)
+
+    def slice(self, start: int, end: int) -> HeadProbabilities:
+        """The rows ``[start, end)``."""
+        return HeadProbabilities(self.risk[start:end], self.category[start:end], self.query_risk[start:end], self.query_category[start:end])
+
+
+@dataclass(frozen=True)
 class LabelMaps:
     """Class index -> label for the four heads, read from the config (index order differs from severity)."""
 
@@ -135,17 +166,13 @@ class Qwen3ForGuardModel(Qwen3PreTrainedModel):
         ``from_pretrained`` would randomly initialise missing heads with only a log line, which
         for a guard means silently random verdicts.
         """
+        from .loading import inspect_checkpoint, require_complete_weights
+
         path = Path(directory)
+        inspect_checkpoint(path).require("stream")
         config = Qwen3Config.from_pretrained(path)
-        model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
-        missing = sorted(info.get("missing_keys", ()))
-        unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith("lm_head."))
-        mismatched = sorted(str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys", ()))
-        if missing or unexpected or mismatched:
-            raise GuardUnavailableError(
-                f"{path} is not a Qwen3Guard-Stream checkpoint this code can load: "
-                f"missing weights {missing[:8]}, unexpected weights {unexpected[:8]}, wrong shapes {mismatched[:8]}"
-            )
+        model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
+        require_complete_weights(path, "stream", info, ignore_unexpected=("lm_head.",))
         model.set_attn_implementation(PACKED_ATTENTION)
         return model.to(device).eval()
 
@@ -204,12 +231,18 @@ class KVStore:
 
 @dataclass(frozen=True)
 class Segment:
-    """The new tokens of one stream inside a packed step: ``count`` tokens after ``past`` cached ones."""
+    """The new tokens of one stream inside a packed step: ``count`` tokens after ``past`` cached ones.
+
+    ``mask`` is the causal mask of those tokens' grouped queries over the stream's cache
+    (``None`` for a single token, which sees the whole cache); it is built once per step and
+    shared by all layers.
+    """
 
     store: KVStore
     offset: int
     past: int
     count: int
+    mask: torch.Tensor | None
 
 
 class PackedStep:
@@ -226,14 +259,25 @@ class PackedStep:
             seg.store.reserve(seg.past + seg.count)
 
     @classmethod
-    def build(cls, stores: Sequence[KVStore], counts: Sequence[int]) -> tuple[PackedStep, torch.Tensor]:
-        """The step and its ``position_ids [1, sum(counts)]``."""
+    def build(cls, stores: Sequence[KVStore], counts: Sequence[int], query_group: int) -> tuple[PackedStep, torch.Tensor]:
+        """The step and its ``position_ids [1, sum(counts)]``.
+
+        ``query_group`` is the number of query heads sharing one key/value head: the attention
+        runs each group as one head with ``query_group * count`` query rows (see
+        ``_packed_attention``), so the mask repeats the causal rows that many times.
+        """
         segments, positions, offset = [], [], 0
+        device = stores[0].device
         for store, count in zip(stores, counts):
-            segments.append(Segment(store, offset, store.length, count))
-            positions.append(torch.arange(store.length, store.length + count))
+            past = store.length
+            mask = None
+            if count > 1:
+                rows = torch.arange(past, past + count, device=device).repeat(query_group).unsqueeze(1)
+                mask = torch.arange(past + count, device=device).unsqueeze(0) <= rows
+            segments.append(Segment(store, offset, past, count, mask))
+            positions.extend(range(past, past + count))
             offset += count
-        return cls(segments), torch.cat(positions).unsqueeze(0).to(stores[0].device)
+        return cls(segments), torch.tensor([positions], dtype=torch.long, device=device)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values of every segment at its position."""
@@ -258,23 +302,26 @@ def _packed_attention(
     scaling: float | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """Per-stream causal attention over each stream's own cache; plain SDPA for ordinary calls."""
+    """Per-stream causal attention over each stream's own cache; plain SDPA for ordinary calls.
+
+    The query heads that share a key/value head are folded into one head with more query rows
+    (``[1, kv_heads, group * count, dim]``), so each stream's cache is streamed once per
+    key/value head instead of once per query head (SDPA's own ``enable_gqa`` path): reading the
+    cache is what a decode step over a long context is bound by.
+    """
     if not isinstance(attention_mask, PackedStep):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     layer = module.layer_idx
+    batch, heads, _, dim = query.shape
     outputs = []
     for seg in attention_mask.segments:
-        q = query[:, :, seg.offset : seg.offset + seg.count]
         total = seg.past + seg.count
-        k = seg.store.keys[layer][:, :, :total]
-        v = seg.store.values[layer][:, :, :total]
-        mask = None
-        if seg.count > 1:
-            rows = torch.arange(seg.past, total, device=q.device).unsqueeze(1)
-            mask = torch.arange(total, device=q.device).unsqueeze(0) <= rows
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-        outputs.append(out)
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+        keys, values = seg.store.keys[layer][:, :, :total], seg.store.values[layer][:, :, :total]
+        grouped = query[:, :, seg.offset : seg.offset + seg.count].reshape(batch, keys.shape[1], -1, dim)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=seg.mask, scale=scaling)
+        outputs.append(out.reshape(batch, heads, seg.count, dim))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
@@ -288,7 +335,8 @@ def packed_forward(model: Qwen3ForGuardModel, stores: Sequence[KVStore], ids: Se
     Returns logits ``[1, sum(len(ids)), classes]`` in the same packed order.
     """
     counts = [len(x) for x in ids]
-    step, positions = PackedStep.build(stores, counts)
+    config = model.config
+    step, positions = PackedStep.build(stores, counts, config.num_attention_heads // config.num_key_value_heads)
     flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=positions.device).unsqueeze(0)
     logits = model(flat, attention_mask={"full_attention": step}, position_ids=positions, cache=step, use_cache=True)
     step.commit()

@@ -13,12 +13,16 @@ boundaries); for injected markup it yields ordinary text tokens.
 from __future__ import annotations
 
 import json
+import operator
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from functools import lru_cache
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -45,12 +49,27 @@ def join_pieces(pieces: Iterable[Piece]) -> str:
     return "".join(p.text for p in pieces)
 
 
+@lru_cache(maxsize=1)
+def byte_level_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character -> the byte it stands for (GPT-2 table)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(printable, codes)}
+
+
 class TextTokenizer:
     """Encodes text as text, and whole prompts as template control tokens plus text.
 
     Built from any fast (``tokenizers``-backed) tokenizer: the backend is cloned with its added
     tokens removed, so the vocabulary, normaliser and pre-tokeniser stay exactly those of the
-    model.
+    model. Cloning the 150k-entry vocabulary takes about a second, so build one per guard and
+    share it (the Stream sessions' incremental re-tokenization uses the same clone).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -63,6 +82,7 @@ class TextTokenizer:
         self._lock = threading.Lock()
         self.tokenizer = tokenizer
         self._special_ids: dict[str, int] = {}
+        self._added_ids = frozenset(int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}))
 
     def special_id(self, token: str) -> int:
         """Id of a control token, failing loudly when the vocabulary lacks it."""
@@ -84,6 +104,41 @@ class TextTokenizer:
             enc = self._text_only.encode(text, add_special_tokens=False)
         return enc.ids, [tuple(o) for o in enc.offsets]  # type: ignore[misc]
 
+    def encode_words(self, text: str) -> tuple[list[int], list[tuple[int, int]], list[int | None]]:
+        """Token ids, character offsets and pre-token (word) index of each token of ``text`` as text.
+
+        The word index tells which tokens later text can still change (only the last word's),
+        which is what incremental re-tokenization needs.
+        """
+        with self._lock:
+            enc = self._text_only.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets, enc.word_ids
+
+    def text_token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """The UTF-8 bytes each id stands for; ``ValueError`` unless every id is a text token.
+
+        Control and other added tokens (``<|im_end|>``, ``<think>``), ids outside the
+        vocabulary and negative ids are refused (``TypeError`` for a value that is not an
+        integer): fed as response tokens they would forge template structure inside the guard's
+        context, or crash its forward.
+        """
+        table = byte_level_decoder()
+        out: list[bytes] = []
+        for position, raw in enumerate(ids):
+            tid = _token_id(raw, position)
+            known = 0 <= tid < self._text_only.get_vocab_size() and tid not in self._added_ids
+            piece = self._text_only.id_to_token(tid) if known else None
+            if piece is None:
+                raise ValueError(
+                    f"token id {tid} (position {position}) is not a text token of the vocabulary; control tokens "
+                    "such as <|im_end|> or <think> are not response text (stop feeding at the end of the turn)"
+                )
+            try:
+                out.append(bytes(table[ch] for ch in piece))
+            except KeyError:
+                raise ValueError(f"token id {tid} ({piece!r}) is not a byte-level BPE token; is this a Qwen3 tokenizer?") from None
+        return out
+
     def encode_pieces(self, pieces: Sequence[Piece]) -> list[int]:
         """Ids of a prompt: control-token pieces map to their ids, text runs are encoded whole."""
         ids: list[int] = []
@@ -103,3 +158,13 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of some ids, control tokens included (used for logs and token verdicts)."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def _token_id(raw: object, position: int) -> int:
+    """``raw`` as a Python int (numpy and torch integers too); ``TypeError`` for anything else."""
+    if not isinstance(raw, bool):
+        try:
+            return operator.index(raw)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise TypeError(f"token ids must be integers, got {type(raw).__name__} {raw!r:.40} at position {position}")

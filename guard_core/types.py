@@ -12,6 +12,10 @@ from enum import Enum
 from typing import Any, Literal, Mapping
 
 Role = Literal["prompt", "response"]
+#: Why no judgement was made: the guard could not be reached or loaded (the only failure a
+#: fail-open policy may let through), the guard refused the input itself (too long for the
+#: server's context), or the model's answer could not be read.
+ErrorKind = Literal["unavailable", "rejected", "unparseable"]
 
 
 class RiskLevel(str, Enum):
@@ -60,8 +64,8 @@ class Verdict:
     ``probabilities`` maps every risk level to its probability when the backend can compute it
     (local Gen reads the label logits, Stream applies a softmax to its head); it is empty when the
     backend only saw text (a remote server without logprobs). ``error`` is set when no real
-    judgement was made (unparseable output, guard unavailable) and the risk is the policy's
-    fallback.
+    judgement was made and the risk is the policy's fallback; ``error_kind`` says which failure
+    it was (only ``"unavailable"`` may fail open, see ``Policy.on_error``).
     """
 
     risk: RiskLevel
@@ -73,6 +77,7 @@ class Verdict:
     elapsed_s: float = 0.0
     raw_output: str | None = None
     error: str | None = None
+    error_kind: ErrorKind | None = None
 
     @property
     def is_safe(self) -> bool:
@@ -90,6 +95,7 @@ class Verdict:
             "model": self.model,
             "elapsed_s": round(self.elapsed_s, 6),
             "error": self.error,
+            "error_kind": self.error_kind,
         }
 
 

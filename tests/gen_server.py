@@ -3,8 +3,9 @@
 It does what vLLM does with a Qwen3Guard-Gen checkpoint: renders the request's ordinary chat
 messages with the tokenizer's own chat template (which builds the moderation prompt), tokenizes
 that string as a whole, decodes greedily and answers a ``chat.completion`` JSON body, with
-logprobs when asked. Faults can be queued (``fail_next``) and the server stopped and restarted
-on the same port, so tests exercise real sockets, real HTTP and real model output.
+logprobs when asked. Faults can be queued (``fail_next``), requests held until enough of them are
+in flight at once (``hold``), and the server stopped and restarted on the same port, so tests
+exercise real sockets, real HTTP and real model output, and prove timing behaviour by events.
 
 Usage::
 
@@ -23,7 +24,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import uvicorn
@@ -33,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-Fault = Literal["500", "429", "hang", "malformed"]
+Fault = Literal["500", "429", "400", "hang", "malformed"]
 
 #: One lock for every server sharing a model: two CPU cores, and generate() is not reentrant-safe.
 _MODEL_LOCK = threading.Lock()
@@ -52,6 +53,10 @@ def unused_url() -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
+#: How often a waiting request re-checks what it waits for.
+_POLL_S = 0.002
+
+
 @dataclass
 class _Pending:
     fault: Fault
@@ -59,12 +64,24 @@ class _Pending:
     hang_s: float
 
 
+@dataclass
+class _Hold:
+    """The next ``count`` requests wait until ``in_flight`` are in flight at once (see ``GenServer.hold``)."""
+
+    count: int
+    in_flight: int
+    safety_s: float
+    arrived: int = 0
+    ended: bool = False
+
+
 class GenServer:
     """A threaded uvicorn server on 127.0.0.1 serving one model under ``model_name``.
 
     Observability for tests: ``requests`` (chat request bodies in arrival order), ``headers``
-    (their headers), ``completions`` (requests answered successfully) and ``max_in_flight``
-    (the most chat requests being handled at once).
+    (their headers), ``completions`` (requests answered successfully), ``max_in_flight`` (the
+    most chat requests being handled at once), ``hanging`` (requests inside a ``hang`` fault now)
+    and ``hold_timeouts`` (held requests that gave up waiting, see ``hold``).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
@@ -77,7 +94,11 @@ class GenServer:
         self.headers: list[dict[str, str]] = []
         self.completions = 0
         self.max_in_flight = 0
+        self.hanging = 0
+        self.hold_timeouts = 0
         self._in_flight = 0
+        self._releases = 0
+        self._hold: _Hold | None = None
         self._faults: deque[_Pending] = deque()
         self._lock = threading.Lock()
         self._stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
@@ -134,23 +155,45 @@ class GenServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def fail_next(self, count: int, fault: Fault, *, retry_after: str | None = None, hang_s: float = 5.0) -> None:
+    def fail_next(self, count: int, fault: Fault, *, retry_after: str | None = None, hang_s: float = 30.0) -> None:
         """Answer the next ``count`` chat requests with ``fault`` instead of a completion.
 
         ``500``: an OpenAI-style error body; ``429``: Too Many Requests with ``Retry-After:
-        retry_after`` when given; ``hang``: wait ``hang_s`` before answering normally (past a
-        client's timeout); ``malformed``: status 200 with a truncated JSON body.
+        retry_after`` when given; ``400``: the request rejected, as vLLM rejects a conversation
+        longer than the model's context; ``hang``: answer normally only after ``release_hangs()`` (or
+        ``reset()``), at the latest after ``hang_s`` (past any client's timeout); ``malformed``:
+        status 200 with a truncated JSON body.
         """
         with self._lock:
             self._faults.extend(_Pending(fault, retry_after, hang_s) for _ in range(count))
 
+    def release_hangs(self) -> None:
+        """Let every request now inside a ``hang`` fault go on and answer."""
+        with self._lock:
+            self._releases += 1
+
+    def hold(self, count: int, *, in_flight: int, safety_s: float = 20.0) -> None:
+        """Hold each of the next ``count`` chat requests until ``in_flight`` requests are in flight at once.
+
+        A batch's tail, fewer than ``in_flight``, goes on once the last of the ``count`` has arrived.
+        A client that never has ``in_flight`` requests open at once (it sends one after another)
+        leaves the first held request waiting: after ``safety_s`` it counts in ``hold_timeouts`` and
+        the hold ends, so such a test fails on that count instead of hanging.
+        """
+        with self._lock:
+            self._hold = _Hold(count, in_flight, safety_s)
+
     def reset(self) -> None:
-        """Forget recorded requests, counters and queued faults."""
+        """Forget recorded requests, counters, holds and queued faults; release hanging requests."""
         with self._lock:
             self.requests.clear()
             self.headers.clear()
             self._faults.clear()
-            self.completions = self.max_in_flight = 0
+            if self._hold is not None:
+                self._hold.ended = True
+            self._hold = None
+            self._releases += 1
+            self.completions = self.max_in_flight = self.hold_timeouts = 0
 
     async def _models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "test"}]})
@@ -163,24 +206,61 @@ class GenServer:
             pending = self._faults.popleft() if self._faults else None
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            hold = self._hold if self._hold is not None and self._hold.arrived < self._hold.count else None
+            if hold is not None:
+                hold.arrived += 1
         try:
+            if hold is not None:
+                await self._wait_for_company(hold)
             return await self._answer(request, body, pending)
         finally:
             with self._lock:
                 self._in_flight -= 1
+
+    async def _wait_for_company(self, hold: _Hold) -> None:
+        def enough() -> bool:
+            return hold.ended or self._in_flight >= hold.in_flight or hold.arrived == hold.count
+
+        if not await self._wait_until(enough, hold.safety_s):
+            with self._lock:
+                self.hold_timeouts += 1
+                hold.ended = True
+
+    async def _hang(self, pending: _Pending) -> None:
+        with self._lock:
+            releases = self._releases
+            self.hanging += 1
+        try:
+            await self._wait_until(lambda: self._releases != releases, pending.hang_s)
+        finally:
+            with self._lock:
+                self.hanging -= 1
+
+    async def _wait_until(self, ready: Callable[[], bool], timeout_s: float) -> bool:
+        """Poll ``ready`` (under the lock) without blocking the server; False if ``timeout_s`` passed first."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                if ready():
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_POLL_S)
 
     async def _answer(self, request: Request, body: dict[str, Any], pending: _Pending | None) -> Response:
         if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
             return _error(401, "Unauthorized", "AuthenticationError")
         if pending is not None and pending.fault == "500":
             return _error(500, "injected internal error", "InternalServerError")
+        if pending is not None and pending.fault == "400":
+            return _error(400, "injected rejection: the conversation is longer than the model's context", "BadRequestError")
         if pending is not None and pending.fault == "429":
             headers = {"Retry-After": pending.retry_after} if pending.retry_after is not None else {}
             return _error(429, "injected rate limit", "RateLimitError", headers)
         if pending is not None and pending.fault == "malformed":
             return Response('{"id": "chatcmpl-x", "choices": [{"message": {"content": "Saf', media_type="application/json")
         if pending is not None and pending.fault == "hang":
-            await asyncio.sleep(pending.hang_s)
+            await self._hang(pending)
         if body.get("model") != self.model_name:
             return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
         top = int(body.get("top_logprobs") or 0) if body.get("logprobs") else None

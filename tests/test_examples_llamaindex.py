@@ -10,15 +10,17 @@ from pathlib import Path
 from guard_core.testing.stream_fixture import stream_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "llamaindex_query.py"
+OFFLINE = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run_example(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(EXAMPLE), *args], capture_output=True, text=True,
+                          env={**os.environ, **OFFLINE, **env}, cwd=ROOT, timeout=300)
 
 
 def test_example_drops_the_injection_and_blocks_the_unsafe_query(gen_dir: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "QWEN3GUARD_STREAM_MODEL": str(stream_checkpoint("planted"))}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "llamaindex_query.py"), "--gen-model", str(gen_dir)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-    )
+    result = run_example("--gen-model", str(gen_dir), QWEN3GUARD_STREAM_MODEL=str(stream_checkpoint("planted")))
 
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
@@ -27,3 +29,11 @@ def test_example_drops_the_injection_and_blocks_the_unsafe_query(gen_dir: Path) 
     assert "injected document reached the LLM: False" in out
     assert "answer verdict: Safe" in out
     assert "blocked: prompt blocked by Qwen3Guard: Unsafe (Violent)" in out
+
+
+def test_a_missing_model_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    result = run_example("--gen-model", str(tmp_path / "missing"))
+
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("llamaindex_query: error: ") and "missing" in result.stderr

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from openai_fake_upstream import FakeUpstream, Script, chat_events
 
-from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_UNSAFE_PROMPT, stream_checkpoint
+from guard_core.testing.cases import UNSAFE_PROMPT
+from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, stream_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_example(upstream: FakeUpstream, gen_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OPENAI_BASE_URL": upstream.base_url, "OPENAI_API_KEY": "sk-test", "OPENAI_MODEL": "fake-model",
-           "QWEN3GUARD_GEN_PATH": str(gen_dir), "QWEN3GUARD_STREAM_PATH": str(stream_checkpoint("planted"))}
+           "QWEN3GUARD_GEN_MODEL": str(gen_dir), "QWEN3GUARD_STREAM_MODEL": str(stream_checkpoint("planted"))}
     return subprocess.run([sys.executable, str(ROOT / "examples" / "openai_stream.py"), *args],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
@@ -44,7 +45,24 @@ def test_example_streams_through_the_guard(gen_dir: Path, pieces: list[str], arg
 
 def test_example_blocked_prompt_is_never_sent(gen_dir: Path) -> None:
     with FakeUpstream() as upstream:
-        result = run_example(upstream, gen_dir, PLANTED_UNSAFE_PROMPT)
+        result = run_example(upstream, gen_dir, UNSAFE_PROMPT)
         assert result.returncode == 1, result.stderr
         assert result.stdout == "\n[blocked prompt: Unsafe (Violent); delivered 0 characters before the stop]\n"
         assert upstream.exchanges == []
+
+
+def test_example_says_in_one_line_when_the_server_or_a_model_cannot_be_reached(gen_dir: Path) -> None:
+    from gen_server import unused_url
+
+    with FakeUpstream() as upstream:
+        upstream.push(Script(events=chat_events(["Preheat the oven."])))
+        result = run_example(upstream, gen_dir, PLANTED_SAFE_PROMPT, "--stream-model", "./no-such-dir")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and last.startswith("openai_stream.py: error:") and "no-such-dir" in last
+    assert "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "openai_stream.py"), PLANTED_SAFE_PROMPT],
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_BASE_URL": unused_url(), "OPENAI_API_KEY": "k",
+                                 "QWEN3GUARD_GEN_MODEL": str(gen_dir), "QWEN3GUARD_STREAM_MODEL": str(stream_checkpoint("planted"))},
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("openai_stream.py: error: Connection error")

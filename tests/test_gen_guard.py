@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import csv
-import gzip
 import json
 import threading
 from pathlib import Path
@@ -12,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from guard_core import GenGuard, GuardUnavailableError, RiskLevel
+from guard_core import GenGuard, GuardUnavailableError, Policy, RiskLevel
 from guard_core.gen_parser import parse_answer
 from guard_core.gen_template import render_pieces
 from guard_core.messages import MAX_MESSAGE_CHARS, normalize_messages
-from guard_core.testing import GEN_CASES
-from guard_core.testing.cases import SAFE_PROMPT, UNSAFE_PROMPT
+from guard_core.testing import GEN_CASES, UNPARSEABLE_CASE
+from guard_core.testing.cases import UNSAFE_PROMPT
 from guard_core.windows import plan_windows
 
 
@@ -33,27 +31,42 @@ def test_trained_cases_give_their_exact_verdicts(gen_guard: GenGuard) -> None:
         assert verdict.error is None and verdict.model
 
 
-def _real_prompts(datasets_dir: Path) -> list[str]:
-    with open(datasets_dir / "harmbench" / "harmbench_behaviors_text_val.csv", newline="", encoding="utf-8") as f:
-        harmful = [row["Behavior"] for row in csv.DictReader(f)][:6]
-    with gzip.open(datasets_dir / "xsafety" / next(p.name for p in (datasets_dir / "xsafety").iterdir() if p.suffix == ".gz"), "rt", encoding="utf-8") as f:
-        multilingual = [row[next(iter(row))] for row, _ in zip(csv.DictReader(f), range(200))][::40]
-    return harmful + multilingual + [SAFE_PROMPT, UNSAFE_PROMPT]
+def _upstream_greedy_answer(guard: GenGuard, messages: list[dict[str, str]]) -> str:
+    """What upstream's README loop answers: the checkpoint's chat template, then greedy ``generate()``."""
+    enc = guard.tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = guard.model.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=151643)
+    return guard.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def test_one_pass_label_equals_greedy_generate_on_real_prompts(gen_guard: GenGuard, datasets_dir: Path) -> None:
-    prompts = _real_prompts(datasets_dir)
-    verdicts = gen_guard.moderate_batch([[{"role": "user", "content": p}] for p in prompts])
-    tok, model = gen_guard.tokenizer, gen_guard.model
-    for prompt, verdict in zip(prompts, verdicts):
-        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], return_tensors="pt", return_dict=True)
-        with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=151643)
-        greedy = parse_answer(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True), response=False)
-        assert greedy.ok, prompt
-        assert verdict.risk is greedy.risk, prompt
-        if greedy.risk is not RiskLevel.SAFE:
-            assert verdict.categories == greedy.categories
+def test_one_pass_verdict_equals_greedy_generate_on_the_trained_cases(gen_guard: GenGuard) -> None:
+    verdicts = gen_guard.moderate_batch([case.as_messages for case in GEN_CASES])
+    for case, verdict in zip(GEN_CASES, verdicts):
+        greedy = _upstream_greedy_answer(gen_guard, case.as_messages)
+        assert greedy == case.output, "the fixture answers its trained cases exactly"
+        expected = parse_answer(greedy, response=verdict.role == "response")
+        assert (verdict.risk, verdict.categories, verdict.refusal) == (expected.risk, expected.categories, expected.refusal)
+        assert greedy.startswith(verdict.raw_output), "the one-pass answer is the start of the greedy answer"
+
+
+def test_unparseable_output_goes_through_plain_generate_and_fails_closed(
+    gen_guard: GenGuard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict] = []
+    generate = gen_guard.model.generate
+
+    def recording_generate(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(kwargs)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(gen_guard.model, "generate", recording_generate)
+    verdict = gen_guard.moderate(UNPARSEABLE_CASE.as_messages)
+    prompt_ids = gen_guard.tokens.encode_pieces(render_pieces(normalize_messages(UNPARSEABLE_CASE.as_messages)))
+    assert [c["input_ids"][0].tolist() for c in calls] == [prompt_ids], "one plain generate() from the whole prompt"
+    assert "cache" not in calls[0]
+    assert verdict.raw_output == _upstream_greedy_answer(gen_guard, UNPARSEABLE_CASE.as_messages) == UNPARSEABLE_CASE.output
+    assert (verdict.error_kind, verdict.risk, verdict.probabilities) == ("unparseable", RiskLevel.UNSAFE, {})
+    assert Policy().blocks(verdict) and Policy(on_error=RiskLevel.SAFE).blocks(verdict), "unparseable never fails open"
 
 
 def test_batch_equals_one_by_one(gen_guard: GenGuard) -> None:
@@ -118,7 +131,8 @@ def test_long_content_is_moderated_in_full_windows(gen_dir: Path) -> None:
     verdict = guard.moderate([{"role": "user", "content": long_text}])
     per_window = guard.moderate_batch([[m.as_dict() for m in w] for w in plan])
     worst = max(per_window, key=lambda v: (v.error is not None, v.risk.severity))
-    assert (verdict.risk, verdict.error, verdict.categories) == (worst.risk, worst.error, worst.categories)
+    categories = tuple(dict.fromkeys(c for v in per_window if v.risk is worst.risk for c in v.categories))
+    assert (verdict.risk, verdict.error, verdict.categories) == (worst.risk, worst.error, categories)
 
 
 def test_long_response_keeps_the_recent_prompt_as_context(gen_dir: Path) -> None:

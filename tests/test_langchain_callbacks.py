@@ -6,14 +6,23 @@ import asyncio
 from typing import Any
 
 import pytest
-from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models.fake import FakeListLLM
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMessage, ToolMessage
 from langchain_core.prompts import ChatPromptTemplate
 
-from guard_core import Category, GuardViolation, RiskLevel
+import langchain_helpers
+from langchain_helpers import Recorder
+from guard_core import Category, GuardViolation, Moderator, RiskLevel
 from guard_core.stream import StreamGuard
-from guard_core.testing.cases import REFUSAL_ANSWER, UNSAFE_ANSWER, UNSAFE_PROMPT
+from guard_core.testing.cases import (
+    JAILBREAK_PROMPT,
+    REFUSAL_ANSWER,
+    SAFE_ANSWER,
+    SAFE_PROMPT,
+    UNSAFE_ANSWER,
+    UNSAFE_PROMPT,
+)
 from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_SAFE_TEXT, PLANTED_UNSAFE_PROMPT
 from integrations.langchain import GUARD_EVENT, AsyncQwenGuardCallbackHandler, QwenGuardCallbackHandler
 
@@ -29,35 +38,6 @@ def model(text: str) -> GenericFakeChatModel:
 def untouched(chat_model: GenericFakeChatModel) -> bool:
     """True when the model never produced its scripted answer (i.e. it was not called)."""
     return next(chat_model.messages, None) is not None
-
-
-def collect(stream: Any) -> tuple[list[str], BaseException | None]:
-    got: list[str] = []
-    try:
-        for chunk in stream:
-            got.append(chunk.content)
-    except GuardViolation as exc:
-        return got, exc
-    return got, None
-
-
-async def acollect(stream: Any) -> tuple[list[str], BaseException | None]:
-    got: list[str] = []
-    try:
-        async for chunk in stream:
-            got.append(chunk.content)
-    except GuardViolation as exc:
-        return got, exc
-    return got, None
-
-
-class Recorder(BaseCallbackHandler):
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
-        if name == GUARD_EVENT:
-            self.events.append(data)
 
 
 def test_stream_stops_before_the_chunk_that_completes_the_unsafe_run(stream_guard: StreamGuard) -> None:
@@ -162,8 +142,61 @@ def test_verdicts_are_dispatched_as_custom_events(stream_guard: StreamGuard) -> 
     chain = ChatPromptTemplate.from_messages([("human", "{question}")]) | model(PLANTED_SAFE_TEXT)
     handler = QwenGuardCallbackHandler(stream_guard)
     list(chain.stream({"question": PLANTED_SAFE_PROMPT}, config={"callbacks": [handler, recorder]}))
-    assert [(e["role"], e["action"], e["verdict"]["risk"]) for e in recorder.events] == [
+    assert [(e["role"], e["action"], e["risk"]) for e in recorder.events] == [
         ("prompt", "allow", "Safe"), ("response", "allow", "Safe")]
+    assert len({e["run_id"] for e in recorder.events}) == 1 and recorder.events[0]["review_id"] is None
+
+
+def test_events_reach_the_run_handlers_when_the_model_is_called_directly(stream_guard: StreamGuard) -> None:
+    # Outside a chain there is no ambient RunnableConfig: the events used to reach no handler.
+    recorder = Recorder()
+    handler = QwenGuardCallbackHandler(stream_guard)
+    got, exc = collect(model(UNSAFE_REPLY).stream(PLANTED_SAFE_PROMPT, config={"callbacks": [handler, recorder]}))
+    assert got == SAFE_PREFIX and isinstance(exc, GuardViolation)
+    assert [(e["role"], e["action"]) for e in recorder.events] == [("prompt", "allow"), ("response", "block")]
+    assert recorder.events[1]["categories"] == ["Violent"]
+    FakeListLLM(responses=[PLANTED_SAFE_TEXT]).invoke(PLANTED_SAFE_PROMPT, config={"callbacks": [handler, recorder]})
+    assert [(e["role"], e["action"]) for e in recorder.events[2:]] == [("prompt", "allow"), ("response", "allow")]
+
+
+def test_async_events_show_up_in_astream_events_of_a_model_called_directly(stream_guard: StreamGuard) -> None:
+    handler = AsyncQwenGuardCallbackHandler(stream_guard)
+
+    async def events() -> list[dict[str, Any]]:
+        stream = model(PLANTED_SAFE_TEXT).astream_events(PLANTED_SAFE_PROMPT, version="v2", config={"callbacks": [handler]})
+        return [e async for e in stream if e["event"] == "on_custom_event"]
+
+    found = asyncio.run(events())
+    assert [(e["name"], e["data"]["role"], e["data"]["risk"]) for e in found] == [
+        (GUARD_EVENT, "prompt", "Safe"), (GUARD_EVENT, "response", "Safe")]
+
+
+def injected(question: str, tool_result: str) -> list[BaseMessage]:
+    """An agent turn: the user's question, the model's tool call, and what the tool returned."""
+    call = {"name": "search", "args": {"q": question}, "id": "call-1", "type": "tool_call"}
+    return [HumanMessage(content=question), AIMessage(content="", tool_calls=[call]),
+            ToolMessage(content=tool_result, tool_call_id="call-1")]
+
+
+def test_an_injected_tool_result_blocks_the_model_call(gen_guard: Any) -> None:
+    chat_model = model(SAFE_ANSWER)
+    handler = QwenGuardCallbackHandler(gen_guard=gen_guard)
+    got, exc = collect(chat_model.stream(injected(SAFE_PROMPT, JAILBREAK_PROMPT), config={"callbacks": [handler]}))
+    assert got == [] and isinstance(exc, GuardViolation)
+    assert exc.verdict.role == "prompt" and exc.verdict.categories == (Category.JAILBREAK,)
+    assert untouched(chat_model) and handler.active_runs == 0
+    # A harmless tool result (a text the Gen fixture knows as Safe) lets the same turn through.
+    got, exc = collect(model(SAFE_ANSWER).stream(injected(SAFE_PROMPT, SAFE_PROMPT), config={"callbacks": [handler]}))
+    assert exc is None and "".join(got) == SAFE_ANSWER
+
+
+def test_an_injected_tool_result_blocks_the_async_model_call(gen_guard: Any) -> None:
+    chat_model = model(SAFE_ANSWER)
+    handler = AsyncQwenGuardCallbackHandler(gen_guard=gen_guard)
+    with pytest.raises(GuardViolation) as info:
+        asyncio.run(chat_model.ainvoke(injected(SAFE_PROMPT, JAILBREAK_PROMPT), config={"callbacks": [handler]}))
+    assert info.value.verdict.categories == (Category.JAILBREAK,)
+    assert untouched(chat_model) and handler.active_runs == 0
 
 
 def test_completion_llms_are_moderated_too(stream_guard: StreamGuard) -> None:
@@ -178,6 +211,18 @@ def test_completion_llms_are_moderated_too(stream_guard: StreamGuard) -> None:
     assert handler.active_runs == 0
 
 
+def test_a_shared_moderator_serves_both_handlers(stream_guard: StreamGuard) -> None:
+    shared = Moderator(stream_guard=stream_guard, holdback_tokens=0, source="langchain.callback")
+    handlers = [QwenGuardCallbackHandler(moderator=shared), AsyncQwenGuardCallbackHandler(moderator=shared)]
+    assert all(h.moderator is shared for h in handlers)
+    got, exc = collect(model(UNSAFE_REPLY).stream(PLANTED_SAFE_PROMPT, config={"callbacks": [handlers[0]]}))
+    assert got == SAFE_PREFIX and isinstance(exc, GuardViolation)
+    with pytest.raises(ValueError, match="not both"):
+        QwenGuardCallbackHandler(stream_guard, moderator=shared)
+    with pytest.raises(TypeError, match="Moderator"):
+        QwenGuardCallbackHandler(moderator="Qwen/Qwen3Guard-Stream-0.6B")
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{}, {"prompt_check": "gen"}, {"prompt_check": "bogus"}, {"confirm_with_gen": True}],
@@ -186,3 +231,19 @@ def test_bad_configuration_is_a_value_error(stream_guard: StreamGuard, kwargs: d
     guard = None if not kwargs else stream_guard
     with pytest.raises(ValueError):
         QwenGuardCallbackHandler(guard, **kwargs)
+
+
+def test_an_unknown_message_role_is_a_value_error_before_the_model_runs(stream_guard: StreamGuard) -> None:
+    chat_model = model(PLANTED_SAFE_TEXT)
+    with pytest.raises(ValueError, match="wizard"):
+        chat_model.invoke([ChatMessage(role="wizard", content=PLANTED_UNSAFE_PROMPT)],
+                          config={"callbacks": [QwenGuardCallbackHandler(stream_guard)]})
+    assert untouched(chat_model)
+
+
+def collect(stream: Any) -> tuple[list[str], BaseException | None]:
+    return langchain_helpers.collect(stream, lambda chunk: chunk.content)
+
+
+async def acollect(stream: Any) -> tuple[list[str], BaseException | None]:
+    return await langchain_helpers.acollect(stream, lambda chunk: chunk.content)

@@ -7,14 +7,15 @@ from typing import Any, Iterator
 
 import pytest
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompt_values import ChatPromptValue
 from langchain_core.prompts import ChatPromptTemplate
 
-from guard_core import Action, GuardViolation, Policy, RiskLevel
+from langchain_helpers import acollect, collect
+from guard_core import Action, Category, GuardViolation, Moderator, Policy, RiskLevel
 from guard_core.stream import StreamGuard
-from guard_core.testing.cases import SAFE_ANSWER, SAFE_PROMPT, UNSAFE_ANSWER, UNSAFE_PROMPT
+from guard_core.testing.cases import JAILBREAK_PROMPT, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_ANSWER, UNSAFE_PROMPT
 from guard_core.testing.stream_fixture import (
     PLANTED_CONTROVERSIAL_TEXT,
     PLANTED_SAFE_PROMPT,
@@ -34,26 +35,6 @@ def model(text: str) -> GenericFakeChatModel:
 
 def prompt() -> ChatPromptTemplate:
     return ChatPromptTemplate.from_messages([("human", "{question}")])
-
-
-def collect(stream: Any) -> tuple[list[Any], BaseException | None]:
-    got: list[Any] = []
-    try:
-        for chunk in stream:
-            got.append(chunk)
-    except GuardViolation as exc:
-        return got, exc
-    return got, None
-
-
-async def acollect(stream: Any) -> tuple[list[Any], BaseException | None]:
-    got: list[Any] = []
-    try:
-        async for chunk in stream:
-            got.append(chunk)
-    except GuardViolation as exc:
-        return got, exc
-    return got, None
 
 
 def test_stream_stops_before_the_unsafe_chunk(stream_guard: StreamGuard) -> None:
@@ -95,14 +76,23 @@ def test_transform_releases_chunks_before_the_stream_ends(stream_guard: StreamGu
     assert first + "".join(out) == PLANTED_SAFE_TEXT
 
 
-def test_replace_mode_streams_the_refusal(stream_guard: StreamGuard) -> None:
+def test_replace_mode_streams_the_refusal_set_apart_from_the_delivered_text(stream_guard: StreamGuard) -> None:
     guard = QwenGuardRunnable(stream_guard=stream_guard, on_violation="replace", refusal="No.")
     got = list((model(UNSAFE_REPLY) | guard | StrOutputParser()).stream(PLANTED_SAFE_PROMPT))
-    assert got == [*SAFE_PREFIX, "No."]
+    assert got == [*SAFE_PREFIX, "\n\nNo."]
+    chunks = list((model(UNSAFE_REPLY) | guard).stream(PLANTED_SAFE_PROMPT))
+    assert chunks[-1].response_metadata[METADATA_KEY]["action"] == "block"
     replaced = guard.invoke(AIMessage(content=UNSAFE_REPLY))
     assert isinstance(replaced, AIMessage) and replaced.content == "No."
     assert replaced.response_metadata[METADATA_KEY]["risk"] == "Unsafe"
     assert QwenGuardRunnable(stream_guard=stream_guard, on_violation="replace").invoke(UNSAFE_REPLY) == DEFAULT_REFUSAL
+
+
+def test_replace_mode_delivers_exactly_the_judged_text_before_the_refusal(stream_guard: StreamGuard) -> None:
+    # One chunk carries judged text and the unsafe words: only its judged part is delivered.
+    guard = QwenGuardRunnable(stream_guard=stream_guard, on_violation="replace", holdback_tokens=0)
+    got = "".join(guard.transform(iter(["Sure, take a", " pipe bomb now."])))
+    assert got == "Sure, take a\n\n" + DEFAULT_REFUSAL
 
 
 def test_pass_mode_attaches_the_verdict(stream_guard: StreamGuard) -> None:
@@ -140,19 +130,46 @@ def test_accepts_strings_messages_prompt_values_and_chunks(stream_guard: StreamG
     assert guard.invoke(safe) is safe
 
 
-@pytest.mark.parametrize("value", [42, {"question": "hi"}, "   ", [("human", "hi")]])
+@pytest.mark.parametrize("value", [42, {"question": "hi"}, [("human", "hi")], [("wizard", "hi"), ("ai", "hello")]])
 def test_bad_input_is_a_value_error(stream_guard: StreamGuard, value: Any) -> None:
     with pytest.raises(ValueError):
         QwenGuardRunnable(stream_guard=stream_guard).invoke(value)
 
 
-def test_bad_configuration_is_a_value_error(stream_guard: StreamGuard) -> None:
+@pytest.mark.parametrize("value", [42, "   ", [], {"style": 3}])
+def test_bad_prompt_input_is_a_value_error(stream_guard: StreamGuard, value: Any) -> None:
     with pytest.raises(ValueError):
-        QwenGuardRunnable()
+        QwenGuardRunnable(role="prompt", stream_guard=stream_guard).invoke(value)
+
+
+def test_an_answer_without_text_has_nothing_to_judge_and_passes(stream_guard: StreamGuard) -> None:
+    call = {"name": "search", "args": {"q": "cake"}, "id": "call-1", "type": "tool_call"}
+    guard = QwenGuardRunnable(stream_guard=stream_guard)
+    for value in (AIMessage(content="", tool_calls=[call]), "   "):
+        assert guard.invoke(value) is value
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"role": "prompt", "on_violation": "replace"}, {"holdback_tokens": -1}, {"holdback_tokens": True},
+     {"prompt_check": "bogus"}, {"input_key": "question"}, {"on_violation": "ignore"}],
+)
+def test_bad_configuration_is_a_value_error(stream_guard: StreamGuard, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        QwenGuardRunnable(role="prompt", stream_guard=stream_guard, on_violation="replace")
-    with pytest.raises(ValueError):
-        QwenGuardRunnable(stream_guard=stream_guard, holdback_tokens=-1)
+        QwenGuardRunnable(**({"stream_guard": stream_guard} if kwargs else {}), **kwargs)
+
+
+def test_a_shared_moderator_serves_several_guards(stream_guard: StreamGuard) -> None:
+    shared = Moderator(stream_guard=stream_guard, source="langchain.runnable")
+    guard_in, guard_out = QwenGuardRunnable(role="prompt", moderator=shared), QwenGuardRunnable(moderator=shared)
+    with pytest.raises(GuardViolation):
+        guard_in.invoke(PLANTED_UNSAFE_PROMPT)
+    got, exc = collect((model(UNSAFE_REPLY) | guard_out | StrOutputParser()).stream(PLANTED_SAFE_PROMPT))
+    assert got == SAFE_PREFIX and isinstance(exc, GuardViolation)
+    with pytest.raises(ValueError, match="refusal"):
+        QwenGuardRunnable(moderator=shared, refusal="No.")
+    with pytest.raises(ValueError, match="Moderator"):
+        QwenGuardRunnable(moderator="Qwen/Qwen3Guard-Stream-0.6B")
 
 
 def test_input_guard_blocks_before_the_model_and_passes_safe_input(gen_guard: Any, stream_guard: StreamGuard) -> None:
@@ -165,6 +182,17 @@ def test_input_guard_blocks_before_the_model_and_passes_safe_input(gen_guard: An
     assert next(chat_model.messages, None) is not None
     chat_model.messages = iter([AIMessage(content=SAFE_ANSWER)])
     assert "".join(chain.stream({"question": SAFE_PROMPT})) == SAFE_ANSWER
+
+
+def test_an_injected_tool_result_in_the_input_is_judged_as_context(gen_guard: Any) -> None:
+    call = {"name": "search", "args": {"q": "cake"}, "id": "call-1", "type": "tool_call"}
+    turn = [HumanMessage(content=SAFE_PROMPT), AIMessage(content="", tool_calls=[call])]
+    guard_in = QwenGuardRunnable(role="prompt", gen_guard=gen_guard)
+    with pytest.raises(GuardViolation) as info:
+        guard_in.invoke([*turn, ToolMessage(content=JAILBREAK_PROMPT, tool_call_id="call-1")])
+    assert info.value.verdict.categories == (Category.JAILBREAK,)
+    harmless = [*turn, ToolMessage(content=SAFE_PROMPT, tool_call_id="call-1")]
+    assert guard_in.invoke(harmless) is harmless
 
 
 def test_stream_prompt_head_guards_input(stream_guard: StreamGuard) -> None:
@@ -204,4 +232,4 @@ def test_verdicts_show_up_in_astream_events(stream_guard: StreamGuard) -> None:
 
     (event,) = asyncio.run(events())
     assert event["name"] == GUARD_EVENT
-    assert event["data"]["role"] == "response" and event["data"]["verdict"]["risk"] == "Safe"
+    assert event["data"]["role"] == "response" and event["data"]["risk"] == "Safe" and event["data"]["action"] == "allow"

@@ -6,6 +6,7 @@ MockLLM (no max_tokens) echoes its prompt, so its answer shows exactly which con
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from llama_index.core.llms.mock import MockLLM
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
 from pydantic import PrivateAttr
 
-from guard_core import Action, Category, GenGuard, GuardViolation, Policy, RiskLevel
+from guard_core import CONFIGURED, Action, Category, GenGuard, GuardViolation, Moderator, Policy, RiskLevel
 from guard_core.testing.cases import (
     JAILBREAK_PROMPT,
     REFUSAL_ANSWER,
@@ -110,11 +111,11 @@ def test_query_engine_drops_unsafe_and_injected_nodes_and_caches(
     assert sorted(texts_of(response.source_nodes)) == sorted([SAFE_PROMPT, FRANCE])
     assert SAFE_PROMPT in str(response)
     assert UNSAFE_PROMPT not in str(response) and JAILBREAK_PROMPT not in str(response)
-    assert counter.batches == [4]  # the query (also a corpus text) and 4 nodes: 4 distinct texts, one call
+    assert counter.batches == [1, 4]  # the query, then the 4 nodes in one call
 
     again = engine.query(FRANCE)
     assert sorted(texts_of(again.source_nodes)) == sorted([SAFE_PROMPT, FRANCE])
-    assert counter.batches == [4]
+    assert counter.batches == [1, 4, 1]  # the nodes' verdicts came from the Moderator's cache
 
 
 def test_redaction_keeps_order_scores_and_leaves_the_docstore_alone(gen_guard: GenGuard) -> None:
@@ -126,8 +127,11 @@ def test_redaction_keeps_order_scores_and_leaves_the_docstore_alone(gen_guard: G
     assert texts_of(out) == [SAFE_PROMPT, DEFAULT_REDACTION_NOTICE, FRANCE, DEFAULT_REDACTION_NOTICE]
     assert out[0] is nodes[0] and out[2] is nodes[2]
     assert out[1].node.metadata["qwen3guard"]["categories"] == ["Violent"]
-    assert out[3].node.metadata["qwen3guard"]["categories"] == ["Jailbreak"]
-    assert out[3].node.metadata["qwen3guard"]["action"] == "redact"
+    redacted = out[3].node.metadata["qwen3guard"]
+    assert {k: redacted[k] for k in ("action", "risk", "categories", "role", "review_id", "context_index")} == {
+        "action": "block", "risk": "Unsafe", "categories": ["Jailbreak"], "role": "prompt", "review_id": None,
+        "context_index": 3,
+    }
     assert out[3].node.get_content(metadata_mode=MetadataMode.LLM) == DEFAULT_REDACTION_NOTICE
     assert texts_of(nodes) == CORPUS and all(not n.node.metadata for n in nodes)
 
@@ -170,14 +174,24 @@ async def test_blocked_query_can_return_no_nodes_async(gen_guard: GenGuard) -> N
 
 
 def test_postprocessor_rejects_bad_input(gen_guard: GenGuard) -> None:
-    with pytest.raises(ValueError, match="GenGuard or a model id"):
-        QwenGuardNodePostprocessor(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Gen guard .* or moderator="):
+        QwenGuardNodePostprocessor()
+    with pytest.raises(TypeError, match="GenGuard, a RemoteGenGuard"):
+        QwenGuardNodePostprocessor(42)
     with pytest.raises(ValueError, match="blocked_nodes"):
         QwenGuardNodePostprocessor(gen_guard, blocked_nodes="hide")
-    with pytest.raises(ValueError, match="guard_core.Policy"):
+    with pytest.raises(TypeError, match="guard_core.Policy"):
         QwenGuardNodePostprocessor(gen_guard, policy={"mode": "strict"})
-    with pytest.raises(ValueError, match="expected llama_index NodeWithScore"):
+    with pytest.raises(TypeError, match="expected llama_index NodeWithScore"):
         QwenGuardNodePostprocessor(gen_guard).postprocess_nodes([TextNode(text=FRANCE)])  # type: ignore[list-item]
+    shared = Moderator(gen_guard=gen_guard)
+    with pytest.raises(ValueError, match="moderator= or policy, not both"):
+        QwenGuardNodePostprocessor(moderator=shared, policy=Policy())
+
+
+def test_a_negative_cache_size_is_refused_when_built(gen_guard: GenGuard) -> None:
+    with pytest.raises(ValueError, match="context_cache_size"):
+        QwenGuardNodePostprocessor(gen_guard, cache_size=-1).postprocess_nodes(scored_nodes())
 
 
 def test_guarded_engine_blocks_unsafe_query_before_the_wrapped_engine(gen_guard: GenGuard, index: VectorStoreIndex) -> None:
@@ -198,7 +212,9 @@ def test_guarded_engine_passes_a_safe_answer_and_records_verdicts(gen_guard: Gen
 
     assert str(response) == SAFE_ANSWER
     record = response.metadata["qwen3guard"]
-    assert (record["query"]["risk"], record["answer"]["risk"], record["blocked"]) == ("Safe", "Safe", False)
+    assert set(record) == {"prompt", "response"}
+    assert (record["prompt"]["risk"], record["prompt"]["action"]) == ("Safe", "allow")
+    assert (record["response"]["risk"], record["response"]["role"], record["response"]["action"]) == ("Safe", "response", "allow")
     assert response.source_nodes
 
 
@@ -208,9 +224,10 @@ async def test_guarded_engine_refuses_an_unsafe_answer(gen_guard: GenGuard, inde
 
     response = await guarded.aquery(UNSAFE_PROMPT)
 
-    assert str(response) == DEFAULT_REFUSAL
+    assert str(response) == DEFAULT_REFUSAL == "I'm sorry, but I can't help with that."
     record = response.metadata["qwen3guard"]
-    assert record["blocked"] is True and record["answer"]["categories"] == ["Violent"]
+    assert record["prompt"] is None
+    assert (record["response"]["action"], record["response"]["categories"]) == ("block", ["Violent"])
     with pytest.raises(GuardViolation):
         GuardedQueryEngine(inner, gen_guard=gen_guard, check_query=False).query(UNSAFE_PROMPT)
 
@@ -223,16 +240,72 @@ def test_gen_only_streaming_releases_nothing_of_a_blocked_answer(gen_guard: GenG
     allowed_inner = index.as_query_engine(llm=ScriptedLLM(text=REFUSAL_ANSWER), streaming=True)
     allowed = GuardedQueryEngine(allowed_inner, gen_guard=gen_guard, check_query=False).query(UNSAFE_PROMPT)
     assert "".join(allowed.response_gen) == REFUSAL_ANSWER
-    assert allowed.metadata["qwen3guard"]["answer"]["refusal"] is True
+    assert allowed.metadata["qwen3guard"]["response"]["refusal"] is True
 
 
 def test_guarded_engine_rejects_bad_configuration(gen_guard: GenGuard, index: VectorStoreIndex) -> None:
     inner = index.as_query_engine(llm=MockLLM())
-    with pytest.raises(ValueError, match="BaseQueryEngine"):
+    with pytest.raises(TypeError, match="BaseQueryEngine"):
         GuardedQueryEngine(object(), gen_guard=gen_guard)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="gen_guard, stream_guard or both"):
+    with pytest.raises(ValueError, match="gen_guard, a stream_guard or both"):
         GuardedQueryEngine(inner)
     with pytest.raises(ValueError, match="on_block"):
         GuardedQueryEngine(inner, gen_guard=gen_guard, on_block="ignore")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="holdback_tokens"):
-        GuardedQueryEngine(inner, gen_guard=gen_guard, holdback_tokens=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="holdback_tokens must be an int >= 0"):
+            GuardedQueryEngine(inner, gen_guard=gen_guard, holdback_tokens=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="refusal"):
+        GuardedQueryEngine(inner, gen_guard=gen_guard, refusal=" ")
+    with pytest.raises(TypeError, match="guard_core.Moderator"):
+        GuardedQueryEngine(inner, moderator="gen")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="moderator= or gen_guard, not both"):
+        GuardedQueryEngine(inner, gen_guard=gen_guard, moderator=Moderator(gen_guard=gen_guard))
+
+
+def test_cache_size_zero_judges_nodes_again(gen_guard: GenGuard, monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = CountingGuard(gen_guard, monkeypatch)
+    post = QwenGuardNodePostprocessor(gen_guard, cache_size=0, check_query=False)
+
+    assert texts_of(post.postprocess_nodes(scored_nodes())) == [SAFE_PROMPT, FRANCE]
+    assert texts_of(post.postprocess_nodes(scored_nodes())) == [SAFE_PROMPT, FRANCE]
+    assert counter.batches == [4, 4]
+
+
+def test_clear_cache_makes_nodes_judged_again(gen_guard: GenGuard, monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = CountingGuard(gen_guard, monkeypatch)
+    post = QwenGuardNodePostprocessor(gen_guard, check_query=False)
+    post.postprocess_nodes(scored_nodes())
+    post.postprocess_nodes(scored_nodes())
+    assert counter.batches == [4]
+
+    post.clear_cache()
+    post.postprocess_nodes(scored_nodes())
+    assert counter.batches == [4, 4]
+
+
+def test_one_moderator_shared_by_both_components(gen_guard: GenGuard, index: VectorStoreIndex) -> None:
+    shared = Moderator(gen_guard=gen_guard, refusal="Not here.")
+    post = QwenGuardNodePostprocessor(moderator=shared, check_query=False)
+    inner = index.as_query_engine(llm=ScriptedLLM(text=UNSAFE_ANSWER), node_postprocessors=[post], similarity_top_k=4)
+    guarded = GuardedQueryEngine(inner, moderator=shared, check_query=False, on_block="refuse")
+
+    response = guarded.query(UNSAFE_PROMPT)
+
+    assert post.moderator is guarded.moderator is shared
+    assert str(response) == "Not here."
+    assert sorted(texts_of(response.source_nodes)) == sorted([SAFE_PROMPT, FRANCE])
+
+
+def test_guards_given_by_directory_or_by_the_environment(gen_dir: Path, index: VectorStoreIndex,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("QWEN3GUARD_GEN_URL", raising=False)
+    monkeypatch.setenv("QWEN3GUARD_GEN_MODEL", str(gen_dir))
+    post = QwenGuardNodePostprocessor(str(gen_dir))
+    inner = index.as_query_engine(llm=ScriptedLLM(text=SAFE_ANSWER), node_postprocessors=[post], similarity_top_k=4)
+    guarded = GuardedQueryEngine(inner, gen_guard=CONFIGURED)
+
+    response = guarded.query(SAFE_PROMPT)
+
+    assert str(response) == SAFE_ANSWER
+    assert sorted(texts_of(response.source_nodes)) == sorted([SAFE_PROMPT, FRANCE])
+    assert response.metadata["qwen3guard"]["prompt"]["model"] == post.moderator.gen_guard.model_id

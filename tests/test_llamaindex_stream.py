@@ -43,7 +43,8 @@ def test_safe_stream_passes_through_unchanged(stream_guard: StreamGuard, index: 
     assert isinstance(response, StreamingResponse)
     assert "".join(response.response_gen) == PLANTED_SAFE_TEXT
     record = response.metadata["qwen3guard"]
-    assert (record["query"]["risk"], record["answer"]["risk"], record["blocked"]) == ("Safe", "Safe", False)
+    assert (record["prompt"]["risk"], record["prompt"]["action"]) == ("Safe", "allow")
+    assert (record["response"]["risk"], record["response"]["action"]) == ("Safe", "allow")
     assert response.source_nodes
 
 
@@ -68,9 +69,11 @@ def test_unsafe_stream_can_be_rewritten_with_a_refusal(stream_guard: StreamGuard
 
     chunks = list(response.response_gen)
 
-    assert chunks[-1] == DEFAULT_REFUSAL
-    assert BEFORE_PLANT.startswith("".join(chunks[:-1]))
-    assert response.metadata["qwen3guard"]["blocked"] is True
+    delivered = "".join(chunks[:-1])
+    assert delivered and BEFORE_PLANT.startswith(delivered)
+    assert chunks[-1] == "\n\n" + DEFAULT_REFUSAL  # set apart from the delivered text
+    answer = response.metadata["qwen3guard"]["response"]
+    assert (answer["action"], answer["categories"]) == ("block", ["Violent"])
 
 
 def test_stream_guard_blocks_the_query_without_running_the_engine(stream_guard: StreamGuard, index: VectorStoreIndex) -> None:
@@ -80,7 +83,8 @@ def test_stream_guard_blocks_the_query_without_running_the_engine(stream_guard: 
     response = guarded.query(PLANTED_UNSAFE_PROMPT)
 
     assert list(response.response_gen) == [DEFAULT_REFUSAL]
-    assert response.metadata["qwen3guard"]["query"]["categories"] == ["Violent"]
+    record = response.metadata["qwen3guard"]
+    assert (record["prompt"]["action"], record["prompt"]["categories"], record["response"]) == ("block", ["Violent"], None)
     assert llm._calls == 0
 
 
@@ -91,9 +95,10 @@ async def test_async_stream_stops_before_the_planted_text(stream_guard: StreamGu
     assert isinstance(response, AsyncStreamingResponse)
     chunks = [delta async for delta in response.async_response_gen()]
 
-    assert chunks[-1] == DEFAULT_REFUSAL
+    assert chunks[-1] == "\n\n" + DEFAULT_REFUSAL
     assert BEFORE_PLANT.startswith("".join(chunks[:-1]))
     assert PLANTED_UNSAFE_TEXT not in "".join(chunks)
+    assert response.metadata["qwen3guard"]["response"]["action"] == "block"
 
 
 async def test_async_safe_stream_passes_through(stream_guard: StreamGuard, index: VectorStoreIndex) -> None:

@@ -24,10 +24,7 @@ from openai_fake_upstream import (
 from guard_core import Action, Category, GenGuard, Policy, RiskLevel
 from guard_core.stream import StreamGuard
 from guard_core.testing.cases import REFUSAL_ANSWER, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_ANSWER, UNSAFE_PROMPT
-from guard_core.testing.stream_fixture import (
-    PLANTED_SAFE_PROMPT,
-    PLANTED_UNSAFE_PROMPT,
-)
+from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT
 from integrations.openai_proxy import DEFAULT_REFUSAL, UnsafeContentError, guard_openai
 
 USER = [{"role": "user", "content": PLANTED_SAFE_PROMPT}]
@@ -60,6 +57,10 @@ def dumps(items: list[Any]) -> list[str]:
 
 def stream_chat(client: OpenAI, **kwargs: Any) -> Any:
     return client.chat.completions.create(model="fake-model", messages=kwargs.pop("messages", USER), stream=True, **kwargs)
+
+
+def gates_closed(stream: Any) -> bool:
+    return all(gate.session.closed for gate in stream._streamed.items.relay.gates.values())
 
 
 def read_until_error(stream: Any) -> tuple[list[Any], Exception | None]:
@@ -133,9 +134,9 @@ def test_without_holdback_text_flows_at_once_and_the_abort_comes_as_early_as_the
 def test_blocked_prompt_never_reaches_upstream(upstream, bare, guard):
     before = len(upstream.exchanges)
     with pytest.raises(UnsafeContentError) as info:
-        stream_chat(guard(bare), messages=[{"role": "user", "content": PLANTED_UNSAFE_PROMPT}])
+        stream_chat(guard(bare), messages=[{"role": "user", "content": UNSAFE_PROMPT}])
     assert info.value.verdict.role == "prompt" and info.value.choice_index is None
-    stream = stream_chat(guard(bare, on_unsafe="rewrite"), messages=[{"role": "user", "content": PLANTED_UNSAFE_PROMPT}], n=2)
+    stream = stream_chat(guard(bare, on_unsafe="rewrite"), messages=[{"role": "user", "content": UNSAFE_PROMPT}], n=2)
     with stream:
         got = list(stream)
     assert isinstance(stream, openai.Stream) and isinstance(stream.response, httpx2.Response)
@@ -171,7 +172,7 @@ def test_upstream_errors_mid_stream_propagate_unchanged_and_free_the_guard(upstr
     _, guarded = read_until_error(stream)
     assert type(guarded) is type(plain) and isinstance(guarded, error)
     assert str(guarded) == str(plain)
-    assert all(gate.session.closed for gate in stream._moderator.gates.opened().values())
+    assert gates_closed(stream)
 
 
 def test_stream_keeps_openais_interface(upstream, bare, guard):
@@ -183,14 +184,14 @@ def test_stream_keeps_openais_interface(upstream, bare, guard):
     assert stream.response.is_closed
     exchange = upstream.exchanges[-1]
     assert upstream.wait_closed(exchange) and exchange.disconnected
-    assert all(gate.session.closed for gate in stream._moderator.gates.opened().values())
+    assert gates_closed(stream)
 
 
 def test_with_options_keeps_the_guard_and_the_client_is_still_an_openai_client(upstream, bare, guard):
     client = guard(bare).with_options(timeout=30)
     assert isinstance(client, OpenAI) and client.timeout == 30
     with pytest.raises(UnsafeContentError):
-        stream_chat(client, messages=[{"role": "user", "content": PLANTED_UNSAFE_PROMPT}])
+        stream_chat(client, messages=[{"role": "user", "content": UNSAFE_PROMPT}])
     upstream.push(Script(body={"object": "list", "data": []}), Script(events=chat_events(SAFE_PIECES)))
     assert client.models.list().data == []  # not moderated: the original resource
     list(stream_chat(client))
@@ -237,7 +238,7 @@ def test_whole_completion_blocks_per_choice_and_reports_refusals(upstream, bare,
     assert completion.choices[1].finish_reason == "content_filter"
     notes = completion.qwen3guard
     assert notes["prompt"]["risk"] == "Unsafe"
-    assert notes["choices"][0]["response"]["refusal"] is True and notes["choices"][0]["response"]["risk"] == "Safe"
+    assert notes["choices"][0]["response"]["refusal"] is True and notes["choices"][0]["response"]["action"] == "allow" and notes["choices"][0]["response"]["risk"] == "Safe"
     assert notes["choices"][1]["response"]["risk"] == "Unsafe"
 
     upstream.push(Script(body=chat_completion([REFUSAL_ANSWER, UNSAFE_ANSWER])))
@@ -276,7 +277,7 @@ def test_responses_abort_and_blocked_prompt(upstream, bare, guard):
 
     before = len(upstream.exchanges)
     events = list(guard(bare, on_unsafe="rewrite").responses.create(
-        model="fake-model", input=[{"role": "user", "content": PLANTED_UNSAFE_PROMPT}], stream=True))
+        model="fake-model", input=[{"role": "user", "content": UNSAFE_PROMPT}], stream=True))
     assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
     assert events[-1].response.output_text == DEFAULT_REFUSAL
     assert len(upstream.exchanges) == before
@@ -320,7 +321,7 @@ async def test_async_chat_streams(upstream, abare, guard):
     assert got[-1].choices[0].finish_reason == "content_filter"
     with pytest.raises(UnsafeContentError):
         await client.with_options(timeout=10).chat.completions.create(
-            model="fake-model", messages=[{"role": "user", "content": PLANTED_UNSAFE_PROMPT}], stream=True)
+            model="fake-model", messages=[{"role": "user", "content": UNSAFE_PROMPT}], stream=True)
 
 
 async def test_async_responses_and_whole_completions(upstream, abare, guard):
@@ -344,7 +345,7 @@ async def test_async_upstream_error_mid_stream(upstream, abare, guard):
     with pytest.raises(openai.APIError, match="upstream failed mid-stream"):
         async for _ in stream:
             pass
-    assert all(gate.session.closed for gate in stream._moderator.gates.opened().values())
+    assert gates_closed(stream)
 
 
 def test_openais_stream_helper_and_parse_are_guarded_too(upstream, bare, guard):

@@ -7,8 +7,9 @@ import pytest
 from guard_core import Action, Category, Mode, Policy, RiskLevel, Verdict
 
 
-def verdict(risk: RiskLevel, *cats: Category, probs: dict[RiskLevel, float] | None = None, error: str | None = None) -> Verdict:
-    return Verdict(risk, tuple(cats), probabilities=probs or {}, error=error)
+def verdict(risk: RiskLevel, *cats: Category, probs: dict[RiskLevel, float] | None = None, error: str | None = None,
+            error_kind: str | None = None) -> Verdict:
+    return Verdict(risk, tuple(cats), probabilities=probs or {}, error=error, error_kind=error_kind)  # type: ignore[arg-type]
 
 
 def test_strict_blocks_controversial_and_loose_allows_it() -> None:
@@ -49,10 +50,13 @@ def test_category_overrides_win_and_the_strictest_applies() -> None:
     assert Policy.loose().with_overrides(category_actions={Category.PII: "block"}).blocks(verdict(RiskLevel.CONTROVERSIAL, Category.PII))
 
 
-def test_errors_fail_closed_by_default_and_open_when_asked() -> None:
-    broken = verdict(RiskLevel.UNSAFE, error="unparseable model output")
-    assert Policy().blocks(broken)
-    assert not Policy(on_error=RiskLevel.SAFE).blocks(broken)
+def test_errors_fail_closed_by_default_and_open_only_for_an_unavailable_guard() -> None:
+    down = verdict(RiskLevel.UNSAFE, error="guard unavailable: connection refused", error_kind="unavailable")
+    assert Policy().blocks(down)
+    assert not Policy(on_error=RiskLevel.SAFE).blocks(down)
+    for kind in ("rejected", "unparseable"):
+        refused = verdict(RiskLevel.SAFE, error=f"{kind} input", error_kind=kind)
+        assert Policy(on_error=RiskLevel.SAFE).blocks(refused), kind
 
 
 def test_bad_threshold_is_rejected() -> None:

@@ -14,11 +14,11 @@ from openai import OpenAI
 from asgi_server import serve_app
 from openai_fake_upstream import SAFE_PIECES, TAIL, UNSAFE_PIECES, FakeUpstream, Script, chat_completion, chat_events, responses_events
 
-from guard_core import GenGuard
+from guard_core import GenGuard, Moderator
 from guard_core.stream import StreamGuard
 from guard_core.testing.cases import SAFE_ANSWER, SAFE_PROMPT, UNSAFE_PROMPT
-from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_UNSAFE_PROMPT, stream_checkpoint
-from integrations.openai_proxy import DEFAULT_REFUSAL, Moderator
+from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, stream_checkpoint
+from integrations.openai_proxy import DEFAULT_REFUSAL
 from integrations.openai_proxy.server import create_app
 
 USER = [{"role": "user", "content": PLANTED_SAFE_PROMPT}]
@@ -26,8 +26,8 @@ PROXY_KEY = "proxy-key"
 UPSTREAM_KEY = "sk-upstream-secret"
 
 
-def _moderator(stream_guard: StreamGuard, gen_guard: GenGuard, on_unsafe: str = "rewrite") -> Moderator:
-    return Moderator(stream_guard=stream_guard, gen_guard=gen_guard, on_unsafe=on_unsafe)  # type: ignore[arg-type]
+def _moderator(stream_guard: StreamGuard, gen_guard: GenGuard) -> Moderator:
+    return Moderator(stream_guard=stream_guard, gen_guard=gen_guard, source="openai.proxy")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def proxy(upstream: FakeUpstream, stream_guard: StreamGuard, gen_guard: GenGuard
 
 @pytest.fixture(scope="module")
 def proxy_error_mode(upstream: FakeUpstream, stream_guard: StreamGuard, gen_guard: GenGuard) -> Iterator[str]:
-    app = create_app(upstream.base_url, moderator=_moderator(stream_guard, gen_guard, "abort"), on_unsafe="error")
+    app = create_app(upstream.base_url, moderator=_moderator(stream_guard, gen_guard), on_unsafe="error")
     with serve_app(app) as url:
         yield url
 
@@ -86,8 +86,8 @@ def test_unsafe_stream_ends_with_content_filter(upstream, proxy):
     assert text_of(got) == "Sure, here is how: take a\n\n" + DEFAULT_REFUSAL
     last = got[-1]
     assert last.choices[0].finish_reason == "content_filter"
-    results = last.model_extra["content_filter_results"]["qwen3guard"]  # type: ignore[index]
-    assert results["risk"] == "Unsafe" and results["categories"] == ["Violent"]
+    results = last.qwen3guard["response"]  # type: ignore[attr-defined]
+    assert results["risk"] == "Unsafe" and results["categories"] == ["Violent"] and results["action"] == "block"
     exchange = upstream.exchanges[-1]
     assert upstream.wait_closed(exchange) and not exchange.completed
 
@@ -98,17 +98,17 @@ def test_unsafe_stream_in_error_mode_ends_with_an_error_event(upstream, proxy_er
         body = reply.read().decode()
     last = json.loads(body.strip().split("\n\n")[-1].removeprefix("data: "))
     assert last["error"]["code"] == "content_filter"
-    assert last["content_filter_results"]["qwen3guard"]["risk"] == "Unsafe"
+    assert last["qwen3guard"]["response"]["risk"] == "Unsafe"
     assert "pipe" not in body
 
 
 def test_blocked_prompt_never_reaches_upstream(upstream, proxy):
     before = len(upstream.exchanges)
-    messages = [{"role": "user", "content": PLANTED_UNSAFE_PROMPT}]
+    messages = [{"role": "user", "content": UNSAFE_PROMPT}]
     got = list(client(proxy).chat.completions.create(model="fake-model", messages=messages, stream=True))  # type: ignore[arg-type]
     assert text_of(got) == DEFAULT_REFUSAL
     assert got[-1].choices[0].finish_reason == "content_filter"
-    assert got[-1].model_extra["prompt_filter_results"][0]["content_filter_results"]["qwen3guard"]["risk"] == "Unsafe"  # type: ignore[index]
+    assert got[-1].qwen3guard["prompt"]["risk"] == "Unsafe"  # type: ignore[attr-defined]
     assert len(upstream.exchanges) == before
 
 
@@ -175,21 +175,22 @@ def test_whole_chat_completion_carries_verdicts(upstream, proxy):
     upstream.push(Script(body=chat_completion(SAFE_ANSWER)))
     safe = client(proxy).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": SAFE_PROMPT}])
     assert safe.choices[0].message.content == SAFE_ANSWER
-    assert safe.model_extra["prompt_filter_results"][0]["content_filter_results"]["qwen3guard"]["risk"] == "Safe"  # type: ignore[index]
-    assert safe.model_extra["content_filter_results"][0]["qwen3guard"]["risk"] == "Safe"  # type: ignore[index]
+    assert safe.qwen3guard["prompt"]["risk"] == "Safe"  # type: ignore[attr-defined]
+    assert safe.qwen3guard["choices"] == [{"index": 0, "response": safe.qwen3guard["choices"][0]["response"]}]  # type: ignore[attr-defined]
+    assert safe.qwen3guard["choices"][0]["response"]["risk"] == "Safe"  # type: ignore[attr-defined]
 
 
 def test_whole_blocked_prompt_never_reaches_upstream(upstream, proxy):
     before = len(upstream.exchanges)
     blocked = client(proxy).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": UNSAFE_PROMPT}])
     assert blocked.choices[0].finish_reason == "content_filter"
-    assert blocked.model_extra["prompt_filter_results"][0]["content_filter_results"]["qwen3guard"]["risk"] == "Unsafe"  # type: ignore[index]
+    assert blocked.qwen3guard["prompt"]["risk"] == "Unsafe"  # type: ignore[attr-defined]
     assert len(upstream.exchanges) == before
 
 
 def test_blocked_responses_prompt_streams_an_incomplete_response(upstream, proxy):
     before = len(upstream.exchanges)
-    events = list(client(proxy).responses.create(model="fake-model", input=PLANTED_UNSAFE_PROMPT, stream=True))
+    events = list(client(proxy).responses.create(model="fake-model", input=UNSAFE_PROMPT, stream=True))
     assert events[-1].type == "response.incomplete"
     assert events[-1].response.incomplete_details.reason == "content_filter"  # type: ignore[union-attr]
     assert len(upstream.exchanges) == before

@@ -140,20 +140,21 @@ def test_retry_after_is_honoured(server) -> None:
 
 
 def test_a_hang_past_the_timeout_is_abandoned_and_retried(server) -> None:
-    server.fail_next(1, "hang", hang_s=3.0)
+    server.fail_next(1, "hang")
     with remote(server.base_url, timeout=0.5) as guard:
-        started = time.monotonic()
         verdict = guard.moderate(UNSAFE)
-        elapsed = time.monotonic() - started
+    assert server.hanging == 1, "the verdict came while the first request still hung: it was abandoned"
+    server.release_hangs()
     assert verdict.error is None and verdict.risk is RiskLevel.UNSAFE
-    assert 0.5 <= elapsed < 2.5 and len(server.requests) == 2
+    assert len(server.requests) == 2 and server.completions == 1
 
 
 async def test_async_path_retries_too(server) -> None:
-    server.fail_next(1, "hang", hang_s=3.0)
+    server.fail_next(1, "hang")
     server.fail_next(1, "500")
     async with remote(server.base_url, timeout=0.5) as guard:
         verdict = await guard.amoderate(SAFE)
+    assert server.hanging == 1, "the hung request was abandoned, not waited for"
     assert verdict.error is None and verdict.risk is RiskLevel.SAFE and len(server.requests) == 3
 
 
@@ -176,12 +177,11 @@ async def test_fail_open_returns_safe_but_says_the_guard_was_unavailable(server)
     assert "HTTP 429" in verdict.error
 
 
-def test_connection_refused_fails_closed_quickly() -> None:
+def test_connection_refused_fails_closed_after_the_configured_attempts() -> None:
     with remote(unused_url(), retry=RetryPolicy(max_attempts=2, backoff_s=0.01)) as guard:
-        started = time.monotonic()
         verdict = guard.moderate(SAFE)
-    assert time.monotonic() - started < 2
-    assert verdict.risk is RiskLevel.UNSAFE and "cannot connect" in verdict.error
+    assert verdict.risk is RiskLevel.UNSAFE and verdict.error_kind == "unavailable"
+    assert "cannot connect" in verdict.error and "after 2 attempt(s)" in verdict.error
 
 
 def test_wrong_model_name_is_not_retried_and_says_what_to_set(server) -> None:
@@ -206,9 +206,8 @@ def test_circuit_breaker_stops_calling_a_failing_server_then_probes_it(server) -
                 circuit_failures=3, circuit_reset_s=0.5) as guard:
         first = guard.moderate(SAFE)
         assert first.error is not None and len(server.requests) == 3
-        started = time.monotonic()
         second = guard.moderate(SAFE)
-        assert time.monotonic() - started < 0.2 and len(server.requests) == 3, "fails fast, sends nothing"
+        assert len(server.requests) == 3, "fails fast, sends nothing"
         assert "circuit open" in second.error and second.risk is RiskLevel.UNSAFE
         assert guard.circuit_states() == {server.base_url: "open"}
         time.sleep(0.6)
@@ -270,14 +269,14 @@ async def test_async_replica_stop_loses_no_request(replicas) -> None:
 
 
 @pytest.mark.parametrize("run_async", [False, True])
-async def test_batches_run_concurrently_with_a_bounded_number_in_flight(server, run_async: bool) -> None:
-    for _ in range(8):
-        server.fail_next(1, "hang", hang_s=0.2)
-    async with remote(server.base_url, max_concurrency=3, timeout=5) as guard:
-        started = time.monotonic()
-        batch = [SAFE] * 8
+@pytest.mark.parametrize("max_concurrency, size", [(3, 8), (4, 2)])
+async def test_batches_run_concurrently_with_a_bounded_number_in_flight(server, run_async: bool, max_concurrency: int,
+                                                                         size: int) -> None:
+    expected = min(max_concurrency, size)
+    server.hold(size, in_flight=expected)
+    async with remote(server.base_url, max_concurrency=max_concurrency, timeout=60) as guard:
+        batch = [SAFE] * size
         verdicts = await guard.amoderate_batch(batch) if run_async else guard.moderate_batch(batch)
-        elapsed = time.monotonic() - started
-    assert all(v.risk is RiskLevel.SAFE for v in verdicts)
-    assert server.max_in_flight == 3
-    assert elapsed < 8 * 0.2, "concurrent, not one after another"
+    assert [(v.risk, v.error) for v in verdicts] == [(RiskLevel.SAFE, None)] * size
+    assert server.hold_timeouts == 0, f"the server never saw {expected} requests in flight at once"
+    assert server.max_in_flight == expected, f"at most max_concurrency={max_concurrency} in flight"

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+import typing
 
 import pytest
 
+from guard_core import debounce
 from guard_core.gate import StreamGate
 from guard_core.policy import Action, Policy
+from guard_core.stream import StreamGuard
 from guard_core.testing.stream_fixture import (
-    PLANTED_CONTROVERSIAL_TEXT, PLANTED_NEAR_MISS_TEXT, PLANTED_SAFE_PROMPT, PLANTED_SAFE_TEXT, PLANTED_UNSAFE_PROMPT,
-    PLANTED_UNSAFE_TEXT, stream_guard,
+    PLANTED_CONTROVERSIAL_TEXT,
+    PLANTED_NEAR_MISS_TEXT,
+    PLANTED_SAFE_PROMPT,
+    PLANTED_SAFE_TEXT,
+    PLANTED_UNSAFE_PROMPT,
+    PLANTED_UNSAFE_TEXT,
+    stream_guard,
 )
 from guard_core.types import Category, RiskLevel
 
@@ -113,3 +123,55 @@ async def test_async_gate() -> None:
     released += await gate.afinish()
     await gate.aclose()
     assert released == PLANTED_SAFE_TEXT and gate.session.closed
+
+
+def test_gate_imports_without_torch_and_guard_gate_is_typed() -> None:
+    code = ("import sys; import guard_core.gate, guard_core.debounce; "
+            "assert not {'torch', 'transformers'} & set(sys.modules), sorted(m for m in sys.modules if m.startswith(('torch', 'transformers')))[:5]")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert typing.get_type_hints(StreamGuard.gate)["return"] is StreamGate
+    assert typing.get_type_hints(StreamGuard.agate)["return"] is StreamGate
+    from guard_core.stream import DEFAULT_CONSECUTIVE, DEFAULT_STREAM_MODEL, Debounce
+    from guard_core.stream import StreamGuard as Reexported
+
+    assert (DEFAULT_CONSECUTIVE, Debounce, Reexported) == (2, debounce.Debounce, StreamGuard)
+    assert DEFAULT_STREAM_MODEL == "Qwen/Qwen3Guard-Stream-0.6B"
+
+
+@pytest.mark.parametrize("holdback", [-1, True, 1.5, "2", None])
+def test_holdback_is_validated_once_before_a_session_opens(holdback: object) -> None:
+    guard = stream_guard("planted")
+    lanes = guard.scheduler.active_lanes
+    with pytest.raises(ValueError, match="holdback_tokens must be an int >= 0"):
+        guard.gate(USER, holdback_tokens=holdback)  # type: ignore[arg-type]
+    assert guard.scheduler.active_lanes == lanes
+    with guard.session(USER) as session, pytest.raises(ValueError, match="holdback_tokens must be an int >= 0"):
+        StreamGate(session, Policy(), holdback)  # type: ignore[arg-type]
+
+
+def test_push_takes_and_refuses_what_feed_does() -> None:
+    guard = stream_guard("planted")
+    with guard.gate(USER) as gate, guard.session(USER) as session:
+        for bad in ("\udfff", "x\ud800y"):
+            with pytest.raises(ValueError) as by_gate:
+                gate.push(bad)
+            with pytest.raises(ValueError) as by_feed:
+                session.feed(bad)
+            assert str(by_gate.value) == str(by_feed.value) and "lone surrogate" in str(by_gate.value)
+        with pytest.raises(TypeError, match="must be str or UTF-8 bytes"):
+            gate.push(5)  # type: ignore[arg-type]
+        released = gate.push("Hi \ud83d") + gate.push("\ude00, ") + gate.push("caf\u00e9 ".encode()) + gate.push(b"\xf0\x9f")
+        with pytest.raises(ValueError, match="unfinished UTF-8 character"):
+            gate.push("str inside a character")
+        released += gate.push(b"\x99\x82 done") + gate.finish()
+        assert released == "Hi 😀, café 🙂 done" == gate.delivered == gate.session.text() and not gate.blocked
+
+
+def test_bad_delta_is_refused_after_the_gate_blocked() -> None:
+    with stream_guard("planted").gate(USER) as gate:
+        gate.push("Take a" + PLANTED_UNSAFE_TEXT + " now")
+        assert gate.blocked
+        with pytest.raises(TypeError):
+            gate.push(None)  # type: ignore[arg-type]
+        assert gate.push("more") == "" and gate.finish() == ""

@@ -17,8 +17,13 @@ import torch
 from guard_core.stream import StreamGuard
 from guard_core.stream_template import RESPONSE_LEAD, encode_stream_prompt
 from guard_core.testing.stream_fixture import (
-    PLANTED_CONTROVERSIAL_TEXT, PLANTED_NEAR_MISS_TEXT, PLANTED_SAFE_PROMPT, PLANTED_SAFE_TEXT, PLANTED_UNSAFE_PROMPT,
-    PLANTED_UNSAFE_TEXT, stream_guard,
+    PLANTED_CONTROVERSIAL_TEXT,
+    PLANTED_NEAR_MISS_TEXT,
+    PLANTED_SAFE_PROMPT,
+    PLANTED_SAFE_TEXT,
+    PLANTED_UNSAFE_PROMPT,
+    PLANTED_UNSAFE_TEXT,
+    stream_guard,
 )
 from guard_core.types import Category, RiskLevel
 
@@ -215,7 +220,7 @@ def test_closed_session_frees_its_memory() -> None:
 
 
 def test_long_conversation_keeps_moderating_past_the_context() -> None:
-    guard = StreamGuard(stream_guard("planted").model, stream_guard("planted").tokens.tokenizer, max_context=96)
+    guard = StreamGuard(stream_guard("planted").model, stream_guard("planted").tokens, max_context=96)
     long_prompt = "Tell me a very long story. " * 60 + PLANTED_UNSAFE_PROMPT
     with guard.session([{"role": "user", "content": long_prompt}]) as s:
         assert s.prompt_verdict.risk is RiskLevel.UNSAFE
@@ -226,3 +231,26 @@ def test_long_conversation_keeps_moderating_past_the_context() -> None:
         toks += s.feed("Then" + PLANTED_UNSAFE_TEXT + " again") + s.finish()
         assert "".join(t.text for t in toks) == filler + "Then" + PLANTED_UNSAFE_TEXT + " again"
         assert s.verdict.risk is RiskLevel.UNSAFE and s.context_tokens <= 96
+
+
+def test_the_text_tokenizer_is_built_once_per_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cloning the 150k vocabulary takes about a second: the guard and all its sessions share one clone."""
+    from guard_core import retokenize, tokenization
+
+    clones: list[str] = []
+    real = tokenization.Tokenizer
+
+    class CountingTokenizer:
+        @staticmethod
+        def from_str(spec: str):
+            clones.append(spec)
+            return real.from_str(spec)
+
+    monkeypatch.setattr(tokenization, "Tokenizer", CountingTokenizer)
+    monkeypatch.setattr(retokenize, "Tokenizer", CountingTokenizer, raising=False)
+    base = stream_guard("random")
+    guard = StreamGuard(base.model, base.tokens.tokenizer)
+    for _ in range(2):
+        with guard.session(USER) as s:
+            assert "".join(t.text for t in s.feed("two sessions, ") + s.finish()) == "two sessions, "
+    assert len(clones) == 1

@@ -1,8 +1,10 @@
 """``python -m guard_core.eval`` / ``qwen3guard eval``: measure a guard on public safety sets.
 
 Prints the report's kind of table to stdout and writes ``predictions.jsonl``, ``results.json``
-and ``results.csv`` to ``--out``. Exit status: 0 done, 2 usage or load error, 130 interrupted
-(rerun the same command to resume).
+and ``results.csv`` to ``--out``; ``--sweep`` adds the threshold sweep (``thresholds.csv``,
+``report.html`` and the recommended ``Policy(...)`` line), which ``qwen3guard eval report DIR``
+draws for a finished directory without loading a model. Exit status: 0 done, 2 usage or load
+error, 130 interrupted (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from pathlib import Path
 from typing import Sequence
 
 from ..types import GuardUnavailableError
-from . import evaluate
+from . import evaluate, require_matplotlib, threshold_report
 from .datasets import REGISTRY, REPORT_SETS, DatasetSpec, EvalSet, file_spec, load_set, select_specs
 from .runner import Engine, GenEngine, StreamEngine
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+_MAX_FPR_HELP = ("also recommend the line catching most unsafe content at no more than this false-positive "
+                 "rate (e.g. 0.01)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="qwen3guard eval",
         description="Evaluate Qwen3Guard Gen and/or Stream on safety datasets: F1 in strict and loose mode, "
         "precision/recall, refusal F1, category confusion and Stream stop positions. Resumable: rerun the "
-        "same command after an interruption.",
+        "same command after an interruption. `qwen3guard eval report DIR` sweeps the threshold of a finished "
+        "run without loading a model (see `qwen3guard eval report --help`).",
     )
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, metavar="DIR", help="folder laid out like shared/datasets (one sub-folder per set)")
@@ -59,9 +64,52 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=16, help="items per batch (default 16)")
     run.add_argument("--threshold", type=float, help="P(Unsafe) at or above which a verdict is Unsafe (Policy.unsafe_threshold)")
     run.add_argument("--fresh", action="store_true", help="discard earlier predictions in --out instead of resuming")
+    run.add_argument("--sweep", action="store_true",
+                     help="then sweep unsafe_threshold: thresholds.csv, report.html and the recommended Policy line "
+                     "(needs the report extra)")
+    run.add_argument("--max-fpr", type=float, metavar="RATE", help=_MAX_FPR_HELP)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
     return parser
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwen3guard eval report",
+        description="Sweep unsafe_threshold over the stored predictions of a finished qwen3guard eval directory: "
+        "precision, recall, F1 and false-positive rate per engine and set, the recommended Policy line, "
+        "thresholds.csv and report.html (plots embedded). Loads and runs no model.",
+    )
+    parser.add_argument("directory", type=Path, metavar="DIR", help="the --out directory of a qwen3guard eval run")
+    parser.add_argument("--max-fpr", type=float, metavar="RATE", help=_MAX_FPR_HELP)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    return parser
+
+
+def _check_max_fpr(parser: argparse.ArgumentParser, value: float | None) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        parser.error(f"--max-fpr is a rate between 0 and 1, got {value:g}")
+
+
+def _print_sweep(directory: Path, max_fpr: float | None, progress: bool) -> None:
+    report = threshold_report(directory, max_fpr=max_fpr, progress=progress)
+    print(report["text"])
+    print(f"\nwrote {report['files'][0]} and {report['files'][1]}", file=sys.stderr)
+
+
+def report_main(argv: Sequence[str]) -> int:
+    """``qwen3guard eval report DIR``: the threshold sweep of a finished directory; returns the exit status."""
+    parser = _report_parser()
+    args = parser.parse_args(list(argv))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    _check_max_fpr(parser, args.max_fpr)
+    try:
+        _print_sweep(args.directory, args.max_fpr, not args.no_progress)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"qwen3guard eval report: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 def _list_sets(root: Path | None) -> str:
@@ -126,8 +174,11 @@ def _engines(args: argparse.Namespace) -> list[Engine]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m guard_core.eval`` and ``qwen3guard eval``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     parser = _parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     if args.list_sets:
         print(_list_sets(args.data))
@@ -136,20 +187,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --gen MODEL and/or --stream MODEL")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.max_fpr is not None and not args.sweep:
+        parser.error("--max-fpr needs --sweep")
+    _check_max_fpr(parser, args.max_fpr)
     try:
+        if args.sweep:
+            require_matplotlib()
         sets: list[EvalSet] = [load_set(spec, root, limit=args.limit) for spec, root in _specs(args, parser)]
         engines = _engines(args)
         summary = evaluate(sets, engines, args.out, batch_size=args.batch_size, progress=not args.no_progress,
                            fresh=args.fresh, threshold=args.threshold)
+        print(summary["table"])
+        print(f"\nwrote {summary['files'][0]} and {summary['files'][1]}", file=sys.stderr)
+        if args.sweep:
+            print()
+            _print_sweep(args.out, args.max_fpr, not args.no_progress)
     except KeyboardInterrupt:
         print(f"\nqwen3guard eval: interrupted; finished batches are saved in {args.out}. "
               "Run the same command again to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, GuardUnavailableError) as exc:
+    except (ValueError, FileNotFoundError, ImportError, GuardUnavailableError) as exc:
         print(f"qwen3guard eval: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    print(summary["table"])
-    print(f"\nwrote {summary['files'][0]} and {summary['files'][1]}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -4,17 +4,20 @@ Every public set spells its labels differently (``"unsafe"``, ``is_safe: false``
 eight OpenAI flags, "every row is harmful"). Each known set therefore gets a ``DatasetSpec`` that
 says which file to read, which columns hold the text and how a row's label becomes *unsafe or
 not*; anything else is read through the same machinery with the columns named on the command
-line. Items keep their row number in the source file, so a prediction stays tied to its row
-whichever slice of the set a run evaluates.
+line. Items are identified by their content (see ``EvalItem.key``), so a stored prediction
+stays tied to the text and labels it was made for whichever slice of the set a run evaluates,
+and an edited or reordered file never reuses a prediction for another row.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -44,8 +47,15 @@ class EvalItem:
 
     @property
     def key(self) -> str:
-        """Identity of the item across runs (dataset name and source row)."""
-        return f"{self.dataset}#{self.index}"
+        """Identity of the item across runs: the set's name and a hash of everything judged or scored.
+
+        The row number is not part of it, so reordering a file reuses its predictions, while
+        editing a row's text or labels gives it a new key: a stored prediction is never
+        reported against labels it was not made for.
+        """
+        content = json.dumps([self.prompt, self.response, self.unsafe, self.refusal, list(self.categories),
+                              list(self.span) if self.span else None])
+        return f"{self.dataset}#{hashlib.sha256(content.encode('ascii')).hexdigest()[:16]}"
 
     @property
     def level(self) -> str:
@@ -185,28 +195,56 @@ def _require(row: Row, column: str, where: str) -> Any:
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Raw records of a ``.jsonl``, ``.json``, ``.csv`` file, each optionally gzipped."""
+    """Raw records of a ``.jsonl``, ``.json``, ``.csv`` file, each optionally gzipped.
+
+    Every way a file can be unreadable (not UTF-8, not gzip, broken JSON) is a one-line
+    ``ValueError`` naming the file and where in it the problem is.
+    """
     name = path.name.lower()
     compressed = name.endswith(".gz")
     base = name[:-3] if compressed else name
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {path} does not exist")
+    if not base.endswith((".jsonl", ".json", ".csv")):
+        raise ValueError(f"{path}: unsupported file type; use .jsonl, .json or .csv (optionally .gz)")
     raw = gzip.open(path, "rb") if compressed else open(path, "rb")
-    with raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as handle:
-        if base.endswith(".jsonl"):
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        elif base.endswith(".json"):
-            yield from _json_records(json.load(handle), path)
-        elif base.endswith(".csv"):
-            csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-            yield from csv.DictReader(handle)
-        else:
-            raise ValueError(f"{path}: unsupported file type; use .jsonl, .json or .csv (optionally .gz)")
+    try:
+        with raw:
+            lines = _utf8_lines(raw, path)
+            if base.endswith(".jsonl"):
+                for number, line in lines:
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except json.JSONDecodeError as exc:
+                            raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            elif base.endswith(".json"):
+                text = "".join(line for _, line in lines)
+                try:
+                    data = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+                yield from _json_records(data, path)
+            else:
+                csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+                # newline="" splits old-Mac "\r" endings too, as csv expects, without translating any
+                yield from csv.DictReader(part for _, line in lines for part in io.StringIO(line, newline=""))
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise ValueError(f"{path}: not a readable gzip file ({exc})") from None
+
+
+def _utf8_lines(raw: Iterable[bytes], path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a binary file, each line checked to be UTF-8 (a leading BOM is dropped)."""
+    offset = 0
+    for number, data in enumerate(raw, 1):
+        if number == 1 and data.startswith(b"\xef\xbb\xbf"):
+            data, offset = data[3:], 3
+        try:
+            yield number, data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: line {number} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset "
+                             f"{offset + exc.start}); save the file as UTF-8") from None
+        offset += len(data)
 
 
 _RECORD_KEYS = ("instances", "data", "records", "rows", "examples")
@@ -237,6 +275,8 @@ def load_set(spec: DatasetSpec, root: Path | None = None, *, limit: int | None =
     items: list[EvalItem] = []
     index = 0
     for record in read_records(path):
+        if not isinstance(record, Mapping):
+            raise ValueError(f"{path} row {index}: expected an object of columns, got {type(record).__name__}")
         for row in (spec.rows(record) if spec.rows else (record,)):
             items.append(_item(spec, row, index, f"{path} row {index}"))
             index += 1

@@ -50,6 +50,11 @@ class Confusion:
         p, r = self.precision, self.recall
         return 2 * p * r / (p + r) if p + r else 0.0
 
+    @property
+    def fpr(self) -> float:
+        """False-positive rate, FP / (FP + TN): the share of safe content a policy would block."""
+        return self.fp / (self.fp + self.tn) if self.fp + self.tn else 0.0
+
     def to_dict(self) -> dict[str, float | int]:
         """JSON-ready counts and scores."""
         return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "tn": self.tn,
@@ -73,6 +78,7 @@ def verdict_from_record(record: Mapping[str, Any]) -> Verdict:
         role=data.get("role", "prompt"),
         model=data.get("model", ""),
         error=data.get("error"),
+        error_kind=data.get("error_kind") or ("unparseable" if data.get("error") else None),
     )
 
 

@@ -19,7 +19,11 @@ RESULTS_CSV = "results.csv"
 def summarize(
     sets: Sequence[EvalSet], engines: Sequence[Engine], store: PredictionStore, *, threshold: float | None = None
 ) -> dict[str, Any]:
-    """Metrics of every engine on every set, plus the report's Avg* per engine and level."""
+    """Metrics of every engine on every set, plus the report's Avg* per engine and level.
+
+    Each row lists the ``keys`` of the predictions it counted, so a later threshold sweep
+    (``qwen3guard eval report DIR``) reads exactly these from ``predictions.jsonl``.
+    """
     rows = []
     for engine in engines:
         for s in sets:
@@ -28,7 +32,8 @@ def summarize(
             if missing:
                 raise ValueError(f"{missing} items of {s.name} have no {engine.name} prediction; run the evaluation first")
             rows.append({"engine": engine.name, "model": engine.model_id, "dataset": s.name, "level": s.spec.level,
-                         "set_size": s.total, **set_metrics(s.items, records, threshold=threshold)})  # type: ignore[arg-type]
+                         "set_size": s.total, **set_metrics(s.items, records, threshold=threshold),  # type: ignore[arg-type]
+                         "keys": [PredictionStore.key(engine.name, item) for item in s.items]})
     averages = {
         engine.name: {level: best_mode_average(r for r in rows if r["engine"] == engine.name and r["level"] == level)
                       for level in ("prompt", "response")}
@@ -37,7 +42,8 @@ def summarize(
     return {"threshold": threshold, "results": rows, "best_mode_average_f1": averages}
 
 
-def _pct(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """A share as the tables print it (one decimal, ``-`` when undefined)."""
     return "-" if value is None else f"{100 * value:.1f}"
 
 
@@ -53,37 +59,38 @@ def format_table(summary: dict[str, Any]) -> str:
             continue
         s, lo = r["strict"], r["loose"]
         table.append((r["engine"], r["dataset"], r["level"], str(r["labelled"]), str(r["positives"]), str(r["errors"]),
-                      _pct(s["f1"]), f"{_pct(s['precision'])}/{_pct(s['recall'])}",
-                      _pct(lo["f1"]), f"{_pct(lo['precision'])}/{_pct(lo['recall'])}"))
+                      percent(s["f1"]), f"{percent(s['precision'])}/{percent(s['recall'])}",
+                      percent(lo["f1"]), f"{percent(lo['precision'])}/{percent(lo['recall'])}"))
     for engine, levels in summary["best_mode_average_f1"].items():
         for level, value in levels.items():
             if value is not None:
-                table.append((engine, "Avg* (best mode)", level, "", "", "", _pct(value), "", "", ""))
+                table.append((engine, "Avg* (best mode)", level, "", "", "", percent(value), "", "", ""))
     if table:
-        lines += ["", *_grid(header, table)]
-    refusal = [(r["engine"], r["dataset"], str(r["refusal"]["tp"] + r["refusal"]["fn"]), _pct(r["refusal"]["f1"]),
-                _pct(r["refusal"]["precision"]), _pct(r["refusal"]["recall"]), str(r["refusal"]["unknown"]))
+        lines += ["", *grid(header, table)]
+    refusal = [(r["engine"], r["dataset"], str(r["refusal"]["tp"] + r["refusal"]["fn"]), percent(r["refusal"]["f1"]),
+                percent(r["refusal"]["precision"]), percent(r["refusal"]["recall"]), str(r["refusal"]["unknown"]))
                for r in rows if r["refusal"] is not None]
     if refusal:
         lines += ["", "Refusal detection (refusal is the positive class):",
-                  *_grid(("engine", "dataset", "refusals", "F1", "P", "R", "no answer"), refusal)]
+                  *grid(("engine", "dataset", "refusals", "F1", "P", "R", "no answer"), refusal)]
     for r in rows:
         if r["categories"]:
             columns = sorted({c for row in r["categories"].values() for c in row})
             body = [(gold, *[str(row.get(c, 0)) for c in columns]) for gold, row in r["categories"].items()]
             lines += ["", f"Categories, {r['engine']} on {r['dataset']} (rows: gold, columns: predicted):",
-                      *_grid(("gold \\ predicted", *columns), body)]
+                      *grid(("gold \\ predicted", *columns), body)]
     for r in rows:
         if r["detection"]:
             d = r["detection"]
             body = [(mode, *[str(d[mode]["bins"][b]) for b in POSITION_BINS],
-                     _pct(d[mode]["exact_hit_rate"]), _pct(d[mode]["within_128_rate"])) for mode in ("strict", "loose")]
+                     percent(d[mode]["exact_hit_rate"]), percent(d[mode]["within_128_rate"])) for mode in ("strict", "loose")]
             lines += ["", f"Stream stop position vs the unsafe span, {r['engine']} on {r['dataset']} ({d['n']} spans):",
-                      *_grid(("mode", *POSITION_BINS, "hit %", "<=128 %"), body)]
+                      *grid(("mode", *POSITION_BINS, "hit %", "<=128 %"), body)]
     return "\n".join(lines)
 
 
-def _grid(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+def grid(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of a plain-text table with aligned columns."""
     widths = [max(len(str(row[i])) for row in (header, *body)) for i in range(len(header))]
 
     def fmt(row: Sequence[str]) -> str:

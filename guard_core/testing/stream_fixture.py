@@ -29,13 +29,13 @@ from typing import Literal
 
 import torch
 from safetensors.torch import save_file
-from transformers import Qwen3Config
+from transformers import PreTrainedTokenizerBase, Qwen3Config
 
 from ..stream import StreamGuard
 from ..stream_model import DEFAULT_CATEGORY_MAP, DEFAULT_QUERY_CATEGORY_MAP, DEFAULT_RISK_MAP, Qwen3ForGuardModel
-from ..tokenization import TextTokenizer
 from .cache import cached_directory
-from .tokenizer import QWEN3_VOCAB_SIZE, build_qwen3_tokenizer, save_qwen3_tokenizer
+from .progress import BuildProgress
+from .tokenizer import QWEN3_VOCAB_SIZE, build_qwen3_tokenizer
 
 FIXTURE_VERSION = 1
 #: Two tokens (`` pipe``, `` bomb``) that the planted response head labels Unsafe / Violent.
@@ -85,14 +85,15 @@ def upstream_config_dict(config: Qwen3Config) -> dict:
     return data
 
 
-def save_upstream_checkpoint(model: Qwen3ForGuardModel, directory: str | os.PathLike[str]) -> Path:
-    """Write config, weights (upstream names) and tokenizer files into ``directory``."""
+def save_upstream_checkpoint(model: Qwen3ForGuardModel, directory: str | os.PathLike[str],
+                             tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+    """Write config, weights (upstream names) and tokenizer files (default: the Qwen3 one) into ``directory``."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(upstream_config_dict(model.config), indent=2), encoding="utf-8")
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    save_qwen3_tokenizer(out)
+    (tokenizer or build_qwen3_tokenizer()).save_pretrained(out)
     return out
 
 
@@ -106,16 +107,15 @@ def _random_model() -> Qwen3ForGuardModel:
     return model
 
 
-def _planted_ids(text: str) -> list[int]:
-    return TextTokenizer(build_qwen3_tokenizer(None)).encode_text(text)
+def _planted_model(tokenizer: PreTrainedTokenizerBase) -> Qwen3ForGuardModel:
+    def ids(text: str) -> list[int]:  # plain text without control tokens: ordinary encoding is exact
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-
-def _planted_model() -> Qwen3ForGuardModel:
     torch.manual_seed(0)
     config = tiny_stream_config()
     model = Qwen3ForGuardModel(config)
-    unsafe, controversial = _planted_ids(PLANTED_UNSAFE_TEXT), _planted_ids(PLANTED_CONTROVERSIAL_TEXT)
-    prompt_feature = _planted_ids(" bomb")
+    unsafe, controversial = ids(PLANTED_UNSAFE_TEXT), ids(PLANTED_CONTROVERSIAL_TEXT)
+    prompt_feature = ids(" bomb")
     with torch.no_grad():
         for param in model.parameters():
             param.zero_()
@@ -152,12 +152,14 @@ def stream_checkpoint(kind: Kind = "planted") -> Path:
     """Directory of a tiny Stream checkpoint (``"random"`` or ``"planted"``), built on first use."""
     if kind not in ("random", "planted"):
         raise ValueError(f"kind must be 'random' or 'planted', got {kind!r}")
-    build = _planted_model if kind == "planted" else _random_model
 
-    def write(directory: Path) -> None:
-        save_upstream_checkpoint(build(), directory)
+    def write(directory: Path, progress: BuildProgress) -> None:
+        tokenizer = build_qwen3_tokenizer()
+        with torch.random.fork_rng(devices=[]):
+            model = _planted_model(tokenizer) if kind == "planted" else _random_model()
+        save_upstream_checkpoint(model, directory, tokenizer)
 
-    return cached_directory(f"stream-{kind}-v{FIXTURE_VERSION}", write)
+    return cached_directory(f"stream-{kind}-v{FIXTURE_VERSION}", write, what=f"the {kind} Qwen3Guard-Stream test checkpoint")
 
 
 @lru_cache(maxsize=None)

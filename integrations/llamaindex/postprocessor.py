@@ -1,84 +1,65 @@
 """A node postprocessor that keeps unsafe queries and poisoned retrieved context away from the LLM.
 
-Postprocessors run inside ``retrieve()`` before synthesis, so this is the one place where
-LlamaIndex lets a guard see both the query and every retrieved chunk before either reaches the
-model. Retrieved text is moderated in *prompt* mode: it is going into the model's context, and
-prompt mode is where Qwen3Guard reports ``Jailbreak`` (indirect prompt injection).
+Postprocessors run inside ``retrieve()``, before synthesis: there a guard sees the query and every
+retrieved chunk before the model does. Nodes are the request's untrusted context, so they go to
+``Moderator.check_context`` (prompt mode, where injected instructions come back as ``Jailbreak``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections import OrderedDict
+from dataclasses import replace
 from typing import Any, Literal, Sequence
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
-from pydantic import SkipValidation
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
-from guard_core import Action, GenGuard, GuardViolation, Policy, Verdict
+from guard_core import METADATA_KEY, Action, Decision, GuardViolation, Moderator, Policy
+from guard_core.conversation import from_text
+from guard_core.steps import Flow, arun, run
 
 DEFAULT_REDACTION_NOTICE = "[This passage was removed by Qwen3Guard content moderation.]"
-DEFAULT_METADATA_KEY = "qwen3guard"
 
 
-def as_gen_guard(guard: GenGuard | str) -> GenGuard:
-    """Accept an injected guard (shared, already loaded) or a model id / local directory to load."""
-    if isinstance(guard, GenGuard):
-        return guard
-    if isinstance(guard, str) and guard.strip():
-        return GenGuard.from_pretrained(guard)
-    raise ValueError(f"guard must be a GenGuard or a model id / directory, got {type(guard).__name__}")
-
-
-def prompt_messages(text: str) -> list[dict[str, str]]:
-    """The one-turn conversation that asks Qwen3Guard to judge ``text`` as model input."""
-    return [{"role": "user", "content": text}]
+def build_moderator(moderator: Moderator | None, source: str, **options: Any) -> Moderator:
+    """A component's one Moderator: ``moderator`` as given, else one built from ``options``
+    (None = the Moderator's default, e.g. the environment's policy and review queue)."""
+    given = {name: value for name, value in options.items() if value is not None}
+    if moderator is None:
+        return Moderator(source=source, **given)
+    if not isinstance(moderator, Moderator):
+        raise TypeError(f"moderator must be a guard_core.Moderator, got {type(moderator).__name__}")
+    if given:
+        raise ValueError(f"pass moderator= or {', '.join(given)}, not both (the Moderator already holds them)")
+    return moderator
 
 
 class QwenGuardNodePostprocessor(BaseNodePostprocessor):
-    """Moderates the query and every retrieved node with Qwen3Guard-Gen before synthesis.
+    """Moderates the query and every retrieved node before synthesis.
 
-    The ``policy`` turns each verdict into an action: ``ALLOW`` keeps the node untouched, ``FLAG``
-    keeps it and records the verdict under ``metadata_key`` (hidden from the LLM and the
-    embedder), ``BLOCK`` drops it or, with ``blocked_nodes="redact"``, replaces its text with
-    ``redaction_notice`` so the answer can still cite that a source was withheld. Kept nodes are
-    copies, so documents in the docstore are never modified, and they keep their order and scores.
-
-    A blocked query raises ``GuardViolation`` (``blocked_query="raise"``) or yields no nodes
-    (``"empty"``, the synthesizer then answers from nothing). Verdicts are cached by a hash of
-    the moderated text, so chunks that come back on every query are classified once.
+    ``guard`` is the Gen guard in any form ``guard_core`` accepts, or pass a shared ``moderator``.
+    Per node: ``ALLOW`` keeps it; ``FLAG`` / ``REVIEW`` keep a copy with ``Decision.to_dict()`` in
+    ``metadata["qwen3guard"]`` (hidden from the LLM and embedder); ``BLOCK`` drops it or, with
+    ``blocked_nodes="redact"``, replaces its text. Order and scores are kept, the docstore is never
+    modified. A blocked query raises ``GuardViolation`` or, with ``blocked_query="empty"``, yields no nodes.
     """
 
-    policy: SkipValidation[Policy] = Field(
-        default_factory=Policy, description="Maps each verdict to ALLOW / FLAG / BLOCK (per level and category)."
-    )
-    blocked_nodes: Literal["drop", "redact"] = Field(
-        default="drop", description="What happens to a node the policy blocks."
-    )
-    blocked_query: Literal["raise", "empty"] = Field(
-        default="raise", description="What happens when the policy blocks the query itself."
-    )
+    blocked_nodes: Literal["drop", "redact"] = Field(default="drop", description="What happens to a node the policy blocks.")
+    blocked_query: Literal["raise", "empty"] = Field(default="raise", description="What happens when the policy blocks the query.")
     check_query: bool = Field(default=True, description="Moderate the query string as well as the nodes.")
     redaction_notice: str = Field(default=DEFAULT_REDACTION_NOTICE, min_length=1)
-    metadata_key: str = Field(default=DEFAULT_METADATA_KEY, min_length=1)
-    metadata_mode: MetadataMode = Field(
-        default=MetadataMode.LLM, description="Which node content is moderated; LLM = what the model will read."
-    )
-    cache_size: int = Field(default=4096, ge=0, description="Verdicts kept in the content-hash cache (0 disables).")
+    metadata_mode: MetadataMode = Field(default=MetadataMode.LLM, description="Node content moderated (LLM: what it reads).")
 
-    _guard: GenGuard = PrivateAttr()
-    _cache: OrderedDict[str, Verdict] = PrivateAttr(default_factory=OrderedDict)
-    _cache_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _moderator: Moderator = PrivateAttr()
 
-    def __init__(self, guard: GenGuard | str, **data: Any) -> None:
-        """``guard`` is a loaded ``GenGuard`` (share one across components) or a model id / directory."""
+    def __init__(self, guard: Any = None, *, moderator: Moderator | None = None, policy: Policy | None = None,
+                 review: Any = None, cache_size: int | None = None, **data: Any) -> None:
+        """``review`` is the ``ReviewQueue`` for ``Action.REVIEW`` (default: ``QWEN3GUARD_REVIEW_DB``)."""
         super().__init__(**data)
-        if not isinstance(self.policy, Policy):
-            raise ValueError(f"policy must be a guard_core.Policy, got {type(self.policy).__name__}")
-        self._guard = as_gen_guard(guard)
+        if moderator is None and guard is None:
+            raise ValueError("pass the Gen guard (a guard, model id, directory or server URL) or moderator=")
+        self._moderator = build_moderator(moderator, "llamaindex.postprocessor", gen_guard=guard, policy=policy,
+                                          review=review, context_cache_size=cache_size)
 
     @classmethod
     def class_name(cls) -> str:
@@ -86,107 +67,52 @@ class QwenGuardNodePostprocessor(BaseNodePostprocessor):
         return "QwenGuardNodePostprocessor"
 
     @property
-    def guard(self) -> GenGuard:
-        """The Gen guard doing the moderation."""
-        return self._guard
+    def moderator(self) -> Moderator:
+        """The Moderator judging queries and nodes (share it with other components)."""
+        return self._moderator
 
     def clear_cache(self) -> None:
-        """Forget cached verdicts (e.g. after changing the guard model's threshold or checkpoint)."""
-        with self._cache_lock:
-            self._cache.clear()
+        """Forget cached node verdicts (e.g. after a checkpoint was retrained in place under the same name)."""
+        self._moderator.clear_context_cache()
 
-    def _postprocess_nodes(
-        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
-    ) -> list[NodeWithScore]:
-        texts, query = self._collect(nodes, query_bundle)
-        known, missing = self._cached([query, *texts])
-        verdicts = self._guard.moderate_batch([prompt_messages(t) for t in missing]) if missing else []
-        return self._apply(nodes, texts, query, {**known, **self._remember(missing, verdicts)})
+    def _postprocess_nodes(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None) -> list[NodeWithScore]:
+        return run(self._flow(nodes, query_bundle))
 
-    async def _apostprocess_nodes(
-        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
-    ) -> list[NodeWithScore]:
-        texts, query = self._collect(nodes, query_bundle)
-        known, missing = self._cached([query, *texts])
-        verdicts = await self._guard.amoderate_batch([prompt_messages(t) for t in missing]) if missing else []
-        return self._apply(nodes, texts, query, {**known, **self._remember(missing, verdicts)})
+    async def _apostprocess_nodes(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None) -> list[NodeWithScore]:
+        return await arun(self._flow(nodes, query_bundle))
 
-    def _collect(
-        self, nodes: Sequence[NodeWithScore], query_bundle: QueryBundle | None
-    ) -> tuple[list[str | None], str | None]:
-        """The text to judge per node (None: nothing to judge) and the query text, validated up front."""
-        texts: list[str | None] = []
-        for i, item in enumerate(nodes):
-            if not isinstance(item, NodeWithScore):
-                raise ValueError(f"node {i} is {type(item).__name__}, expected llama_index NodeWithScore")
-            text = item.node.get_content(metadata_mode=self.metadata_mode)
-            texts.append(text if text.strip() else None)
-        query = None
-        if self.check_query and query_bundle is not None and query_bundle.query_str.strip():
-            query = query_bundle.query_str
-        return texts, query
-
-    def _key(self, text: str) -> str:
-        return hashlib.sha256(f"{self._guard.model_id}\x00{text}".encode()).hexdigest()
-
-    def _cached(self, texts: list[str | None]) -> tuple[dict[str, Verdict], list[str]]:
-        """Cached verdicts, and the distinct texts still to judge: the single batch sent to the model."""
-        known: dict[str, Verdict] = {}
-        missing: list[str] = []
-        with self._cache_lock:
-            for text in dict.fromkeys(t for t in texts if t is not None):
-                verdict = self._cache.get(self._key(text))
-                if verdict is None:
-                    missing.append(text)
-                else:
-                    known[text] = verdict
-                    self._cache.move_to_end(self._key(text))
-        return known, missing
-
-    def _remember(self, texts: list[str], verdicts: list[Verdict]) -> dict[str, Verdict]:
-        """Cache fresh verdicts (not failed ones: the next call should retry them) and return them by text."""
-        fresh = dict(zip(texts, verdicts))
-        if self.cache_size:
-            with self._cache_lock:
-                for text, verdict in fresh.items():
-                    if verdict.error is None:
-                        self._cache[self._key(text)] = verdict
-                        self._cache.move_to_end(self._key(text))
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        return fresh
-
-    def _apply(
-        self, nodes: list[NodeWithScore], texts: list[str | None], query: str | None, verdicts: dict[str, Verdict]
-    ) -> list[NodeWithScore]:
-        if query is not None:
-            verdict = verdicts[query]
-            if self.policy.blocks(verdict):
+    def _flow(self, nodes: Sequence[NodeWithScore], query_bundle: QueryBundle | None) -> Flow[list[NodeWithScore]]:
+        """The query first (a blocked one stops here), then every node with text, in one batch."""
+        texts = [self._text(i, item) for i, item in enumerate(nodes)]
+        query = query_bundle.query_str if self.check_query and query_bundle is not None else ""
+        if query.strip():
+            decision = (yield from self._moderator.prompt_flow(from_text(query))).decision
+            if decision is not None and decision.blocked:
                 if self.blocked_query == "raise":
-                    raise GuardViolation(verdict)
+                    raise GuardViolation(decision.verdict)
                 return []
-        kept: list[NodeWithScore] = []
-        for item, text in zip(nodes, texts):
-            if text is None:
-                kept.append(item)
-                continue
-            verdict = verdicts[text]
-            action = self.policy.action_for(verdict)
-            if action is Action.ALLOW:
-                kept.append(item)
-            elif action is Action.FLAG:
-                kept.append(self._annotated(item, verdict, "flag"))
-            elif self.blocked_nodes == "redact":
-                redacted = self._annotated(item, verdict, "redact")
-                redacted.node.set_content(self.redaction_notice)
-                kept.append(redacted)
-        return kept
+        judged = [i for i, text in enumerate(texts) if text.strip()]
+        decisions = yield from self._moderator.context_flow([texts[i] for i in judged])
+        by_node = {i: replace(decision, context_index=i) for i, decision in zip(judged, decisions)}
+        kept = (self._apply(item, by_node.get(i)) for i, item in enumerate(nodes))
+        return [item for item in kept if item is not None]
 
-    def _annotated(self, item: NodeWithScore, verdict: Verdict, action: str) -> NodeWithScore:
-        """A copy of the node carrying its verdict in metadata the LLM and embedder never read."""
+    def _text(self, index: int, item: Any) -> str:
+        if not isinstance(item, NodeWithScore):
+            raise TypeError(f"node {index} is {type(item).__name__}, expected llama_index NodeWithScore")
+        return item.node.get_content(metadata_mode=self.metadata_mode)
+
+    def _apply(self, item: NodeWithScore, decision: Decision | None) -> NodeWithScore | None:
+        """The node as the policy leaves it: itself, an annotated or redacted copy, or None (dropped)."""
+        if decision is None or decision.action is Action.ALLOW:
+            return item
+        if decision.blocked and self.blocked_nodes == "drop":
+            return None
         node = item.node.model_copy(deep=True)
-        node.metadata[self.metadata_key] = {**verdict.to_dict(), "action": action}
+        node.metadata[METADATA_KEY] = decision.to_dict()
         for excluded in (node.excluded_llm_metadata_keys, node.excluded_embed_metadata_keys):
-            if self.metadata_key not in excluded:
-                excluded.append(self.metadata_key)
+            if METADATA_KEY not in excluded:
+                excluded.append(METADATA_KEY)
+        if decision.blocked:
+            node.set_content(self.redaction_notice)
         return NodeWithScore(node=node, score=item.score)

@@ -1,24 +1,15 @@
-"""Qwen3Guard in front of OpenAI-compatible APIs: an in-process client wrapper (and the guard proxy).
+"""Qwen3Guard in front of OpenAI-compatible APIs: an in-process client wrapper and the guard proxy.
 
 ``guard_openai(OpenAI())`` returns a client whose chat completions and responses are moderated,
-streamed or not. The protocol-neutral pieces (``moderation``, ``streaming``, ``chunks``) are what
-the proxy server shares with the wrapper.
+streamed or not; ``qwen3guard-proxy`` (``server.create_app``) does the same for any client over
+HTTP. Both decide through the same pieces (``exchange``, ``streaming``) over ``guard_core.Moderator``.
 """
 
-from .client import AsyncGuardedStream, GuardedStream, guard_openai
-from .errors import UnsafeContentError
-from .moderation import DEFAULT_REFUSAL, Moderator, chat_conversation, responses_conversation
-from .streaming import ChatStreamModerator, ResponsesStreamModerator
+from guard_core import DEFAULT_REFUSAL
 
-__all__ = [
-    "AsyncGuardedStream",
-    "ChatStreamModerator",
-    "DEFAULT_REFUSAL",
-    "GuardedStream",
-    "Moderator",
-    "ResponsesStreamModerator",
-    "UnsafeContentError",
-    "chat_conversation",
-    "guard_openai",
-    "responses_conversation",
-]
+from .client import AsyncGuardedStream, GuardedStream, guard_openai
+from .errors import MalformedReplyError, UnsafeContentError
+from .exchange import OpenAIGuard
+
+__all__ = ["AsyncGuardedStream", "DEFAULT_REFUSAL", "GuardedStream", "MalformedReplyError", "OpenAIGuard",
+           "UnsafeContentError", "guard_openai"]

@@ -1,26 +1,32 @@
-"""Building and cutting OpenAI response objects: the only places the guard writes protocol data.
+"""Reading and writing OpenAI response objects: the only places the guard touches protocol data.
 
-Everything returns openai's own pydantic types (``ChatCompletionChunk``, ``ChatCompletion``,
-Responses events), so the client wrapper hands callers the types they expect and the proxy
-serialises them with ``model_dump_json``. Objects the guard writes carry a ``qwen3guard`` extra
-field with the verdict; objects it merely forwards are never touched.
+Upstream objects are read the way the openai SDK itself reads them (``sdk_object``: loose
+construction, no validation against the newest types), so vLLM, SGLang, llama.cpp and older
+servers pass through as they do with the bare client. Objects the guard writes itself are
+validated strictly and carry a ``qwen3guard`` field with the decisions; objects it forwards are
+never touched unless a decision must ride on them.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
+from openai._models import construct_type
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.chat.chat_completion import Choice as CompletionChoice
 from openai.types.responses import Response, ResponseStreamEvent
-from pydantic import TypeAdapter
 
-ANNOTATION_KEY = "qwen3guard"
+from guard_core import METADATA_KEY
+
 CONTENT_FILTER = "content_filter"
+T = TypeVar("T")
 
-_EVENT = TypeAdapter(ResponseStreamEvent)
+
+def sdk_object(type_: Any, data: Any) -> Any:
+    """``data`` as the openai SDK builds it from a reply: nested types, unknown fields kept, no validation."""
+    return construct_type(type_=type_, value=data)
 
 
 def new_id(prefix: str) -> str:
@@ -28,15 +34,17 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-qwen3guard-{uuid.uuid4().hex[:24]}"
 
 
+def annotated(obj: T, note: dict[str, Any]) -> T:
+    """A copy of ``obj`` carrying the guard's decisions under ``qwen3guard``."""
+    return obj.model_copy(update={METADATA_KEY: note})  # type: ignore[attr-defined,no-any-return]
+
+
 # Chat completions
 
 
-def chunk_choice_text(chunk: ChatCompletionChunk, index: int) -> str:
+def choice_text(chunk: ChatCompletionChunk, index: int) -> str:
     """The content delta of choice ``index`` in ``chunk`` ("" when it has none)."""
-    for choice in chunk.choices:
-        if choice.index == index:
-            return choice.delta.content or ""
-    return ""
+    return next((c.delta.content or "" for c in chunk.choices if c.index == index), "")
 
 
 def cut_choice(chunk: ChatCompletionChunk, index: int, keep: int) -> ChatCompletionChunk | None:
@@ -44,8 +52,7 @@ def cut_choice(chunk: ChatCompletionChunk, index: int, keep: int) -> ChatComplet
 
     Everything that could carry blocked text goes with the cut: the rest of the content, the
     choice's logprobs (their tokens spell the text) and its finish_reason (the guard writes its
-    own). A choice left with nothing is removed, and a chunk left with no choice becomes
-    ``None``.
+    own). A choice left with nothing is removed; a chunk left with no choice becomes ``None``.
     """
     choices = []
     for choice in chunk.choices:
@@ -64,23 +71,20 @@ def refusal_chunks(template: ChatCompletionChunk | None, index: int, text: str, 
                    *, model: str = "", role: bool = False) -> list[ChatCompletionChunk]:
     """The end of a rewritten choice: the refusal text, then ``finish_reason="content_filter"``.
 
-    ``template`` (the last upstream chunk) supplies id, model and fingerprint so the synthetic
-    chunks belong to the same completion; ``role`` adds ``role: assistant`` for a choice that
-    never started (a blocked prompt).
+    ``template`` (the last upstream chunk) supplies id, model and fingerprint so the chunks
+    belong to the same completion; ``role`` adds ``role: assistant`` for a choice that never
+    started (a blocked prompt).
     """
-    base: dict[str, Any] = {
-        "id": template.id if template else new_id("chatcmpl"),
-        "created": template.created if template else int(time.time()),
-        "model": template.model if template else model,
-        "object": "chat.completion.chunk",
-    }
+    base: dict[str, Any] = {"id": template.id if template else new_id("chatcmpl"),
+                            "created": template.created if template else int(time.time()),
+                            "model": template.model if template else model, "object": "chat.completion.chunk"}
     if template is not None:
         base.update(system_fingerprint=template.system_fingerprint, service_tier=template.service_tier)
     delta = {"role": "assistant", "content": text} if role else {"content": text}
     return [
         ChatCompletionChunk.model_validate({**base, "choices": [{"index": index, "delta": delta, "finish_reason": None}]}),
         ChatCompletionChunk.model_validate({**base, "choices": [{"index": index, "delta": {}, "finish_reason": CONTENT_FILTER}],
-                                            ANNOTATION_KEY: note}),
+                                            METADATA_KEY: note}),
     ]
 
 
@@ -101,16 +105,13 @@ def refusal_completion(model: str, text: str, note: dict[str, Any], n: int = 1, 
     message: dict[str, Any] = {"role": "assistant", "content": text, **({"parsed": None} if parsed else {})}
     choices = [{"index": i, "finish_reason": CONTENT_FILTER, "message": message} for i in range(n)]
     return ChatCompletion.model_validate({"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
-                                          "model": model, "choices": choices, ANNOTATION_KEY: note})
+                                          "model": model, "choices": choices, METADATA_KEY: note})
 
 
 def prompt_refusal_chunks(model: str, text: str, note: dict[str, Any], n: int = 1) -> list[ChatCompletionChunk]:
     """The stream answering a blocked prompt in ``rewrite`` mode, one refused choice per ``n``."""
     first = refusal_chunks(None, 0, text, note, model=model, role=True)
-    out = []
-    for i in range(n):
-        out += [c.model_copy(update={"choices": [c.choices[0].model_copy(update={"index": i})]}) for c in first]
-    return out
+    return [c.model_copy(update={"choices": [c.choices[0].model_copy(update={"index": i})]}) for i in range(n) for c in first]
 
 
 # Responses API
@@ -129,19 +130,14 @@ def incomplete_response(base: Response | None, output: list[Any], note: dict[str
         "parallel_tool_calls": False, "tool_choice": "auto", "tools": [],
     }
     data.update(status="incomplete", incomplete_details={"reason": CONTENT_FILTER}, output=[_plain(o) for o in output],
-                **{ANNOTATION_KEY: note})
-    return Response.model_validate(data)
+                **{METADATA_KEY: note})
+    return sdk_object(Response, data)  # type: ignore[no-any-return]
 
 
 def refused_response(response: Response, text: str, note: dict[str, Any]) -> Response:
     """A whole response whose text was blocked: its output becomes one message with the refusal."""
     item_id = next((o.id for o in response.output if o.type == "message"), new_id("msg"))
     return incomplete_response(response, [message_item(item_id, text)], note)
-
-
-def event(data: dict[str, Any]) -> ResponseStreamEvent:
-    """A Responses stream event of the right openai type for ``data["type"]``."""
-    return _EVENT.validate_python(data)
 
 
 def responses_refusal_events(base: Response | None, *, item_id: str, output_index: int, content_index: int,
@@ -165,20 +161,15 @@ def responses_refusal_events(base: Response | None, *, item_id: str, output_inde
             {"type": "response.output_item.added", "output_index": output_index, "item": {**item, "content": [], "status": "in_progress"}},
             {"type": "response.content_part.added", **where, "part": {**part, "text": ""}},
         ]
+    final = incomplete_response(base, [*prior, item], note, model=model).model_dump()
     datas += [
         {"type": "response.output_text.delta", **where, "delta": text, "logprobs": []},
         {"type": "response.output_text.done", **where, "text": full, "logprobs": []},
         {"type": "response.content_part.done", **where, "part": part},
         {"type": "response.output_item.done", "output_index": output_index, "item": item},
-        {"type": "response.incomplete", "response": incomplete_response(base, [*prior, item], note, model=model).model_dump()},
+        {"type": "response.incomplete", "response": final, METADATA_KEY: note},
     ]
-    out = []
-    for offset, data in enumerate(datas):
-        data["sequence_number"] = sequence + offset
-        if data["type"] == "response.incomplete":
-            data[ANNOTATION_KEY] = note
-        out.append(event(data))
-    return out
+    return [sdk_object(ResponseStreamEvent, {**data, "sequence_number": sequence + i}) for i, data in enumerate(datas)]
 
 
 def _plain(obj: Any) -> Any:

@@ -5,357 +5,219 @@ The wrapped client is a copy of the given one whose class is a subclass of the o
 guard does not touch, and ``with_options()`` / ``copy()`` (which rebuild through ``__class__``)
 keep working, the latter keeping the guard. Only ``create`` and ``parse`` of ``chat.completions``
 and ``responses`` are replaced (openai's ``stream()`` helpers call ``create``); their raw-response
-wrappers refuse to run, since they hand back bytes the guard cannot judge.
+wrappers refuse to run, since they hand back bytes the guard cannot judge. Each call is one flow
+(``exchange``) run blocking or awaited, so the sync and async clients decide identically.
 
 Streams come back as ``GuardedStream`` / ``AsyncGuardedStream``, subclasses of openai's
-``Stream`` / ``AsyncStream`` written in the same style: a generator over the upstream stream,
-driven through a ``StreamModerator`` (see ``streaming``), that always closes the upstream
-response and the guard sessions in ``finally``.
+``Stream`` / ``AsyncStream`` in the same style: a generator over the upstream stream through the
+guard (``streaming``) that always closes the upstream response and the guard sessions.
 """
 
 from __future__ import annotations
 
 import functools
-from functools import cached_property
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, TypeVar
 
 import httpx2
 from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
 from openai.resources.chat import AsyncChat, Chat
 from openai.resources.chat.completions import AsyncCompletions, Completions
 from openai.resources.responses import AsyncResponses, Responses
-from openai.types.responses import ResponseStreamEvent
 
-from guard_core import GenGuard, Policy, Verdict
-from guard_core.stream import DEFAULT_CONSECUTIVE, StreamGuard
+from guard_core import CONFIGURED, DEFAULT_REFUSAL, Decision, Moderator, Policy, Verdict
+from guard_core.config import DEFAULT_CONSECUTIVE
+from guard_core.steps import Flow, Step, arun, run
 
-from . import chunks
-from .moderation import (
-    DEFAULT_GEN_MODEL,
-    DEFAULT_REFUSAL,
-    DEFAULT_STREAM_MODEL,
-    ChoiceGates,
-    Conversation,
-    Moderator,
-    OnUnsafe,
-    annotation,
-    chat_conversation,
-    responses_conversation,
-)
-from .streaming import ChatStreamModerator, ReplayStream, ResponsesStreamModerator, StreamModerator
+from .exchange import DEFAULT_MAX_CHOICES, Endpoint, OnUnsafe, OpenAIGuard, Request, prompt_flow, whole_flow
+from .streaming import GuardedItems, stream_items
 
 _T = TypeVar("_T")
 _RAW_HEADER = "x-stainless-raw-response"
+_PATHS = {"chat": "chat/completions", "responses": "responses"}
 
 
-def _sse_response(client: OpenAI | AsyncOpenAI, path: str) -> httpx2.Response:
-    """The ``.response`` of a stream the guard answered itself: no request was sent upstream."""
-    request = httpx2.Request("POST", client.base_url.join(path.lstrip("/")))
-    return httpx2.Response(200, headers={"content-type": "text/event-stream"}, request=request)
+@dataclass
+class _Streamed:
+    """A flow's answer for a stream: upstream's stream and the guard over it, or a replayed refusal."""
+
+    upstream: Any
+    items: GuardedItems | None
+    replay: list[Any]
+    prompt: Decision | None
 
 
-class GuardedStream(Stream[_T]):
-    """A moderated ``openai.Stream``: iterate it, ``close()`` it, use it in ``with``; ``.response`` is upstream's.
+class _Decisions:
+    """What both stream classes expose: the guard's decisions."""
 
-    ``prompt_verdict`` and ``verdicts`` (per choice) expose what the guard decided.
-    """
-
-    def __init__(self, upstream: Stream[_T] | None, moderator: StreamModerator[_T] | ReplayStream[_T],
-                 response: httpx2.Response) -> None:
-        self.response = response
-        self._upstream = upstream
-        self._moderator = moderator
-        self._iterator = self.__stream__()
+    _streamed: _Streamed
 
     @property
-    def prompt_verdict(self) -> Verdict:
-        """The guard's verdict on the prompt."""
-        return self._moderator.prompt_verdict
+    def prompt_verdict(self) -> Verdict | None:
+        """The guard's verdict on the prompt (None when prompts are not checked)."""
+        return self._streamed.prompt.verdict if self._streamed.prompt is not None else None
+
+    @property
+    def decisions(self) -> dict[Any, Decision]:
+        """Response decisions so far, by choice index (chat) or (output, content) index (Responses)."""
+        return self._streamed.items.decisions if self._streamed.items is not None else {}
 
     @property
     def verdicts(self) -> dict[Any, Verdict]:
-        """Response verdicts so far, by choice index (chat) or (output, content) index (Responses)."""
-        return self._moderator.verdicts
+        """Response verdicts so far, keyed like ``decisions``."""
+        return {key: d.verdict for key, d in self.decisions.items()}
+
+
+class GuardedStream(_Decisions, Stream[_T]):
+    """A moderated ``openai.Stream``: iterate it, ``close()`` it, use it in ``with``; ``.response`` is upstream's."""
+
+    def __init__(self, streamed: _Streamed, response: httpx2.Response) -> None:
+        self.response, self._streamed = response, streamed
+        self._iterator = self.__stream__()
 
     def __stream__(self) -> Iterator[_T]:
-        moderator, upstream = self._moderator, self._upstream
+        upstream, items = self._streamed.upstream, self._streamed.items
         try:
-            if upstream is not None:
-                for item in upstream:
-                    yield from moderator.feed(item)
-                    if moderator.done:
-                        break
-            yield from moderator.end()
+            yield from self._streamed.replay
+            for item in upstream if items is not None else ():
+                yield from items.feed(item)  # type: ignore[union-attr]
+                if items.done:  # type: ignore[union-attr]
+                    break
+            yield from items.end() if items is not None else ()
         finally:
-            if upstream is not None:
-                upstream.close()
-            moderator.close()
+            self._release()
 
     def close(self) -> None:
         """Stop reading: close the upstream response and free the guard sessions."""
         self._iterator.close()
-        if self._upstream is not None:
-            self._upstream.close()
-        self._moderator.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self._streamed.upstream is not None:
+            self._streamed.upstream.close()
+        if self._streamed.items is not None:
+            self._streamed.items.close()
 
 
-class AsyncGuardedStream(AsyncStream[_T]):
+class AsyncGuardedStream(_Decisions, AsyncStream[_T]):
     """A moderated ``openai.AsyncStream``: ``async for``, ``await close()``, ``async with``; ``.response`` is upstream's."""
 
-    def __init__(self, upstream: AsyncStream[_T] | None, moderator: StreamModerator[_T] | ReplayStream[_T],
-                 response: httpx2.Response) -> None:
-        self.response = response
-        self._upstream = upstream
-        self._moderator = moderator
+    def __init__(self, streamed: _Streamed, response: httpx2.Response) -> None:
+        self.response, self._streamed = response, streamed
         self._iterator = self.__stream__()
 
-    @property
-    def prompt_verdict(self) -> Verdict:
-        """The guard's verdict on the prompt."""
-        return self._moderator.prompt_verdict
-
-    @property
-    def verdicts(self) -> dict[Any, Verdict]:
-        """Response verdicts so far, by choice index (chat) or (output, content) index (Responses)."""
-        return self._moderator.verdicts
-
     async def __stream__(self) -> AsyncIterator[_T]:
-        moderator, upstream = self._moderator, self._upstream
+        upstream, items = self._streamed.upstream, self._streamed.items
         try:
-            if upstream is not None:
+            for item in self._streamed.replay:
+                yield item
+            if items is not None:
                 async for item in upstream:
-                    for out in await moderator.afeed(item):
+                    for out in await items.afeed(item):
                         yield out
-                    if moderator.done:
+                    if items.done:
                         break
-            for out in await moderator.aend():
-                yield out
+                for out in await items.aend():
+                    yield out
         finally:
-            if upstream is not None:
-                await upstream.close()
-            await moderator.aclose()
+            await self._release()
 
     async def close(self) -> None:
         """Stop reading: close the upstream response and free the guard sessions."""
         await self._iterator.aclose()
-        if self._upstream is not None:
-            await self._upstream.close()
-        await self._moderator.aclose()
+        await self._release()
+
+    async def _release(self) -> None:
+        if self._streamed.upstream is not None:
+            await self._streamed.upstream.close()
+        if self._streamed.items is not None:
+            self._streamed.items.close()
 
 
-def _check_not_raw(kwargs: dict[str, Any]) -> None:
+def _flow(guard: OpenAIGuard, endpoint: Endpoint, kwargs: dict[str, Any], send: Step[Any], parsed: bool) -> Flow[Any]:
+    """One call: the prompt first (a blocked one never goes upstream), then the answer."""
     headers = kwargs.get("extra_headers") or {}
     if any(str(k).lower() == _RAW_HEADER for k in headers):
-        raise NotImplementedError(
-            "with_raw_response / with_streaming_response return raw HTTP bodies that Qwen3Guard cannot "
-            "moderate; call create() on the guarded client, or use the unguarded client explicitly")
-
-
-def _blocked_prompt(moderator: Moderator, verdict: Verdict) -> dict[str, Any]:
-    """Abort: raise. Rewrite: the annotation the refusal carries."""
-    if moderator.on_unsafe == "abort":
-        raise moderator.refuse(verdict)
-    return annotation(prompt=verdict)
-
-
-class _GuardedCompletions(Completions):
-    """``chat.completions`` with ``create`` and ``parse`` moderated (``stream()`` goes through ``create``)."""
-
-    @functools.wraps(Completions.create)
-    def create(self, **kwargs: Any) -> Any:
-        _check_not_raw(kwargs)
-        if not kwargs.get("stream"):
-            return self._whole(kwargs, super().create)
-        moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
-        conversation = chat_conversation(kwargs.get("messages") or ())
-        n = kwargs.get("n") or 1
-        gate = moderator.open_gate(conversation)
-        if moderator.prompt_blocks(gate.prompt_verdict):
-            gate.close()
-            note = _blocked_prompt(moderator, gate.prompt_verdict)
-            replay = ReplayStream(chunks.prompt_refusal_chunks(kwargs.get("model", ""), moderator.refusal_message, note, n),
-                                  gate.prompt_verdict)
-            return GuardedStream(None, replay, _sse_response(self._client, "chat/completions"))
-        gates = ChoiceGates(moderator, conversation, gate)
-        upstream = _send(lambda: super(_GuardedCompletions, self).create(**kwargs), gates)
-        return GuardedStream(upstream, ChatStreamModerator(moderator, gates, n), upstream.response)
-
-    @functools.wraps(Completions.parse)
-    def parse(self, **kwargs: Any) -> Any:
-        _check_not_raw(kwargs)
-        return self._whole(kwargs, super().parse, parsed=True)
-
-    def _whole(self, kwargs: dict[str, Any], send: Any, *, parsed: bool = False) -> Any:
-        """A non-streamed request: Gen judges the prompt, then every choice of the answer."""
-        moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
-        conversation = chat_conversation(kwargs.get("messages") or ())
-        verdict = moderator.prompt_verdict(conversation)
-        if moderator.prompt_blocks(verdict):
-            note = _blocked_prompt(moderator, verdict)
-            return chunks.refusal_completion(kwargs.get("model", ""), moderator.refusal_message, note,
-                                             kwargs.get("n") or 1, parsed=parsed)
-        return moderator.check_completion(conversation, send(**kwargs), verdict)
-
-
-class _AsyncGuardedCompletions(AsyncCompletions):
-    """``chat.completions`` with ``create`` and ``parse`` moderated (asyncio)."""
-
-    @functools.wraps(AsyncCompletions.create)
-    async def create(self, **kwargs: Any) -> Any:
-        _check_not_raw(kwargs)
-        if not kwargs.get("stream"):
-            return await self._whole(kwargs, super().create)
-        moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
-        conversation = chat_conversation(kwargs.get("messages") or ())
-        n = kwargs.get("n") or 1
-        gate = await moderator.aopen_gate(conversation)
-        if moderator.prompt_blocks(gate.prompt_verdict):
-            gate.close()
-            note = _blocked_prompt(moderator, gate.prompt_verdict)
-            replay = ReplayStream(chunks.prompt_refusal_chunks(kwargs.get("model", ""), moderator.refusal_message, note, n),
-                                  gate.prompt_verdict)
-            return AsyncGuardedStream(None, replay, _sse_response(self._client, "chat/completions"))
-        gates = ChoiceGates(moderator, conversation, gate)
-        upstream = await _asend(super().create(**kwargs), gates)
-        return AsyncGuardedStream(upstream, ChatStreamModerator(moderator, gates, n), upstream.response)
-
-    @functools.wraps(AsyncCompletions.parse)
-    async def parse(self, **kwargs: Any) -> Any:
-        _check_not_raw(kwargs)
-        return await self._whole(kwargs, super().parse, parsed=True)
-
-    async def _whole(self, kwargs: dict[str, Any], send: Any, *, parsed: bool = False) -> Any:
-        """A non-streamed request: Gen judges the prompt, then every choice of the answer."""
-        moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
-        conversation = chat_conversation(kwargs.get("messages") or ())
-        verdict = await moderator.aprompt_verdict(conversation)
-        if moderator.prompt_blocks(verdict):
-            note = _blocked_prompt(moderator, verdict)
-            return chunks.refusal_completion(kwargs.get("model", ""), moderator.refusal_message, note,
-                                             kwargs.get("n") or 1, parsed=parsed)
-        return await moderator.acheck_completion(conversation, await send(**kwargs), verdict)
-
-
-def _responses_conversation(kwargs: dict[str, Any]) -> Conversation:
-    return responses_conversation(kwargs.get("input"), kwargs.get("instructions") or None)
-
-
-def _prompt_refusal_events(model: str, moderator: Moderator, note: dict[str, Any]) -> list[ResponseStreamEvent]:
-    return chunks.responses_refusal_events(
-        None, item_id=chunks.new_id("msg"), output_index=0, content_index=0, delivered="",
-        text=moderator.refusal_message, prior=[], sequence=0, note=note, model=model, opened=False)
-
-
-def _prompt_refusal_response(kwargs: dict[str, Any], moderator: Moderator, note: dict[str, Any]) -> Any:
-    item = chunks.message_item(chunks.new_id("msg"), moderator.refusal_message)
-    return chunks.incomplete_response(None, [item], note, model=kwargs.get("model", ""))
-
-
-class _GuardedResponses(Responses):
-    """``responses`` with ``create`` and ``parse`` moderated (``stream()`` goes through ``create``)."""
-
-    @functools.wraps(Responses.create)
-    def create(self, **kwargs: Any) -> Any:
-        _check_not_raw(kwargs)
-        if not kwargs.get("stream"):
-            return self._whole(kwargs, super().create)
-        moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
-        conversation = _responses_conversation(kwargs)
-        gate = moderator.open_gate(conversation)
-        if moderator.prompt_blocks(gate.prompt_verdict):
-            gate.close()
-            note = _blocked_prompt(moderator, gate.prompt_verdict)
-            replay = ReplayStream(_prompt_refusal_events(kwargs.get("model", ""), moderator, note), gate.prompt_verdict)
-            return GuardedStream(None, replay, _sse_response(self._client, "responses"))
-        gates = ChoiceGates(moderator, conversation, gate)
-        upstream = _send(lambda: super(_GuardedResponses, self).create(**kwargs), gates)
-        return GuardedStream(upstream, ResponsesStreamModerator(moderator, gates), upstream.response)
-
-    @functools.wraps(Responses.parse)
-    def parse(self, **kwargs: Any) -> Any:
-        _check_not_raw(kwargs)
-        return self._whole(kwargs, super().parse)
-
-    def _whole(self, kwargs: dict[str, Any], send: Any) -> Any:
-        """A non-streamed request: Gen judges the prompt, then the answer's text."""
-        moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
-        conversation = _responses_conversation(kwargs)
-        verdict = moderator.prompt_verdict(conversation)
-        if moderator.prompt_blocks(verdict):
-            return _prompt_refusal_response(kwargs, moderator, _blocked_prompt(moderator, verdict))
-        return moderator.check_response(conversation, send(**kwargs), verdict)
-
-
-class _AsyncGuardedResponses(AsyncResponses):
-    """``responses`` with ``create`` and ``parse`` moderated (asyncio)."""
-
-    @functools.wraps(AsyncResponses.create)
-    async def create(self, **kwargs: Any) -> Any:
-        _check_not_raw(kwargs)
-        if not kwargs.get("stream"):
-            return await self._whole(kwargs, super().create)
-        moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
-        conversation = _responses_conversation(kwargs)
-        gate = await moderator.aopen_gate(conversation)
-        if moderator.prompt_blocks(gate.prompt_verdict):
-            gate.close()
-            note = _blocked_prompt(moderator, gate.prompt_verdict)
-            replay = ReplayStream(_prompt_refusal_events(kwargs.get("model", ""), moderator, note), gate.prompt_verdict)
-            return AsyncGuardedStream(None, replay, _sse_response(self._client, "responses"))
-        gates = ChoiceGates(moderator, conversation, gate)
-        upstream = await _asend(super().create(**kwargs), gates)
-        return AsyncGuardedStream(upstream, ResponsesStreamModerator(moderator, gates), upstream.response)
-
-    @functools.wraps(AsyncResponses.parse)
-    async def parse(self, **kwargs: Any) -> Any:
-        _check_not_raw(kwargs)
-        return await self._whole(kwargs, super().parse)
-
-    async def _whole(self, kwargs: dict[str, Any], send: Any) -> Any:
-        """A non-streamed request: Gen judges the prompt, then the answer's text."""
-        moderator: Moderator = self._client._qwen3guard  # type: ignore[attr-defined]
-        conversation = _responses_conversation(kwargs)
-        verdict = await moderator.aprompt_verdict(conversation)
-        if moderator.prompt_blocks(verdict):
-            return _prompt_refusal_response(kwargs, moderator, _blocked_prompt(moderator, verdict))
-        return await moderator.acheck_response(conversation, await send(**kwargs), verdict)
-
-
-def _send(request: Any, gates: ChoiceGates) -> Any:
-    """Send upstream; if that fails, free the guard session opened for the prompt."""
+        raise NotImplementedError("with_raw_response / with_streaming_response return raw HTTP bodies that Qwen3Guard "
+                                  "cannot moderate; call create() on the guarded client, or use the unguarded client")
+    request = Request.parse(endpoint, kwargs, guard.max_choices)
+    prompt, refusal = yield from prompt_flow(guard, request, parsed=parsed)
+    if refusal is not None:
+        return _Streamed(None, None, refusal, prompt.decision) if request.stream else refusal
+    if not request.stream:
+        return (yield from whole_flow(guard, request, (yield send), prompt.decision))
+    items = stream_items(guard, request, prompt.gate, prompt.decision)
     try:
-        return request()
+        upstream = yield send
     except BaseException:
-        gates.close()
+        items.close()
         raise
+    return _Streamed(upstream, items, [], prompt.decision)
 
 
-async def _asend(request: Any, gates: ChoiceGates) -> Any:
-    """``_send`` for a coroutine."""
-    try:
-        return await request
-    except BaseException:
-        gates.close()
-        raise
+def _unreachable() -> Any:
+    raise AssertionError("a blocking client never awaits, and an async one never blocks")
 
 
-class _GuardedChat(Chat):
-    """``chat`` whose ``completions`` are the guarded ones."""
+def _guarded_call(endpoint: Endpoint, method: Callable[..., Any], *, parsed: bool = False) -> Callable[..., Any]:
+    """A blocking ``create`` / ``parse`` that runs the flow over the original method."""
 
-    @cached_property
-    def completions(self) -> Completions:
+    @functools.wraps(method)
+    def guarded(self: Any, **kwargs: Any) -> Any:
+        step = Step(lambda: method(self, **kwargs), _unreachable)
+        out = run(_flow(self._client._qwen3guard, endpoint, kwargs, step, parsed))
+        if isinstance(out, _Streamed):
+            return GuardedStream(out, out.upstream.response if out.upstream else _sse_response(self._client, endpoint))
+        return out
+
+    return guarded
+
+
+def _aguarded_call(endpoint: Endpoint, method: Callable[..., Any], *, parsed: bool = False) -> Callable[..., Any]:
+    """The asyncio twin of ``_guarded_call`` (same flow, awaited)."""
+
+    @functools.wraps(method)
+    async def guarded(self: Any, **kwargs: Any) -> Any:
+        step = Step(_unreachable, lambda: method(self, **kwargs))
+        out = await arun(_flow(self._client._qwen3guard, endpoint, kwargs, step, parsed))
+        if isinstance(out, _Streamed):
+            return AsyncGuardedStream(out, out.upstream.response if out.upstream else _sse_response(self._client, endpoint))
+        return out
+
+    return guarded
+
+
+def _sse_response(client: OpenAI | AsyncOpenAI, endpoint: Endpoint) -> httpx2.Response:
+    """The ``.response`` of a stream the guard answered itself: no request was sent upstream."""
+    request = httpx2.Request("POST", client.base_url.join(_PATHS[endpoint]))
+    return httpx2.Response(200, headers={"content-type": "text/event-stream"}, request=request)
+
+
+def _resource(base: type, endpoint: Endpoint, wrap: Callable[..., Callable[..., Any]]) -> type:
+    """``base`` (a completions or responses resource) with ``create`` and ``parse`` guarded."""
+    members = {"create": wrap(endpoint, base.create), "parse": wrap(endpoint, base.parse, parsed=endpoint == "chat"),
+               "__doc__": f"``{base.__name__}`` with ``create`` and ``parse`` moderated by Qwen3Guard."}
+    return type(f"Guarded{base.__name__}", (base,), members)
+
+
+_GuardedCompletions = _resource(Completions, "chat", _guarded_call)
+_AsyncGuardedCompletions = _resource(AsyncCompletions, "chat", _aguarded_call)
+_GuardedResponses = _resource(Responses, "responses", _guarded_call)
+_AsyncGuardedResponses = _resource(AsyncResponses, "responses", _aguarded_call)
+
+
+def _chat(base: type, completions: type) -> type:
+    def guarded_completions(self: Any) -> Any:
         """Moderated chat completions."""
-        return _GuardedCompletions(self._client)
+        return completions(self._client)
+
+    return type(f"Guarded{base.__name__}", (base,), {"completions": cached_property(guarded_completions)})
 
 
-class _AsyncGuardedChat(AsyncChat):
-    """``chat`` whose ``completions`` are the guarded ones (asyncio)."""
-
-    @cached_property
-    def completions(self) -> AsyncCompletions:
-        """Moderated chat completions."""
-        return _AsyncGuardedCompletions(self._client)
+_CHATS = {False: _chat(Chat, _GuardedCompletions), True: _chat(AsyncChat, _AsyncGuardedCompletions)}
+_RESPONSES = {False: _GuardedResponses, True: _AsyncGuardedResponses}
 
 
 def _guarded_namespace(cls: type) -> dict[str, Any]:
@@ -365,32 +227,27 @@ def _guarded_namespace(cls: type) -> dict[str, Any]:
     ``__class__`` cannot be swapped on the copy ``guard_openai`` makes.
     """
     is_async = issubclass(cls, AsyncOpenAI)
-    chat_cls = _AsyncGuardedChat if is_async else _GuardedChat
-    responses_cls = _AsyncGuardedResponses if is_async else _GuardedResponses
 
     def chat(self: Any) -> Any:
         """Chat with moderated completions."""
-        return chat_cls(self)
+        return _CHATS[is_async](self)
 
     def responses(self: Any) -> Any:
         """The moderated Responses API."""
-        return responses_cls(self)
+        return _RESPONSES[is_async](self)
 
-    def guard(self: Any) -> Moderator:
-        """The moderator (guards, policy, on_unsafe, hold-back) this client applies."""
+    def guard(self: Any) -> OpenAIGuard:
+        """The guard (core moderator, on_unsafe, choice cap) this client applies."""
         return self._qwen3guard  # type: ignore[no-any-return]
 
     def copy(self: Any, *args: Any, **kwargs: Any) -> Any:
-        """openai's ``copy`` / ``with_options``; the copy is guarded by the same moderator."""
+        """openai's ``copy`` / ``with_options``; the copy is guarded by the same guard."""
         new = cls.copy(self, *args, **kwargs)
         new._qwen3guard = self._qwen3guard
         return new
 
-    return {
-        "__module__": __name__, "__doc__": cls.__doc__, "_unguarded": cls,
-        "chat": cached_property(chat), "responses": cached_property(responses), "guard": property(guard),
-        "copy": copy, "with_options": copy,
-    }
+    return {"__module__": __name__, "__doc__": cls.__doc__, "_unguarded": cls, "chat": cached_property(chat),
+            "responses": cached_property(responses), "guard": property(guard), "copy": copy, "with_options": copy}
 
 
 _CLASSES: dict[type, type] = {}
@@ -414,26 +271,31 @@ def guard_openai(
     client: _ClientT,
     *,
     on_unsafe: OnUnsafe = "abort",
-    stream_guard: StreamGuard | str = DEFAULT_STREAM_MODEL,
-    gen_guard: GenGuard | str = DEFAULT_GEN_MODEL,
+    stream_guard: Any = CONFIGURED,
+    gen_guard: Any = CONFIGURED,
     policy: Policy | None = None,
     prompt_policy: Policy | None = None,
+    prompt_check: Any = None,
     holdback_tokens: int = DEFAULT_CONSECUTIVE,
     refusal_message: str = DEFAULT_REFUSAL,
+    review: Any = CONFIGURED,
+    max_choices: int = DEFAULT_MAX_CHOICES,
+    moderator: Moderator | None = None,
 ) -> _ClientT:
     """A guarded copy of ``client`` (``OpenAI``, ``AsyncOpenAI`` or a subclass); ``client`` is unchanged.
 
-    Prompts are judged before anything is sent; a blocked prompt never reaches upstream. Streams
-    are judged token by token by ``stream_guard`` with a hold-back of ``holdback_tokens`` (the
-    default releases only text the guard has judged; 0 releases at once); whole responses and
-    their prompts by ``gen_guard``. ``on_unsafe="abort"`` raises ``UnsafeContentError`` (closing
-    upstream); ``"rewrite"`` answers with ``refusal_message`` and ``finish_reason="content_filter"``.
-    ``prompt_policy`` (default ``policy``) judges prompts, ``policy`` responses. Guards given as
-    ids or paths load on first use.
+    Prompts are judged before anything is sent (Gen when configured, else Stream's prompt heads);
+    a blocked prompt never reaches upstream. Streams are judged token by token by ``stream_guard``
+    with a hold-back of ``holdback_tokens`` (the default releases only judged text; 0 releases at
+    once); whole answers by ``gen_guard``. Guards are anything ``guard_core.backends`` accepts
+    (default: the environment), loaded on first use. ``on_unsafe="abort"`` raises
+    ``UnsafeContentError`` (closing upstream); ``"rewrite"`` answers with ``refusal_message`` and
+    ``finish_reason="content_filter"``. ``moderator`` replaces every guard option at once.
     """
-    moderator = Moderator(stream_guard=stream_guard, gen_guard=gen_guard, policy=policy, prompt_policy=prompt_policy, on_unsafe=on_unsafe,
-                          holdback_tokens=holdback_tokens, refusal_message=refusal_message)
+    core = moderator or Moderator(gen_guard=gen_guard, stream_guard=stream_guard, policy=policy, prompt_policy=prompt_policy,
+                                  prompt_check=prompt_check, holdback_tokens=holdback_tokens, refusal=refusal_message,
+                                  review=review, source="openai.client")
     guarded = client.copy()
     guarded.__class__ = _guarded_class(type(client))
-    guarded._qwen3guard = moderator  # type: ignore[attr-defined]
+    guarded._qwen3guard = OpenAIGuard(core, on_unsafe=on_unsafe, max_choices=max_choices)  # type: ignore[attr-defined]
     return guarded

@@ -1,29 +1,36 @@
-"""The exception a guarded OpenAI call raises when the policy blocks content.
+"""The exceptions a guarded OpenAI call raises.
 
-It follows openai's own ``ContentFilterFinishReasonError``: a plain ``OpenAIError`` (not an
+They follow openai's own ``ContentFilterFinishReasonError``: plain ``OpenAIError``s (not an
 ``APIError``, which needs an HTTP request), so code that already catches ``openai.OpenAIError``
-keeps working; it is also a ``GuardViolation`` so guard-aware code can catch every adapter alike.
+keeps working; a blocked call is also a ``GuardViolation`` so guard-aware code can catch every
+adapter alike.
 """
 
 from __future__ import annotations
 
 from openai import OpenAIError
 
-from guard_core import GuardViolation, Verdict
+from guard_core import Action, Decision, GuardViolation, Verdict
 
 
 class UnsafeContentError(OpenAIError, GuardViolation):
     """The prompt or the response was blocked by the Qwen3Guard policy.
 
-    ``verdict`` says why (``verdict.role`` is ``"prompt"`` or ``"response"``); ``delivered`` is
-    the text of the blocked choice that already reached the caller (empty for a blocked prompt
-    or a non-streamed response); ``choice_index`` is the chat choice (or Responses output item)
-    that was blocked, ``None`` for a prompt.
+    ``decision`` / ``verdict`` say why (``verdict.role`` is ``"prompt"`` or ``"response"``);
+    ``delivered`` is the text of the blocked choice that already reached the caller (empty for a
+    blocked prompt or a non-streamed response); ``choice_index`` is the chat choice (or Responses
+    output item) that was blocked, ``None`` for a prompt.
     """
 
-    def __init__(self, verdict: Verdict, *, delivered: str = "", choice_index: int | None = None) -> None:
+    def __init__(self, decision: Decision | Verdict, *, delivered: str = "", choice_index: int | None = None) -> None:
+        self.decision = decision if isinstance(decision, Decision) else Decision(decision, Action.BLOCK)
         self.delivered = delivered
         self.choice_index = choice_index
+        verdict = self.decision.verdict
         cats = ", ".join(c.value for c in verdict.categories) or "no category"
         where = "prompt" if verdict.role == "prompt" else f"response (choice {choice_index})"
         GuardViolation.__init__(self, verdict, f"{where} blocked by Qwen3Guard: {verdict.risk.value} ({cats})")
+
+
+class MalformedReplyError(OpenAIError):
+    """The upstream's reply lacks what the guard must judge (no ``choices`` / ``output``): never passed on unjudged."""

@@ -1,0 +1,86 @@
+"""Coalescing concurrent single calls into batched ones, without waiting for company.
+
+A server guards many requests at once; each asks ``moderate(one conversation)``. One model call
+at a time (the guard's lock) would serve them one by one, so the last waits for all the others.
+``Coalescer`` lets the caller that finds the model free run at once with whatever is queued, and
+everyone who arrives while that batch runs joins the next one: an idle guard adds no delay, a
+busy guard turns N waiting calls into one batched forward (the same idea as the Stream
+scheduler's packed step). Results are handed back to each caller in order; an exception of a
+batch reaches every caller in it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclass
+class _Call(Generic[In, Out]):
+    item: In
+    wake: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
+    result: Out | None = None
+    error: BaseException | None = None
+
+
+class Coalescer(Generic[In, Out]):
+    """Runs ``batch(items)`` for calls made concurrently from any number of threads.
+
+    The caller that finds no batch running runs one (with everything queued, up to
+    ``max_batch``); when it is done, the first caller still queued is woken to run the next, so
+    nobody serves other callers longer than one batch. ``batch`` must return one result per item,
+    in order.
+    """
+
+    def __init__(self, batch: Callable[[Sequence[In]], Sequence[Out]], *, max_batch: int = 32) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self._batch = batch
+        self.max_batch = max_batch
+        self._lock = threading.Lock()
+        self._queue: list[_Call[In, Out]] = []
+        self._running = False
+        self.batches = 0
+
+    def __call__(self, item: In) -> Out:
+        """The result for ``item``, computed alone or together with concurrent calls."""
+        call: _Call[In, Out] = _Call(item)
+        with self._lock:
+            self._queue.append(call)
+            leads, self._running = not self._running, True
+        if not leads:
+            call.wake.wait()
+        if not call.finished:  # this caller runs the next batch, which starts with its own call
+            self._run_batch()
+        if call.error is not None:
+            raise call.error
+        return call.result  # type: ignore[return-value]
+
+    def _run_batch(self) -> None:
+        with self._lock:
+            taken, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        try:
+            results = list(self._batch([c.item for c in taken]))
+            if len(results) != len(taken):
+                raise RuntimeError(f"a batch of {len(taken)} returned {len(results)} results")
+        except BaseException as exc:  # handed to every caller of the batch
+            for c in taken:
+                c.error = exc
+        else:
+            for c, result in zip(taken, results):
+                c.result = result
+        with self._lock:
+            self.batches += 1
+            for c in taken:
+                c.finished = True
+                c.wake.set()
+            if self._queue:
+                self._queue[0].wake.set()
+            else:
+                self._running = False

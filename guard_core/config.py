@@ -1,0 +1,125 @@
+"""Every setting the library reads from the environment, read in one place.
+
+The CLI, the proxy, the examples and every adapter's defaults take their configuration from
+``Settings.from_env()``, so one set of variables switches a whole deployment (a local model, a
+GPU fleet, fail-open, the review database) without code changes. Explicit arguments always win
+over the environment. The README's configuration table is this module's ``ENVIRONMENT``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+DEFAULT_GEN_MODEL = "Qwen/Qwen3Guard-Gen-0.6B"
+DEFAULT_STREAM_MODEL = "Qwen/Qwen3Guard-Stream-0.6B"
+#: Upstream's debounce: two consecutive non-safe tokens flag a streamed response.
+DEFAULT_CONSECUTIVE = 2
+#: The refusal every adapter answers with when it replaces blocked content.
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+#: Key of the verdicts attached to messages, nodes, responses and chunks in every adapter.
+METADATA_KEY = "qwen3guard"
+
+GEN_MODEL_ENV = "QWEN3GUARD_GEN_MODEL"
+GEN_URL_ENV = "QWEN3GUARD_GEN_URL"
+GEN_API_KEY_ENV = "QWEN3GUARD_GEN_API_KEY"
+GEN_TIMEOUT_ENV = "QWEN3GUARD_GEN_TIMEOUT"
+STREAM_MODEL_ENV = "QWEN3GUARD_STREAM_MODEL"
+DEVICE_ENV = "QWEN3GUARD_DEVICE"
+FAIL_OPEN_ENV = "QWEN3GUARD_FAIL_OPEN"
+REVIEW_DB_ENV = "QWEN3GUARD_REVIEW_DB"
+REVIEW_CONTENT_ENV = "QWEN3GUARD_REVIEW_STORE_CONTENT"
+UPSTREAM_ENV = "QWEN3GUARD_UPSTREAM"
+UPSTREAM_API_KEY_ENV = "QWEN3GUARD_UPSTREAM_API_KEY"
+PROXY_KEYS_ENV = "QWEN3GUARD_PROXY_KEYS"
+
+#: (variable, what it sets, default): the README's configuration table.
+ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
+    (GEN_MODEL_ENV, "Gen model: hub id or local directory (local), or the served model name (remote)", DEFAULT_GEN_MODEL),
+    (GEN_URL_ENV, "comma-separated vLLM / SGLang base URLs; when set, Gen runs remotely", "unset (local)"),
+    (GEN_API_KEY_ENV, "bearer key for the Gen servers (never logged)", "unset"),
+    (GEN_TIMEOUT_ENV, "seconds per request to a Gen server", "30"),
+    (STREAM_MODEL_ENV, "Stream model: hub id or local directory", DEFAULT_STREAM_MODEL),
+    (DEVICE_ENV, "device for local models: cuda, mps or cpu", "best available"),
+    (FAIL_OPEN_ENV, "1 lets content through while the guard is unavailable (never what it rejected)", "0 (fail closed)"),
+    (REVIEW_DB_ENV, "review queue: SQLite file path or database URL (enables Action.REVIEW)", "unset"),
+    (REVIEW_CONTENT_ENV, "1 stores the reviewed conversation's text in the queue (privacy: off by default)", "0"),
+    (UPSTREAM_ENV, "proxy: the upstream OpenAI-compatible base URL", "required by the proxy"),
+    (UPSTREAM_API_KEY_ENV, "proxy: key sent upstream (else OPENAI_API_KEY)", "unset"),
+    (PROXY_KEYS_ENV, "proxy: comma-separated keys clients must present", "unset (open)"),
+)
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The environment's configuration, validated; fields are None where a variable is unset."""
+
+    gen_model: str | None = None
+    gen_urls: str | None = None
+    gen_api_key: str | None = None
+    gen_timeout: float | None = None
+    stream_model: str | None = None
+    device: str | None = None
+    fail_open: bool = False
+    review_db: str | None = None
+    review_store_content: bool = False
+    upstream: str | None = None
+    upstream_api_key: str | None = None
+    proxy_keys: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and check every variable; a malformed value raises ``ValueError`` naming it."""
+        env = os.environ if environ is None else environ
+
+        def text(name: str) -> str | None:
+            return env.get(name, "").strip() or None
+
+        keys = frozenset(k.strip() for k in env.get(PROXY_KEYS_ENV, "").split(",") if k.strip())
+        timeout = text(GEN_TIMEOUT_ENV)
+        return cls(
+            gen_model=text(GEN_MODEL_ENV),
+            gen_urls=text(GEN_URL_ENV),
+            gen_api_key=text(GEN_API_KEY_ENV),
+            gen_timeout=None if timeout is None else positive_seconds(timeout, GEN_TIMEOUT_ENV),
+            stream_model=text(STREAM_MODEL_ENV),
+            device=text(DEVICE_ENV),
+            fail_open=parse_bool(env.get(FAIL_OPEN_ENV, ""), FAIL_OPEN_ENV),
+            review_db=text(REVIEW_DB_ENV),
+            review_store_content=parse_bool(env.get(REVIEW_CONTENT_ENV, ""), REVIEW_CONTENT_ENV),
+            upstream=text(UPSTREAM_ENV),
+            upstream_api_key=text(UPSTREAM_API_KEY_ENV) or text("OPENAI_API_KEY"),
+            proxy_keys=keys,
+        )
+
+
+def parse_bool(raw: str, name: str) -> bool:
+    """A boolean setting; a typo raises instead of silently meaning "off" (or, worse, "fail open")."""
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean; use one of {', '.join(_TRUE + _FALSE[1:])}")
+
+
+def positive_seconds(raw: str, name: str) -> float:
+    """A duration setting in seconds (> 0)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"{name}={raw!r} must be a positive number of seconds")
+    return value
+
+
+def check_holdback_tokens(value: object) -> int:
+    """The one check of a hold-back window (tokens kept back until judged): an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"holdback_tokens must be an int >= 0 (0 releases text before it is judged), got {value!r}")
+    return value

@@ -1,0 +1,206 @@
+"""One rule for what Qwen3Guard reads of a conversation, whichever framework it came from.
+
+Qwen3Guard knows one leading system turn, user turns and assistant turns; it judges the last user
+turn (prompt moderation) or the last assistant turn (response moderation). Applications send
+more: developer messages, tool and function results, images, reasoning, roles nobody has heard
+of. Every adapter maps its framework's messages to OpenAI-style dicts (or Responses input items)
+and calls ``from_messages`` / ``from_responses_input`` here, so one conversation gets one verdict
+in every adapter. The rule (the README's conversation table):
+
+- leading ``system`` / ``developer`` turns: joined into the guard's one system turn;
+- ``user``: a user turn; the last one is the prompt being judged;
+- ``assistant``: its text (text, output_text and refusal parts, ``refusal``) is an assistant turn;
+  tool calls, audio and reasoning are not text anyone reads and are left out; assistant turns
+  after the last user turn (an agent's tool-calling steps) are the model's own output, already
+  moderated when it was produced, and are left out, except
+- a final ``assistant`` turn (a prefill the model will continue): untrusted context;
+- ``tool`` / ``function`` results and Responses ``*_output`` items: untrusted context;
+- ``system`` / ``developer`` turns after the first user or assistant turn: untrusted context
+  (instructions inserted mid-conversation, often retrieved text);
+- image, audio and file parts: ``ValueError`` (the guard reads text; dropping them would let them
+  through unjudged); any other role or item type: ``ValueError``, never forwarded unjudged.
+
+Untrusted context is judged on its own, in prompt mode, like a retrieved document (indirect
+prompt injection comes back as ``Jailbreak``); see ``Moderator.check_prompt``. A request with no
+user turn and no context is judged by its system text, as the prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .messages import Message, check_text, content_to_text
+
+#: The user turn a Stream session is given when a conversation has none (it must prefill one).
+FALLBACK_PROMPT = "(the request is not available)"
+
+_SYSTEM_ROLES = frozenset({"system", "developer"})
+_TOOL_ROLES = frozenset({"tool", "function"})
+_ASSISTANT_PARTS = frozenset({"text", "output_text", "refusal"})
+#: Responses input items carrying what a tool returned: judged as untrusted context.
+_TOOL_OUTPUT_ITEMS = frozenset({
+    "function_call_output", "custom_tool_call_output", "computer_call_output", "local_shell_call_output",
+    "shell_call_output", "apply_patch_call_output", "mcp_call",
+})
+#: Responses input items that record the model's own earlier actions: not new input.
+_MODEL_ACTION_ITEMS = frozenset({
+    "function_call", "custom_tool_call", "reasoning", "web_search_call", "file_search_call", "computer_call",
+    "image_generation_call", "code_interpreter_call", "local_shell_call", "shell_call", "apply_patch_call",
+    "mcp_list_tools", "mcp_approval_request", "mcp_approval_response", "item_reference", "compaction",
+})
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """The guard's view of a request: the turns it reads, and untrusted context judged on its own.
+
+    ``turns`` is a valid guard conversation (optional system turn, then user and assistant turns)
+    ending with the last user turn, or empty when the request has none. ``context`` holds the
+    texts of tool results, late system messages and prefills.
+    """
+
+    turns: tuple[Message, ...] = ()
+    context: tuple[str, ...] = ()
+
+    @property
+    def has_prompt(self) -> bool:
+        """True when there is a user turn to judge."""
+        return bool(self.turns) and self.turns[-1].role == "user"
+
+    def with_answer(self, text: str) -> list[Message]:
+        """The conversation plus the model's answer, as response moderation reads it."""
+        return [*self.turns, Message("assistant", text)]
+
+    def stream_turns(self) -> list[Message]:
+        """What a Stream session prefills before the answer: it needs a final user turn."""
+        return list(self.turns) if self.has_prompt else [*self.turns, Message("user", FALLBACK_PROMPT)]
+
+    def digest(self, answer: str | None = None) -> str:
+        """A sha256 of the conversation (and answer): identifies it without storing it."""
+        data = [m.as_dict() for m in (self.turns if answer is None else self.with_answer(answer))]
+        canonical = json.dumps({"turns": data, "context": list(self.context)}, ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def from_text(text: str) -> Conversation:
+    """A one-turn conversation: ``text`` as the user's prompt."""
+    return _fold([("user", text)])
+
+
+def from_messages(messages: Iterable[Any]) -> Conversation:
+    """The guard's view of a chat request (OpenAI ``messages``, or any framework's messages as dicts)."""
+    if messages is None or isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
+        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
+    turns: list[tuple[str, str]] = []
+    for i, raw in enumerate(messages):
+        message = _plain(raw)
+        if not isinstance(message, Mapping):
+            raise ValueError(f"message {i} is {type(raw).__name__}, expected a dict with 'role' and 'content'")
+        role, where = message.get("role"), f"message {i}"
+        if role == "assistant":
+            turns.append(("assistant", _assistant_text(message, where)))
+        elif role in _SYSTEM_ROLES or role == "user" or role in _TOOL_ROLES:
+            turns.append((_kind(role), content_to_text(message.get("content"), where=where)))
+        else:
+            raise ValueError(f"{where} has role {role!r}; expected system, developer, user, assistant, tool or function")
+    return _fold(turns)
+
+
+def from_responses_input(input: Any, instructions: str | None = None) -> Conversation:
+    """The guard's view of a Responses API request (``input`` and ``instructions``)."""
+    turns: list[tuple[str, str]] = []
+    if instructions:
+        turns.append(("system", content_to_text(instructions, where="instructions")))
+    if isinstance(input, str):
+        turns.append(("user", content_to_text(input, where="input")))
+    elif input is None or isinstance(input, (bytes, Mapping)) or not isinstance(input, Iterable):
+        raise ValueError(f"input must be a string or a list of input items, got {type(input).__name__}")
+    else:
+        for i, raw in enumerate(input):
+            item, where = _plain(raw), f"input item {i}"
+            if not isinstance(item, Mapping):
+                raise ValueError(f"{where} is {type(raw).__name__}, expected a dict")
+            kind = item.get("type", "message")
+            if kind == "message":
+                role = item.get("role")
+                if role == "assistant":
+                    turns.append(("assistant", _assistant_text(item, where)))
+                elif role in _SYSTEM_ROLES or role == "user":
+                    turns.append((_kind(role), content_to_text(item.get("content"), where=where)))
+                else:
+                    raise ValueError(f"{where} has role {role!r}; expected user, assistant, system or developer")
+            elif kind in _TOOL_OUTPUT_ITEMS:
+                turns.append(("tool", _tool_output_text(item.get("output"), where)))
+            elif kind not in _MODEL_ACTION_ITEMS:
+                raise ValueError(f"{where} has type {kind!r}, which Qwen3Guard cannot judge; remove it or send it as text")
+    return _fold(turns)
+
+
+def _kind(role: str) -> str:
+    return "system" if role in _SYSTEM_ROLES else "tool" if role in _TOOL_ROLES else role
+
+
+def _fold(turns: list[tuple[str, str]]) -> Conversation:
+    """Apply the rule to (kind, text) pairs in order; kinds are system, user, assistant, tool."""
+    system: list[str] = []
+    kept: list[Message] = []
+    context: list[str] = []
+    for index, (kind, text) in enumerate(turns):
+        if not text.strip():
+            continue
+        if kind == "system" and not kept:
+            system.append(text)
+        elif kind == "user":
+            kept.append(Message("user", text))
+        elif kind == "assistant" and index == len(turns) - 1:
+            context.append(text)
+        elif kind == "assistant":
+            kept.append(Message("assistant", text))
+        else:
+            context.append(text)
+    last_user = max((i for i, m in enumerate(kept) if m.role == "user"), default=None)
+    head = [Message("system", "\n\n".join(system))] if system else []
+    if last_user is not None:
+        return Conversation(tuple(head + kept[: last_user + 1]), tuple(context))
+    if context:
+        return Conversation((), tuple(context))
+    if system:
+        return Conversation((Message("user", head[0].content),))
+    raise ValueError("the request has no text to moderate (no user, system or tool message with text)")
+
+
+def _plain(obj: Any) -> Any:
+    """Request items may be pydantic objects (a previous response's output) as well as dicts."""
+    return obj.model_dump(exclude_none=True) if hasattr(obj, "model_dump") else obj
+
+
+def _assistant_text(message: Mapping[str, Any], where: str) -> str:
+    """The words of an assistant turn: text and refusal parts (tool calls and audio are not text)."""
+    content = message.get("content")
+    pieces: list[str] = []
+    if isinstance(content, str):
+        pieces.append(content)
+    elif isinstance(content, Iterable) and not isinstance(content, (bytes, Mapping)):
+        for part in map(_plain, content):
+            if isinstance(part, str):
+                pieces.append(part)
+            elif isinstance(part, Mapping) and part.get("type") in _ASSISTANT_PARTS:
+                pieces.append(str(part.get("text") or part.get("refusal") or ""))
+    elif content is not None:
+        raise ValueError(f"{where}: assistant content must be a string or a list of parts, got {type(content).__name__}")
+    if isinstance(message.get("refusal"), str):
+        pieces.append(message["refusal"])
+    return check_text("\n".join(p for p in pieces if p), where=where)
+
+
+def _tool_output_text(output: Any, where: str) -> str:
+    """What a tool returned: a string, text parts, or shell output (images and files are refused)."""
+    if isinstance(output, Mapping) and ("stdout" in output or "stderr" in output):
+        return check_text("\n".join(str(output.get(k) or "") for k in ("stdout", "stderr")), where=where)
+    if isinstance(output, list) and all(isinstance(o, Mapping) and ("stdout" in o or "stderr" in o) for o in output):
+        return "\n".join(_tool_output_text(o, where) for o in output)
+    return content_to_text(output if output is not None else "", where=where)

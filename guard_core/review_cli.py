@@ -1,0 +1,142 @@
+"""``qwen3guard review ...``: the reviewer's side of the review queue, from a terminal.
+
+``list`` and ``stats`` print tables, ``show`` and ``resolve`` print the item as JSON, ``export``
+writes JSON Lines or CSV. The database comes from ``--db`` or ``QWEN3GUARD_REVIEW_DB`` (else the
+default SQLite file); the CLI never creates a SQLite database, so a mistyped path is an error
+rather than an empty queue
+(``ReviewQueue(..., create=False)``). Exit status 0 on success, 2 on any error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from datetime import datetime, timezone
+from typing import Any, NoReturn, Sequence, TextIO
+
+from .config import REVIEW_DB_ENV, Settings
+from .review import STATUSES, ReviewItem, ReviewQueue
+
+PROG = "qwen3guard review"
+EXIT_OK, EXIT_ERROR = 0, 2
+
+
+class _UsageError(Exception):
+    """A command line argparse would reject; reported on one line like every other error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse would print the usage and exit
+        raise _UsageError(message)
+
+
+def _since(text: str) -> datetime:
+    """``YYYY-MM-DD`` or an ISO 8601 time; without a UTC offset it is read as UTC."""
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD) or ISO 8601 time") from None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+def _parser() -> _Parser:
+    db = _Parser(add_help=False)
+    db.add_argument("--db", default=argparse.SUPPRESS, metavar="URL",
+                    help=f"SQLite file or postgresql:// URL (default: ${REVIEW_DB_ENV}, else the default SQLite file)")
+    since = {"type": _since, "metavar": "DATE", "help": "only items created at or after DATE (YYYY-MM-DD or ISO time, UTC)"}
+    status = {"choices": STATUSES, "help": "only items with this status"}
+
+    parser = _Parser(prog=PROG, parents=[db], description="Inspect and decide the items that Action.REVIEW queued.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ls = commands.add_parser("list", parents=[db], help="list items, oldest first")
+    ls.add_argument("--status", **status)
+    ls.add_argument("--since", **since)
+    ls.add_argument("--limit", type=int, default=100, help="at most this many items (default 100)")
+    show = commands.add_parser("show", parents=[db], help="print one item as JSON")
+    show.add_argument("id")
+    resolve = commands.add_parser("resolve", parents=[db], help="approve or reject a pending item")
+    resolve.add_argument("id")
+    resolve.add_argument("decision", choices=("approve", "reject"))
+    resolve.add_argument("--note", help="why (kept with the decision)")
+    resolve.add_argument("--reviewer", help="who decided (default: your login name)")
+    export = commands.add_parser("export", parents=[db], help="write items as JSON Lines or CSV")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="default jsonl")
+    export.add_argument("--output", metavar="FILE", help="write to FILE (default: stdout)")
+    export.add_argument("--status", **status)
+    export.add_argument("--since", **since)
+    stats = commands.add_parser("stats", parents=[db], help="item counts per day, level and category")
+    stats.add_argument("--since", **since)
+    return parser
+
+
+def _open_queue(args: argparse.Namespace) -> ReviewQueue:
+    location = getattr(args, "db", None) or Settings.from_env().review_db
+    try:
+        return ReviewQueue(location, create=False)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}; pass --db URL or set {REVIEW_DB_ENV}") from None
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def _item_rows(items: Sequence[ReviewItem]) -> list[list[Any]]:
+    return [[i.id, i.created_at.strftime("%Y-%m-%d %H:%M:%S"), i.status, i.source, i.role, i.risk.value,
+             ", ".join(c.value for c in i.categories) or None] for i in items]
+
+
+def _run(args: argparse.Namespace, out: TextIO) -> None:
+    with _open_queue(args) as queue:
+        if args.command == "list":
+            items = queue.list(status=args.status, since=args.since, limit=args.limit)
+            print(_table(("ID", "CREATED (UTC)", "STATUS", "SOURCE", "ROLE", "RISK", "CATEGORIES"), _item_rows(items))
+                  if items else "no review items", file=out)
+        elif args.command == "show":
+            print(json.dumps(queue.get(args.id).to_dict(), ensure_ascii=False, indent=2), file=out)
+        elif args.command == "resolve":
+            item = queue.resolve(args.id, args.decision, note=args.note, reviewer=args.reviewer or _login_name())
+            print(json.dumps(item.to_dict(), ensure_ascii=False, indent=2), file=out)
+        elif args.command == "export":
+            if args.output is None:
+                queue.export(out, args.format, status=args.status, since=args.since)
+            else:
+                with open(args.output, "w", encoding="utf-8", newline="") as fp:
+                    count = queue.export(fp, args.format, status=args.status, since=args.since)
+                print(f"exported {count} items to {args.output}", file=out)
+        else:
+            rows = queue.stats(since=args.since)
+            print(_table(("DAY", "RISK", "CATEGORY", "ITEMS", *(s.upper() for s in STATUSES)),
+                         [[r["day"], r["risk"], r["category"], r["items"], *(r[s] for s in STATUSES)] for r in rows])
+                  if rows else "no review items", file=out)
+
+
+def _login_name() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``qwen3guard review``; returns the exit status (0 success, 2 error)."""
+    from .review import ReviewStoreError
+
+    try:
+        args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        _run(args, sys.stdout)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    except (_UsageError, ValueError, LookupError, ImportError, OSError, ReviewStoreError) as exc:
+        message = exc.args[0] if isinstance(exc, LookupError) and exc.args else exc
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The streamed half of ``QwenGuardMiddleware``: the guarded chat model and the ``tools``-channel scrubber.
+
+Plain ``stream()`` never runs stream transformers, so ``GuardedChatModel`` stands in for the agent's
+model: it reads the real one with no callbacks attached (its raw tokens reach no one) through a
+``StreamRelay`` and yields the model's own chunks once judged, and every stream mode, state and
+checkpoint is built from what it yields. The v3 ``tools`` channel gets each raw tool result from the
+tool's own callbacks, before ``wrap_tool_call`` sees it, so ``ToolResultScrubber`` judges it there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.language_models.chat_models import BaseChatModel, agenerate_from_stream, generate_from_stream
+from langchain_core.messages import AIMessageChunk, BaseMessage, ToolMessage
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langgraph.stream import StreamTransformer
+from pydantic import ConfigDict, Field
+
+from guard_core import METADATA_KEY, Decision, GuardViolation, Moderator, RiskLevel
+from guard_core.conversation import Conversation
+from guard_core.messages import content_to_text
+from guard_core.moderator import strictest
+from guard_core.relay import Key, StreamRelay, cut_text
+from guard_core.steps import Flow, Step, arun, run
+
+from ._convert import chunk_text, messages_to_conversation
+from ._core import event_step
+
+def withheld(decision: Decision, tool_call_id: str = "", name: str | None = None, id: str | None = None) -> ToolMessage:
+    """What the model, the state and the ``tools`` channel get in place of blocked input: the verdict only."""
+    cats = ", ".join(decision.verdict.categories) or "no category"
+    return ToolMessage(content=f"Withheld by Qwen3Guard: {decision.verdict.risk.value} ({cats}).", status="error",
+                       tool_call_id=tool_call_id, name=name, id=id, response_metadata={METADATA_KEY: decision.to_dict()})
+
+
+def tool_text(result: Any) -> str:
+    """The text a tool returned; image and file parts raise ``ValueError`` (they cannot be judged)."""
+    return content_to_text(result.content if isinstance(result, ToolMessage) else str(result or ""), where="tool result")
+
+
+class ModelTurn:
+    """One model call: its chunks, its decisions, and the text the caller has been sent.
+
+    The relay (Stream guard) releases chunks as their text is judged; Gen judges the whole message
+    before the gate's last chunks go out (Gen alone holds all of it). A block stops the model and
+    ends the message with the refusal, or raises (``raise_on_block``); with ``hold_controversial`` a
+    blocked Controversial answer is read to its end and kept for a human instead.
+    """
+
+    def __init__(self, moderator: Moderator, conversation: Conversation, *, raise_on_block: bool,
+                 hold_controversial: bool) -> None:
+        self.moderator, self.conversation = moderator, conversation
+        self.raise_on_block, self.hold_controversial = raise_on_block, hold_controversial
+        self.relay = StreamRelay(moderator, conversation, self._on_decision, record_reviews=not moderator.has_gen) \
+            if moderator.has_stream else None
+        self.chunks: list[AIMessageChunk] = []
+        self.decisions: list[Decision] = []
+        self.blocked = self.held = self.stopped = False  # stopped: the model's stream need not be read further
+        self._sent, self._reported = "", 0
+
+    @property
+    def decision(self) -> Decision | None:
+        """The decision that rules the message (None when it had no text)."""
+        return strictest(self.decisions) if self.decisions else None
+
+    def feed(self, chunk: AIMessageChunk) -> Flow[list[AIMessageChunk]]:
+        """Take one chunk of the model's stream; returns the chunks the caller may have now."""
+        if not isinstance(chunk, AIMessageChunk):  # a model that cannot stream yields its whole message
+            chunk = AIMessageChunk(**chunk.model_dump(exclude={"type"}))
+        self.chunks.append(chunk)
+        if self.blocked or self.relay is None:
+            return []
+        relay, texts = self.relay, [(0, text)] if (text := chunk_text(chunk)) else []
+        out = yield Step(lambda: relay.feed(chunk, texts), lambda: relay.afeed(chunk, texts))
+        return (yield from self._settle(out))
+
+    def end(self) -> Flow[list[AIMessageChunk]]:
+        """The stream is over: Gen's verdict on the whole message, then the Stream gate's last word."""
+        if self.stopped:
+            return []
+        if self.moderator.has_gen and not self.blocked:
+            text = "".join(map(chunk_text, self.chunks))
+            decision = (yield from self.moderator.answers_flow(self.conversation, [text], None, "gen"))[0]
+            if decision is not None:
+                self._record(decision)
+        out = [] if self.blocked else self.chunks if self.relay is None else (yield Step(self.relay.end, self.relay.aend))
+        out = yield from self._settle(out)
+        return [*out, AIMessageChunk(content="", id=self.chunks[-1].id, chunk_position="last")] if self.held else out
+
+    def close(self) -> None:
+        """Free the guard sessions (also after an error or an early stop)."""
+        if self.relay is not None:
+            self.relay.close()
+
+    def _record(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+        if decision.blocked and not self.blocked:
+            self.blocked = True
+            self.held = self.hold_controversial and decision.verdict.risk is RiskLevel.CONTROVERSIAL
+            self.stopped = not self.held
+
+    def _on_decision(self, key: Key, decision: Decision, relay: StreamRelay[AIMessageChunk]) -> None:
+        """A blocked key's held chunks are cut to what was released (or all dropped): never judged safe."""
+        self._record(decision)
+        drop_all = self.held or self.raise_on_block
+        if decision.blocked and not drop_all:
+            cut_text(relay.pending, key, len(relay.released(key)), chunk_text, _cut)
+        for held in relay.pending:
+            if decision.blocked and (drop_all or key not in held.ends):
+                held.item = None
+
+    def _settle(self, out: list[AIMessageChunk]) -> Flow[list[AIMessageChunk]]:
+        """Report new decisions; a block raises, or ends the message with the refusal."""
+        for decision in self.decisions[self._reported:]:
+            yield event_step(decision)
+        self._reported, self._sent = len(self.decisions), self._sent + "".join(map(chunk_text, out))
+        if self.stopped and self.raise_on_block:
+            raise GuardViolation(self.decisions[-1].verdict)
+        if self.stopped:
+            out = [*out, AIMessageChunk(content=self.moderator.refusal_after(self._sent), id=self.chunks[-1].id,
+                                        chunk_position="last")]
+        return out
+
+
+def _cut(chunk: AIMessageChunk, keep: int) -> AIMessageChunk | None:
+    """A held chunk cut to its released text; the tool calls of a blocked message are dropped."""
+    return AIMessageChunk(content=chunk_text(chunk)[:keep], id=chunk.id) if keep else None
+
+
+class GuardedChatModel(BaseChatModel):
+    """The agent's model behind the guard: ``inner`` (tools bound by ``bind_tools``) streamed through
+    a ``ModelTurn`` per call (``open_turn``), recorded in ``turns`` (shared with the bound copies)."""
+
+    inner: Any
+    open_turn: Any
+    turns: list[ModelTurn] = Field(default_factory=list)
+    cache: Any = False  # a cache hit would skip the guard; the real model keeps its own cache
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    @property
+    def _llm_type(self) -> str:
+        return "qwen3guard-guarded"
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> GuardedChatModel:
+        """Bind the tools to the real model, keeping the guard around it."""
+        return self.model_copy(update={"inner": self.inner.bind_tools(tools, **kwargs)})
+
+    def _open(self, messages: list[BaseMessage]) -> ModelTurn:
+        self.turns.append(self.open_turn(messages_to_conversation(messages)))
+        return self.turns[-1]
+
+    def _generate(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any) -> ChatResult:
+        return generate_from_stream(self._stream(messages, stop, **kwargs))
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
+                         **kwargs: Any) -> ChatResult:
+        return await agenerate_from_stream(self._astream(messages, stop, **kwargs))
+
+    def _stream(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
+                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        turn, source = self._open(messages), self.inner.stream(messages, {"callbacks": []}, stop=stop, **kwargs)
+        try:
+            for chunk in source:
+                yield from (ChatGenerationChunk(message=c) for c in run(turn.feed(chunk)))
+                if turn.stopped:
+                    break
+            yield from (ChatGenerationChunk(message=c) for c in run(turn.end()))
+        finally:
+            source.close()
+            turn.close()
+
+    async def _astream(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        turn, source = self._open(messages), self.inner.astream(messages, {"callbacks": []}, stop=stop, **kwargs)
+        try:
+            async for chunk in source:
+                for out in await arun(turn.feed(chunk)):
+                    yield ChatGenerationChunk(message=out)
+                if turn.stopped:
+                    break
+            for out in await arun(turn.end()):
+                yield ChatGenerationChunk(message=out)
+        finally:
+            await source.aclose()
+            turn.close()
+
+
+class ToolResultScrubber(StreamTransformer):
+    """Judges each ``tool-finished`` output on the v3 ``tools`` channel like ``wrap_tool_call`` does
+    (verdicts are cached by content: one guard call per result) and replaces a blocked one; partial
+    ``tool-output-delta`` outputs are emptied, since nothing can judge them before the tool ends."""
+
+    before_builtins = True
+    supports_sync = True
+    required_stream_modes = ("tools",)
+
+    def __init__(self, scope: tuple[str, ...] = (), *, moderator: Moderator) -> None:
+        super().__init__(scope)
+        self.moderator = moderator
+
+    def init(self) -> dict[str, Any]:
+        return {}
+
+    def process(self, event: Any) -> bool:
+        return run(self._scrub(event))
+
+    async def aprocess(self, event: Any) -> bool:
+        return await arun(self._scrub(event))
+
+    def _scrub(self, event: Any) -> Flow[bool]:
+        data = event["params"]["data"] if event["method"] == "tools" else None
+        kind = data.get("event") if isinstance(data, dict) else None
+        if kind == "tool-output-delta":
+            data["delta"] = ""
+        elif kind == "tool-finished" and (text := tool_text(data.get("output"))).strip():
+            decision = (yield from self.moderator.context_flow([text]))[0]
+            if decision.blocked:
+                data["output"] = withheld(decision, data.get("tool_call_id") or "", getattr(data["output"], "name", None))
+        return True

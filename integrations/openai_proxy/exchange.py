@@ -1,0 +1,149 @@
+"""One OpenAI request through the guard, decided the same way by the client wrapper and the proxy.
+
+Both take a request body (the wrapper's keyword arguments, the proxy's JSON), validate it
+(``Request.parse``), judge the prompt before anything goes upstream (``prompt_flow``) and judge
+whole answers once they are back (``whole_flow``); streams go through ``streaming``. Each is a
+flow over the core ``Moderator`` (``guard_core.steps``), run blocking by the sync client and
+awaited by the async client and the proxy. Decisions ride on what the caller gets under
+``qwen3guard``: ``{"prompt": decision, "response": decision, "index": i}``, or for a whole chat
+completion ``{"prompt": decision, "choices": [{"index": i, "response": decision}, ...]}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from openai import NotGiven, Omit
+from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
+
+from guard_core import Decision, Moderator
+from guard_core.conversation import Conversation, from_messages, from_responses_input
+from guard_core.moderator import PromptResult
+from guard_core.steps import Flow
+
+from . import chunks
+from .errors import MalformedReplyError, UnsafeContentError
+
+Endpoint = Literal["chat", "responses"]
+OnUnsafe = Literal["abort", "rewrite"]
+#: Chat choices (``n``) one request may ask for: each one is a guard session.
+DEFAULT_MAX_CHOICES = 8
+
+
+class OpenAIGuard:
+    """What guarding OpenAI traffic needs beside the core ``Moderator``.
+
+    ``on_unsafe="abort"`` raises ``UnsafeContentError`` (the proxy answers an error);
+    ``"rewrite"`` answers with the refusal and ``finish_reason="content_filter"``.
+    ``max_choices`` caps ``n``, since every choice is judged by its own guard session.
+    """
+
+    def __init__(self, moderator: Moderator, *, on_unsafe: OnUnsafe = "abort", max_choices: int = DEFAULT_MAX_CHOICES) -> None:
+        if on_unsafe not in ("abort", "rewrite"):
+            raise ValueError(f"on_unsafe must be 'abort' or 'rewrite', got {on_unsafe!r}")
+        if isinstance(max_choices, bool) or not isinstance(max_choices, int) or max_choices < 1:
+            raise ValueError(f"max_choices must be an int >= 1, got {max_choices!r}")
+        self.moderator = moderator
+        self.on_unsafe: OnUnsafe = on_unsafe
+        self.max_choices = max_choices
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request: which endpoint, the conversation the guard reads, and how it is answered."""
+
+    endpoint: Endpoint
+    conversation: Conversation
+    stream: bool
+    n: int
+    model: str
+
+    @classmethod
+    def parse(cls, endpoint: Endpoint, body: Mapping[str, Any], max_choices: int) -> Request:
+        """Check what the guard relies on; ``ValueError`` says what is wrong (the proxy's 400)."""
+        body = {k: v for k, v in body.items() if not isinstance(v, (NotGiven, Omit))}  # the SDK's "not given" markers
+        stream, n, model = body.get("stream"), body.get("n"), body.get("model")
+        if stream is not None and not isinstance(stream, bool):
+            raise ValueError(f"'stream' must be true or false, got {stream!r}")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_choices):
+            raise ValueError(f"'n' must be an integer from 1 to {max_choices}, got {n!r}")
+        if endpoint == "chat":
+            conversation = from_messages(body.get("messages"))
+        else:
+            instructions = body.get("instructions")
+            if instructions is not None and not isinstance(instructions, str):
+                raise ValueError(f"'instructions' must be a string, got {type(instructions).__name__}")
+            conversation = from_responses_input(body.get("input"), instructions)
+        return cls(endpoint, conversation, bool(stream), n or 1, model if isinstance(model, str) else "")
+
+
+def note(*, prompt: Decision | None = None, response: Decision | None = None, index: int | None = None) -> dict[str, Any]:
+    """The ``qwen3guard`` field: the decisions, and which choice (or output item) they are about."""
+    out: dict[str, Any] = {}
+    if prompt is not None:
+        out["prompt"] = prompt.to_dict()
+    if response is not None:
+        out["response"] = response.to_dict()
+    if index is not None:
+        out["index"] = index
+    return out
+
+
+def refusal_for_prompt(guard: OpenAIGuard, request: Request, decision: Decision, *, parsed: bool = False) -> Any:
+    """What answers a blocked prompt in rewrite mode: a refusal stream (list of items) or object."""
+    text, model, body = guard.moderator.refusal, request.model, note(prompt=decision)
+    if request.endpoint == "chat":
+        if request.stream:
+            return chunks.prompt_refusal_chunks(model, text, body, request.n)
+        return chunks.refusal_completion(model, text, body, request.n, parsed=parsed)
+    item = chunks.message_item(chunks.new_id("msg"), text)
+    if request.stream:
+        return chunks.responses_refusal_events(None, item_id=item["id"], output_index=0, content_index=0, delivered="",
+                                               text=text, prior=[], sequence=0, note=body, model=model, opened=False)
+    return chunks.incomplete_response(None, [item], body, model=model)
+
+
+def prompt_flow(guard: OpenAIGuard, request: Request, *, parsed: bool = False) -> Flow[tuple[PromptResult, Any]]:
+    """Judge the prompt; a block raises (abort) or comes back as the refusal to answer with (rewrite)."""
+    result = yield from guard.moderator.prompt_flow(request.conversation, keep_gate=request.stream)
+    decision = result.decision
+    if decision is None or not decision.blocked:
+        return result, None
+    if guard.on_unsafe == "abort":
+        raise UnsafeContentError(decision)
+    return result, refusal_for_prompt(guard, request, decision, parsed=parsed)
+
+
+def whole_flow(guard: OpenAIGuard, request: Request, reply: Any, prompt: Decision | None) -> Flow[Any]:
+    """Judge every choice of a whole chat completion, or the text of a whole response."""
+    kind, field = (ChatCompletion, "choices") if request.endpoint == "chat" else (Response, "output")
+    completion = reply if isinstance(reply, kind) else chunks.sdk_object(kind, reply)
+    if not isinstance(getattr(completion, field, None), list):
+        raise MalformedReplyError(f"the upstream's reply has no '{field}' list, so there is nothing the guard can judge")
+    try:
+        texts = [c.message.content or "" for c in completion.choices] if field == "choices" else [completion.output_text]
+    except (AttributeError, TypeError) as exc:
+        raise MalformedReplyError(f"the upstream's reply is not a readable {kind.__name__}: {exc}") from None
+    decisions = yield from guard.moderator.answers_flow(request.conversation, texts)
+    judged = [(i, d) for i, d in enumerate(decisions) if d is not None]
+    blocked = [(i, d) for i, d in judged if d.blocked]
+    if blocked and guard.on_unsafe == "abort":
+        index, decision = blocked[0]
+        raise UnsafeContentError(decision, choice_index=completion.choices[index].index if field == "choices" else 0)
+    refusal = guard.moderator.refusal
+    if field == "output":
+        body = note(prompt=prompt, response=decisions[0])
+        return chunks.refused_response(completion, refusal, body) if blocked else chunks.annotated(completion, body)
+    refused = {i for i, _ in blocked}
+    choices = [chunks.refused_choice(c, refusal) if i in refused else c for i, c in enumerate(completion.choices)]
+    body = {**note(prompt=prompt), "choices": [{"index": completion.choices[i].index, "response": d.to_dict()} for i, d in judged]}
+    return chunks.annotated(completion.model_copy(update={"choices": choices}), body)
+
+
+def review_ids(*decisions: Decision | None) -> list[str]:
+    """The review items opened by these decisions (the proxy's ``x-qwen3guard-review`` header)."""
+    return [d.review_id for d in decisions if d is not None and d.review_id]
+

@@ -1,0 +1,149 @@
+"""QwenGuardRunnable.around(chain): the response guard judges the chain's output with its input in view."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Iterable
+
+import pytest
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+
+from langchain_helpers import Recorder, collect
+from guard_core import GuardViolation, Message, RiskLevel
+from guard_core.stream import StreamGuard
+from guard_core.testing.cases import REFUSAL_ANSWER, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_PROMPT
+from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_SAFE_TEXT, PLANTED_UNSAFE_PROMPT
+from integrations.langchain import DEFAULT_REFUSAL, METADATA_KEY, QwenGuardRunnable
+
+UNSAFE_REPLY = "Sure, take a pipe bomb. Then light it."
+SAFE_PREFIX = ["Sure,", " ", "take", " ", "a"]
+
+
+class SpyGen:
+    """A Gen guard that records every conversation it is asked to judge, then asks the real one."""
+
+    def __init__(self, guard: Any) -> None:
+        self.guard, self.seen = guard, []
+
+    @property
+    def model_id(self) -> str:
+        return self.guard.model_id
+
+    def moderate(self, messages: Iterable[Any]) -> Any:
+        return self.moderate_batch([messages])[0]
+
+    def moderate_batch(self, conversations: Iterable[Iterable[Any]]) -> Any:
+        batch = [list(c) for c in conversations]
+        self.seen += batch
+        return self.guard.moderate_batch(batch)
+
+    async def amoderate(self, messages: Iterable[Any]) -> Any:
+        return self.moderate(messages)
+
+    async def amoderate_batch(self, conversations: Iterable[Iterable[Any]]) -> Any:
+        return self.moderate_batch(conversations)
+
+
+class SpyStream:
+    """A Stream guard that records the conversation of every gate it opens."""
+
+    def __init__(self, guard: StreamGuard) -> None:
+        self.guard, self.gates = guard, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.guard, name)
+
+    def gate(self, messages: Iterable[Any], *args: Any) -> Any:
+        self.gates.append(list(messages))
+        return self.guard.gate(self.gates[-1], *args)
+
+    async def agate(self, messages: Iterable[Any], *args: Any) -> Any:
+        return self.gate(messages, *args)
+
+
+def chain_answering(*answers: str) -> Any:
+    model = GenericFakeChatModel(messages=iter([AIMessage(content=a) for a in answers]))
+    return ChatPromptTemplate.from_messages([("human", "{question}")]) | model
+
+
+def test_gen_judges_the_answer_as_a_reply_to_the_question(gen_guard: Any) -> None:
+    spy, recorder = SpyGen(gen_guard), Recorder()
+    guarded = QwenGuardRunnable.around(chain_answering(REFUSAL_ANSWER), gen_guard=spy, prompt_check="off")
+    out = guarded.invoke({"question": UNSAFE_PROMPT}, config={"callbacks": [recorder]})
+    assert out.content == REFUSAL_ANSWER
+    assert spy.seen == [[Message("user", UNSAFE_PROMPT), Message("assistant", REFUSAL_ANSWER)]]
+    (event,) = recorder.events
+    assert (event["role"], event["risk"], event["refusal"], event["action"]) == ("response", "Safe", True, "allow")
+
+
+def test_the_input_is_judged_as_the_prompt_before_the_chain_runs(gen_guard: Any) -> None:
+    chain = chain_answering(SAFE_ANSWER)
+    with pytest.raises(GuardViolation) as info:
+        QwenGuardRunnable.around(chain, gen_guard=gen_guard).invoke({"question": UNSAFE_PROMPT})
+    assert info.value.verdict.role == "prompt"
+    replaced = QwenGuardRunnable.around(chain, gen_guard=gen_guard, on_violation="replace").invoke({"question": UNSAFE_PROMPT})
+    assert isinstance(replaced, AIMessage) and replaced.content == DEFAULT_REFUSAL
+    assert replaced.response_metadata[METADATA_KEY]["role"] == "prompt"
+    assert QwenGuardRunnable.around(chain, gen_guard=gen_guard).invoke({"question": SAFE_PROMPT}).content == SAFE_ANSWER
+
+
+def test_a_stream_is_judged_with_the_question_prefilled_once(stream_guard: StreamGuard) -> None:
+    spy = SpyStream(stream_guard)
+    guarded = QwenGuardRunnable.around(chain_answering(UNSAFE_REPLY), stream_guard=spy) | StrOutputParser()
+    got, exc = collect(guarded.stream({"question": PLANTED_SAFE_PROMPT}))
+    assert got == SAFE_PREFIX and isinstance(exc, GuardViolation) and exc.verdict.role == "response"
+    # The Stream prompt check's gate judges the answer too: one prefill, of the user's question.
+    assert spy.gates == [[Message("user", PLANTED_SAFE_PROMPT)]]
+
+
+def test_a_safe_stream_passes_as_the_models_own_chunks(stream_guard: StreamGuard) -> None:
+    plain = list(chain_answering(PLANTED_SAFE_TEXT).stream({"question": PLANTED_SAFE_PROMPT}))
+    guarded = list(QwenGuardRunnable.around(chain_answering(PLANTED_SAFE_TEXT), stream_guard=stream_guard)
+                   .stream({"question": PLANTED_SAFE_PROMPT}))
+    assert [c.content for c in guarded] == [c.content for c in plain]
+    assert all(isinstance(c, AIMessageChunk) for c in guarded)
+
+
+def test_astream_events_show_the_prompt_and_answer_decisions_and_the_chain(stream_guard: StreamGuard) -> None:
+    guarded = QwenGuardRunnable.around(chain_answering(PLANTED_SAFE_TEXT), stream_guard=stream_guard)
+
+    async def events() -> list[dict[str, Any]]:
+        return [e async for e in guarded.astream_events({"question": PLANTED_SAFE_PROMPT}, version="v2")]
+
+    seen = asyncio.run(events())
+    decisions = [(e["data"]["role"], e["data"]["risk"]) for e in seen if e["event"] == "on_custom_event"]
+    assert decisions == [("prompt", "Safe"), ("response", "Safe")]
+    streamed = "".join(e["data"]["chunk"].content for e in seen if e["event"] == "on_chat_model_stream")
+    assert streamed == PLANTED_SAFE_TEXT
+
+
+def test_astream_blocks_an_unsafe_question_before_the_chain_runs(stream_guard: StreamGuard) -> None:
+    guarded = QwenGuardRunnable.around(chain_answering(PLANTED_SAFE_TEXT), stream_guard=stream_guard, on_violation="replace")
+
+    async def chunks() -> list[Any]:
+        return [c async for c in guarded.astream({"question": PLANTED_UNSAFE_PROMPT})]
+
+    (refusal,) = asyncio.run(chunks())
+    assert isinstance(refusal, AIMessageChunk) and refusal.content == DEFAULT_REFUSAL
+    assert refusal.response_metadata[METADATA_KEY]["risk"] == RiskLevel.UNSAFE.value
+
+
+def test_batch_keeps_each_input_with_its_own_answer(gen_guard: Any) -> None:
+    spy = SpyGen(gen_guard)
+    guarded = QwenGuardRunnable.around(chain_answering(SAFE_ANSWER, SAFE_ANSWER), gen_guard=spy)
+    out = guarded.batch([{"question": SAFE_PROMPT}, {"question": UNSAFE_PROMPT}], return_exceptions=True)
+    assert out[0].content == SAFE_ANSWER and isinstance(out[1], GuardViolation)
+    assert [Message("user", SAFE_PROMPT), Message("assistant", SAFE_ANSWER)] in spy.seen
+
+
+def test_without_a_stream_guard_the_streamed_answer_is_judged_whole(gen_guard: Any) -> None:
+    guarded = QwenGuardRunnable.around(chain_answering(REFUSAL_ANSWER), gen_guard=gen_guard, prompt_check="off")
+    assert [c.content for c in guarded.stream({"question": UNSAFE_PROMPT})] == [REFUSAL_ANSWER]
+
+
+def test_around_rejects_a_prompt_role(gen_guard: Any) -> None:
+    with pytest.raises(ValueError, match="around"):
+        QwenGuardRunnable.around(chain_answering(SAFE_ANSWER), role="prompt", gen_guard=gen_guard)

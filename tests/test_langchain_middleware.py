@@ -1,0 +1,289 @@
+"""QwenGuardMiddleware in real ``create_agent`` agents: input, tool results, Gen, review, interrupts.
+
+The offline checkpoints decide: the planted Stream guard (`` pipe bomb`` Unsafe, `` rigged
+election`` Controversial, prompts with `` bomb`` Unsafe) and the trained Gen guard, asked only
+the conversations it was trained on (``guard_core.testing.cases``). The model is scripted
+(``scripted_chat_model``) and counts its calls; the tool is a real LangChain tool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain.agents import create_agent
+from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
+from langchain_core.tools import tool
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import Command
+
+from guard_core import DEFAULT_REFUSAL, Action, GenGuard, GuardViolation, Policy, RemoteGenGuard, RiskLevel, StreamGuard
+from guard_core.review import ReviewQueue
+from guard_core.testing import PLANTED_SAFE_PROMPT, PLANTED_SAFE_TEXT, PLANTED_UNSAFE_PROMPT, stream_checkpoint
+from guard_core.testing.cases import (CONTROVERSIAL_PROMPT, JAILBREAK_PROMPT, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_ANSWER,
+                                      UNSAFE_PROMPT)
+from integrations.langchain.middleware import QwenGuardMiddleware
+from scripted_chat_model import ScriptedChatModel, ai
+
+#: Tool outputs the Gen fixture was trained to judge (as prompts): one Safe, one Jailbreak.
+DOCUMENTS = {"faq": "What is the capital of France?", "injected": JAILBREAK_PROMPT}
+CONTROVERSIAL_ANSWER = "Some say it was a rigged election, but the courts found no fraud."
+
+
+@tool
+def fetch_document(name: str) -> str:
+    """Fetch a document by name."""
+    return DOCUMENTS[name]
+
+
+@pytest.fixture(scope="module")
+def gen_server(gen_dir: Path) -> Iterator[Any]:
+    """The Gen checkpoint behind a real local OpenAI-compatible HTTP server."""
+    from gen_server import GenServer, load_gen_model
+
+    with GenServer(*load_gen_model(gen_dir)) as server:
+        yield server
+
+
+def build(script: dict[str, list[AIMessage]], middleware: QwenGuardMiddleware, saver: Any = None,
+          **model: Any) -> tuple[Any, ScriptedChatModel]:
+    scripted = ScriptedChatModel(script=script, **model)
+    return create_agent(scripted, [fetch_document], middleware=[middleware], checkpointer=saver), scripted
+
+
+def ask(prompt: str, thread: str = "t") -> tuple[dict[str, Any], dict[str, Any]]:
+    return {"messages": [HumanMessage(prompt)]}, {"configurable": {"thread_id": thread}}
+
+
+def verdict(message: Any) -> dict[str, Any]:
+    return message.response_metadata["qwen3guard"]
+
+
+# Input.
+
+@pytest.mark.parametrize("exit_behavior", ["end", "replace", "error"])
+def test_an_unsafe_prompt_makes_no_model_call(stream_guard: StreamGuard, exit_behavior: str) -> None:
+    saver = InMemorySaver()
+    graph, model = build({PLANTED_UNSAFE_PROMPT: [ai("Here is how.")]},
+                         QwenGuardMiddleware(None, stream_guard, exit_behavior=exit_behavior), saver)
+    if exit_behavior == "error":
+        with pytest.raises(GuardViolation):
+            graph.invoke(*ask(PLANTED_UNSAFE_PROMPT))
+        assert model.calls == []
+        return
+    messages = graph.invoke(*ask(PLANTED_UNSAFE_PROMPT))["messages"]
+    assert model.calls == []
+    assert [type(m) for m in messages] == [HumanMessage, AIMessage] and messages[-1].text == DEFAULT_REFUSAL
+    assert verdict(messages[0])["action"] == "block" and verdict(messages[0])["risk"] == "Unsafe"
+    assert ("bomb" in messages[0].text) is (exit_behavior == "end")
+    assert ("bomb" in repr(graph.get_state(ask("")[1]).values)) is (exit_behavior == "end")
+
+
+def test_a_gen_prompt_check_and_answer_check(gen_guard: GenGuard) -> None:
+    graph, model = build({UNSAFE_PROMPT: [ai("Here is how.")], SAFE_PROMPT: [ai(SAFE_ANSWER)]}, QwenGuardMiddleware(gen_guard, None))
+    assert graph.invoke(*ask(UNSAFE_PROMPT))["messages"][-1].text == DEFAULT_REFUSAL and model.calls == []
+    answer = graph.invoke(*ask(SAFE_PROMPT))["messages"][-1]
+    assert answer.text == SAFE_ANSWER and verdict(answer)["action"] == "allow" and verdict(answer)["refusal"] is False
+
+
+def test_a_remote_gen_guard_judges_through_its_server(gen_server: Any) -> None:
+    remote_gen = RemoteGenGuard(gen_server.base_url, model=gen_server.model_name)
+    graph, model = build({UNSAFE_PROMPT: [ai("Here is how.")]}, QwenGuardMiddleware(remote_gen, None))
+    messages = graph.invoke(*ask(UNSAFE_PROMPT))["messages"]
+    assert model.calls == [] and verdict(messages[0])["model"] == remote_gen.model_id
+
+
+# Tool results: the injected document comes back as Jailbreak.
+
+def injected() -> dict[str, list[AIMessage]]:
+    return {SAFE_PROMPT: [ai("", ("fetch_document", {"name": "injected"})), ai(SAFE_ANSWER)]}
+
+
+def test_replace_gives_the_model_a_notice_instead_of_the_injection(gen_guard: GenGuard) -> None:
+    graph, model = build(injected(), QwenGuardMiddleware(gen_guard, None, exit_behavior="replace"))
+    messages = graph.invoke(*ask(SAFE_PROMPT))["messages"]
+    result = next(m for m in messages if isinstance(m, ToolMessage))
+    assert JAILBREAK_PROMPT not in repr(messages) and "Jailbreak" in result.text
+    assert verdict(result)["categories"] == ["Jailbreak"] and verdict(result)["action"] == "block"
+    assert model.calls == [SAFE_PROMPT] * 2 and messages[-1].text == SAFE_ANSWER
+
+
+def test_end_stops_before_the_next_model_call(gen_guard: GenGuard) -> None:
+    graph, model = build(injected(), QwenGuardMiddleware(gen_guard, None, exit_behavior="end"))
+    messages = graph.invoke(*ask(SAFE_PROMPT))["messages"]
+    assert model.calls == [SAFE_PROMPT] and messages[-1].text == DEFAULT_REFUSAL
+    assert JAILBREAK_PROMPT not in repr(messages) and verdict(messages[-1])["categories"] == ["Jailbreak"]
+
+
+def test_error_raises_on_the_injected_result(gen_guard: GenGuard) -> None:
+    graph, model = build(injected(), QwenGuardMiddleware(gen_guard, None, exit_behavior="error"))
+    with pytest.raises(GuardViolation) as raised:
+        graph.invoke(*ask(SAFE_PROMPT))
+    assert [c.value for c in raised.value.verdict.categories] == ["Jailbreak"] and model.calls == [SAFE_PROMPT]
+
+
+def test_a_safe_tool_result_passes_with_its_verdict(gen_guard: GenGuard) -> None:
+    script = {SAFE_PROMPT: [ai("", ("fetch_document", {"name": "faq"})), ai(SAFE_ANSWER)]}
+    graph, _ = build(script, QwenGuardMiddleware(gen_guard, None, apply_to_input=False))
+    result = next(m for m in graph.invoke(*ask(SAFE_PROMPT))["messages"] if isinstance(m, ToolMessage))
+    assert result.text == DOCUMENTS["faq"] and verdict(result)["action"] == "allow" and verdict(result)["role"] == "prompt"
+
+
+def test_the_v3_tools_channel_carries_the_notice_not_the_injection(gen_guard: GenGuard) -> None:
+    graph, _ = build(injected(), QwenGuardMiddleware(gen_guard, None, exit_behavior="replace"))
+    events = list(graph.stream_events(*ask(SAFE_PROMPT), version="v3"))
+    finished = [e["params"]["data"]["output"] for e in events if e["method"] == "tools" and e["params"]["data"]["event"] == "tool-finished"]
+    assert JAILBREAK_PROMPT not in repr(events) and len(finished) == 1 and "Jailbreak" in finished[0].text
+    with graph.stream_events(*ask(SAFE_PROMPT, "t2"), version="v3") as run:
+        calls = list(run.tool_calls)
+    assert [c.output for c in calls] == [finished[0].text]
+
+    async def go() -> list[Any]:
+        return [e async for e in await graph.astream_events(*ask(SAFE_PROMPT, "t3"), version="v3")]
+
+    assert JAILBREAK_PROMPT not in repr(asyncio.run(go()))
+
+
+# Gen as an output guard.
+
+def test_gen_alone_holds_the_whole_answer_until_it_has_judged_it(gen_guard: GenGuard) -> None:
+    middleware = QwenGuardMiddleware(gen_guard, None, apply_to_input=False)
+    graph, _ = build({UNSAFE_PROMPT: [ai(UNSAFE_ANSWER)], SAFE_PROMPT: [ai(SAFE_ANSWER)]}, middleware, max_chunk=4)
+    chunks = [c.text for c, _ in graph.stream(*ask(UNSAFE_PROMPT), stream_mode="messages") if isinstance(c, AIMessageChunk)]
+    assert "".join(chunks) == DEFAULT_REFUSAL
+    bare = create_agent(ScriptedChatModel(script={SAFE_PROMPT: [ai(SAFE_ANSWER)]}, max_chunk=4), [fetch_document])
+    plain = [c.text for c, _ in bare.stream(*ask(SAFE_PROMPT), stream_mode="messages")]
+    assert [c.text for c, _ in graph.stream(*ask(SAFE_PROMPT), stream_mode="messages")] == plain
+
+
+def test_with_both_guards_gen_has_the_last_word_on_what_stream_passed(gen_guard: GenGuard, stream_guard: StreamGuard) -> None:
+    graph, _ = build({UNSAFE_PROMPT: [ai(UNSAFE_ANSWER)]}, QwenGuardMiddleware(gen_guard, stream_guard, apply_to_input=False))
+    items = list(graph.stream(*ask(UNSAFE_PROMPT), stream_mode=["messages", "values"]))
+    streamed = "".join(c.text for mode, (c, *_) in items if mode == "messages" and isinstance(c, AIMessageChunk))
+    answer = items[-1][1]["messages"][-1]
+    assert streamed == answer.text and answer.text.endswith(DEFAULT_REFUSAL) and "fuse" not in streamed
+    assert verdict(answer)["action"] == "block" and verdict(answer)["model"] == gen_guard.model_id
+
+
+# Controversial answers: review items, and the interrupt for a human.
+
+def test_a_reviewed_controversial_answer_passes_and_leaves_one_item(stream_guard: StreamGuard, tmp_path: Path) -> None:
+    queue = ReviewQueue(tmp_path / "reviews.db")
+    policy = Policy(actions={RiskLevel.CONTROVERSIAL: Action.REVIEW})
+    graph, _ = build({PLANTED_SAFE_PROMPT: [ai(CONTROVERSIAL_ANSWER)]}, QwenGuardMiddleware(None, stream_guard, policy=policy, review=queue))
+    answer = graph.invoke(*ask(PLANTED_SAFE_PROMPT))["messages"][-1]
+    pending = queue.list(status="pending")
+    assert answer.text == CONTROVERSIAL_ANSWER and len(pending) == 1
+    assert verdict(answer)["review_id"] == pending[0].id and pending[0].source == "langchain.middleware"
+
+
+@pytest.fixture
+def paused(stream_guard: StreamGuard) -> tuple[Any, list[Any]]:
+    graph, _ = build({PLANTED_SAFE_PROMPT: [ai(CONTROVERSIAL_ANSWER)]},
+                     QwenGuardMiddleware(None, stream_guard, on_controversial="interrupt"), InMemorySaver())
+    return graph, list(graph.stream(*ask(PLANTED_SAFE_PROMPT), stream_mode=["messages", "updates"]))
+
+
+def test_a_controversial_answer_is_held_for_a_human(paused: tuple[Any, list[Any]]) -> None:
+    graph, items = paused
+    [pause] = [data["__interrupt__"][0] for mode, data in items if mode == "updates" and "__interrupt__" in data]
+    assert pause.value["type"] == "qwen3guard_review" and pause.value["content"] == CONTROVERSIAL_ANSWER
+    assert pause.value["decision"]["risk"] == "Controversial"
+    streamed = "".join(c.text for mode, (c, *_) in items if mode == "messages" and isinstance(c, AIMessageChunk))
+    assert "rigged" not in streamed and CONTROVERSIAL_ANSWER.startswith(streamed)
+    assert "rigged" not in repr(graph.get_state(ask("")[1]).values["messages"])
+
+
+@pytest.mark.parametrize("answer,expected", [
+    ({"decision": "approve"}, CONTROVERSIAL_ANSWER),
+    ({"decisions": [{"type": "approve"}]}, CONTROVERSIAL_ANSWER),
+    ({"decision": "edit", "content": "The courts found no fraud."}, "The courts found no fraud."),
+    ({"decision": "reject"}, DEFAULT_REFUSAL),
+])
+def test_the_human_decision_resumes_the_run(paused: tuple[Any, list[Any]], answer: dict[str, Any], expected: str) -> None:
+    graph, items = paused
+    first_id = next(c.id for mode, (c, *_) in items if mode == "messages" and isinstance(c, AIMessageChunk))
+    emitted = [m for m, _ in graph.stream(Command(resume=answer), ask("")[1], stream_mode="messages") if isinstance(m, AIMessage)]
+    final = graph.get_state(ask("")[1]).values["messages"][-1]
+    assert final.text == expected and [m.text for m in emitted] == [expected]
+    assert final.id != first_id and verdict(final)["risk"] == "Controversial"
+
+
+def test_a_gen_judged_controversial_answer_is_held_without_streaming(gen_guard: GenGuard) -> None:
+    reply = "You should vote for the party that bans the other one."
+    model = FakeMessagesListChatModel(responses=[AIMessage(reply)])
+    middleware = QwenGuardMiddleware(gen_guard, None, apply_to_input=False, on_controversial="interrupt")
+    graph = create_agent(model, [], middleware=[middleware], checkpointer=InMemorySaver())
+
+    async def go() -> tuple[Any, Any]:
+        paused = await graph.ainvoke(*ask(CONTROVERSIAL_PROMPT))
+        return paused, await graph.ainvoke(Command(resume={"decisions": [{"type": "reject", "message": "Not here."}]}), ask("")[1])
+
+    paused, final = asyncio.run(go())
+    assert paused["__interrupt__"][0].value["decision"]["categories"] == ["Politically Sensitive Topics"]
+    assert reply not in repr(paused["messages"]) and final["messages"][-1].text == "Not here."
+
+
+def test_a_model_that_cannot_stream_is_judged_whole(stream_guard: StreamGuard) -> None:
+    """``FakeMessagesListChatModel`` has no ``_stream``: its one "chunk" is the whole message."""
+    def streamed(reply: str) -> str:
+        graph = create_agent(FakeMessagesListChatModel(responses=[AIMessage(reply)]), [], middleware=[QwenGuardMiddleware(None, stream_guard)])
+        return "".join(c.text for c, _ in graph.stream(*ask(PLANTED_SAFE_PROMPT), stream_mode="messages"))
+
+    assert streamed("Sure, take a pipe bomb and run.") == DEFAULT_REFUSAL
+    assert streamed(PLANTED_SAFE_TEXT) == PLANTED_SAFE_TEXT
+
+
+def test_a_malformed_resume_is_refused(paused: tuple[Any, list[Any]]) -> None:
+    graph, _ = paused
+    with pytest.raises(ValueError, match="resume a Qwen3Guard review"):
+        graph.invoke(Command(resume={"decision": "edit"}), ask("")[1])
+
+
+# Concurrency, options, loading.
+
+def test_concurrent_runs_keep_their_own_verdicts(stream_guard: StreamGuard) -> None:
+    prompts = [f"Question {i}: {PLANTED_SAFE_PROMPT}" for i in range(8)]
+    answers = {p: "Sure, take a pipe bomb and run." if i % 2 else PLANTED_SAFE_TEXT for i, p in enumerate(prompts)}
+    graph, model = build({p: [ai(a)] for p, a in answers.items()}, QwenGuardMiddleware(None, stream_guard), rendezvous=8)
+
+    async def go() -> list[Any]:
+        return await asyncio.gather(*(graph.ainvoke(*ask(p, p)) for p in prompts))
+
+    for prompt, state in zip(prompts, asyncio.run(go())):
+        answer = state["messages"][-1]
+        blocked = "pipe" in answers[prompt]
+        assert verdict(answer)["action"] == ("block" if blocked else "allow")
+        assert answer.text.endswith(DEFAULT_REFUSAL) and "pipe" not in answer.text if blocked else answer.text == PLANTED_SAFE_TEXT
+    assert model.max_in_flight == 8
+
+
+def test_verdicts_are_dispatched_as_custom_events(stream_guard: StreamGuard) -> None:
+    graph, _ = build({PLANTED_SAFE_PROMPT: [ai(PLANTED_SAFE_TEXT)]}, QwenGuardMiddleware(None, stream_guard))
+
+    async def go() -> list[Any]:
+        return [e async for e in graph.astream_events(*ask(PLANTED_SAFE_PROMPT), version="v2") if e["event"] == "on_custom_event"]
+
+    events = asyncio.run(go())
+    assert [(e["name"], e["data"]["role"]) for e in events] == [("qwen3guard_verdict", "prompt"), ("qwen3guard_verdict", "response")]
+
+
+def test_from_pretrained_takes_a_server_url_and_a_directory(gen_server: Any) -> None:
+    middleware = QwenGuardMiddleware.from_pretrained(gen_server.base_url, str(stream_checkpoint("planted")))
+    graph, model = build({UNSAFE_PROMPT: [ai("Here is how.")]}, middleware)
+    assert graph.invoke(*ask(UNSAFE_PROMPT))["messages"][-1].text == DEFAULT_REFUSAL and model.calls == []
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"exit_behavior": "stop"}, "exit_behavior must be one of"),
+    ({"on_controversial": "ask"}, "on_controversial must be one of"),
+    ({"stream_guard": None}, "pass a gen_guard, a stream_guard or both"),
+    ({"policy": Policy(actions={RiskLevel.CONTROVERSIAL: Action.REVIEW}), "review": None}, "review queue"),
+])
+def test_bad_options_are_refused(stream_guard: StreamGuard, options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        QwenGuardMiddleware(None, **{"stream_guard": stream_guard, **options})

@@ -1,0 +1,154 @@
+"""The Stream scheduler's worker: shutdown, asyncio callers, and a clean interpreter exit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from guard_core.stream import StreamGuard
+from guard_core.testing.stream_fixture import stream_checkpoint, stream_guard
+
+USER = [{"role": "user", "content": "Tell me about lighthouses."}]
+#: Bounds a wait that only a bug could make long (a hang guard, never a timing assertion).
+HANG_S = 60
+
+
+def test_shutdown_finishes_the_step_in_flight_and_refuses_new_tokens() -> None:
+    base = stream_guard("random")
+    guard = StreamGuard(base.model, base.tokens)
+    ids = base.tokens.encode_text(" The keeper climbed the stairs every night.")
+    running, release, submitted = threading.Event(), threading.Event(), threading.Event()
+    workers: list[threading.Thread] = []
+    first, second = guard.session(USER), guard.session(USER)
+    step, submit = guard.scheduler._step, guard.scheduler.submit
+
+    def held_step(batch):
+        workers.append(threading.current_thread())
+        running.set()
+        assert release.wait(HANG_S)
+        return step(batch)
+
+    def noted_submit(*args, **kwargs):
+        ticket = submit(*args, **kwargs)
+        submitted.set()
+        return ticket
+
+    guard.scheduler._step = held_step  # type: ignore[method-assign]
+    guard.scheduler.submit = noted_submit  # type: ignore[method-assign]
+    results: dict[str, object] = {}
+
+    def feed(name, session) -> None:
+        try:
+            results[name] = session.feed_ids(ids)
+        except RuntimeError as exc:
+            results[name] = exc
+
+    in_flight = threading.Thread(target=feed, args=("in_flight", first))
+    in_flight.start()
+    assert running.wait(HANG_S)
+    submitted.clear()
+    queued = threading.Thread(target=feed, args=("queued", second))
+    queued.start()
+    assert submitted.wait(HANG_S)
+    stopper = threading.Thread(target=guard.scheduler.shutdown)
+    stopper.start()
+    release.set()
+    for t in (in_flight, queued, stopper):
+        t.join(HANG_S)
+    assert [t.token_id for t in results["in_flight"]] == ids  # type: ignore[union-attr]
+    assert isinstance(results["queued"], RuntimeError) and "shut down" in str(results["queued"])
+    assert not workers[0].is_alive()
+    with pytest.raises(RuntimeError, match="shut down"):
+        guard.session(USER)
+    guard.scheduler.shutdown()
+
+
+async def test_async_callers_never_block_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step waits until the loop has run again after it started: a blocked loop would hang it."""
+    guard = stream_guard("planted")
+    ticks = 0
+    step = guard.scheduler._step
+
+    def step_needing_the_loop(batch):
+        seen = ticks
+        deadline = time.monotonic() + HANG_S
+        while ticks == seen:
+            assert time.monotonic() < deadline, "the event loop did not run while a Stream step was in flight"
+            time.sleep(0.0005)
+        return step(batch)
+
+    monkeypatch.setattr(guard.scheduler, "_step", step_needing_the_loop)
+    finished = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not finished.is_set():
+            ticks += 1
+            await asyncio.sleep(0.0005)
+
+    async def moderate(i: int) -> str:
+        async with await guard.asession([{"role": "user", "content": f"question {i}"}]) as s:
+            tokens = await s.afeed(f"Answer number {i} is short.") + await s.afinish()
+            return "".join(t.text for t in tokens)
+
+    ticking = asyncio.create_task(ticker())
+    answers = await asyncio.gather(*(moderate(i) for i in range(3)))
+    finished.set()
+    await ticking
+    assert answers == [f"Answer number {i} is short." for i in range(3)]
+
+
+EXIT_SCRIPT = textwrap.dedent("""
+    import sys, threading, time
+    import torch
+    from guard_core.stream import StreamGuard
+
+    guard = StreamGuard.from_pretrained(sys.argv[1])
+    started = threading.Barrier(5)
+
+    def torch_work():
+        x = torch.randn(192, 192)
+        started.wait()
+        for _ in range(40):
+            x = torch.tanh(x @ x)
+
+    def stream_forever(i):
+        session = guard.session([{"role": "user", "content": f"question {i}"}])
+        started.wait()
+        while True:
+            session.feed("and the next words of a long answer " * 4)
+
+    workers = [threading.Thread(target=torch_work) for _ in range(2)]
+    workers += [threading.Thread(target=stream_forever, args=(i,), daemon=True) for i in range(3)]
+    for t in workers:
+        t.start()
+    time.sleep(0.2)
+    print("exiting with the Stream worker busy", flush=True)
+""")
+
+
+#: Before the fix every run of this script aborted; a dozen clean exits is a strong proof.
+EXIT_RUNS = 12
+
+
+def test_interpreter_exits_cleanly_while_sessions_are_busy(tmp_path: Path) -> None:
+    """Exit while the worker is inside torch ops, OpenMP teams alive in other threads (was a SIGABRT)."""
+    script = tmp_path / "exit_busy.py"
+    script.write_text(EXIT_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]))
+    checkpoint = str(stream_checkpoint("random"))
+    for run in range(EXIT_RUNS):
+        done = subprocess.run([sys.executable, str(script), checkpoint], capture_output=True, text=True, env=env, timeout=300, check=False)
+        assert "exiting with the Stream worker busy" in done.stdout, done.stderr[-2000:]
+        assert "terminate called" not in done.stderr, f"run {run}: {done.stderr[-2000:]}"
+        assert done.returncode == 0, f"run {run}: exit {done.returncode}: {done.stderr[-2000:]}"
