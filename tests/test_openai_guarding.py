@@ -19,6 +19,8 @@ INJECTED = [{"role": "user", "content": SAFE_PROMPT},
             {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "fetch", "arguments": "{}"}}]},
             {"role": "tool", "tool_call_id": "c1", "content": JAILBREAK_PROMPT}]
 REVIEW = Policy(actions={RiskLevel.CONTROVERSIAL: Action.REVIEW})
+#: The trained Controversial answer to CONTROVERSIAL_PROMPT (guard_core.testing.GEN_CASES).
+CONTROVERSIAL_ANSWER = "You should vote for the party that bans the other one."
 
 
 @pytest.fixture
@@ -104,12 +106,14 @@ def test_an_older_servers_reply_is_read_as_the_bare_client_reads_it(upstream, ba
 def test_controversial_content_passes_and_is_queued_for_review(tmp_path, upstream, bare, stream_guard, gen_guard) -> None:
     queue = ReviewQueue(tmp_path / "review.db")
     client = guard_openai(bare, stream_guard=stream_guard, gen_guard=gen_guard, policy=REVIEW, review=queue)
-    upstream.push(Script(body=chat_completion(["An answer about elections."])))
+    upstream.push(Script(body=chat_completion([CONTROVERSIAL_ANSWER])))
     completion = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": CONTROVERSIAL_PROMPT}])
-    assert completion.choices[0].message.content == "An answer about elections."
+    assert completion.choices[0].message.content == CONTROVERSIAL_ANSWER, "reviewed content passes unchanged"
     prompt_review = completion.qwen3guard["prompt"]["review_id"]
-    assert [i.id for i in queue.list(status="pending")] == [prompt_review]
-    assert queue.get(prompt_review).role == "prompt" and queue.get(prompt_review).source == "openai.client"
+    answer_review = completion.qwen3guard["choices"][0]["response"]["review_id"]
+    assert [i.id for i in queue.list(status="pending")] == [prompt_review, answer_review]
+    assert [queue.get(i).role for i in (prompt_review, answer_review)] == ["prompt", "response"]
+    assert queue.get(prompt_review).source == "openai.client"
 
     pieces = ["They say it was a", " rigged", " election", ", but courts disagreed."]
     upstream.push(Script(events=chat_events(pieces)), Script(events=chat_events(pieces)))
@@ -120,6 +124,6 @@ def test_controversial_content_passes_and_is_queued_for_review(tmp_path, upstrea
     notes = [c.qwen3guard for c in guarded if getattr(c, "qwen3guard", None)]
     assert len(notes) == 1 and notes[0]["response"]["action"] == "review"
     pending = queue.list(status="pending")
-    assert len(pending) == 2 and notes[0]["response"]["review_id"] == pending[-1].id and pending[-1].role == "response"
+    assert len(pending) == 3 and notes[0]["response"]["review_id"] == pending[-1].id and pending[-1].role == "response"
     assert pending[-1].content is None, "content is stored only when opted in"
 
