@@ -26,7 +26,9 @@ def main() -> None:
     import guard_core
     import integrations.openai_proxy
 
-    check(REPO not in Path(guard_core.__file__).resolve().parents, f"guard_core comes from the wheel ({guard_core.__file__})")
+    source = Path(guard_core.__file__).resolve()
+    check("site-packages" in source.parts and not source.is_relative_to(REPO / "guard_core"),
+          f"guard_core comes from the installed wheel ({source})")
     check("torch" not in sys.modules, "import guard_core, integrations.openai_proxy does not import torch")
     import integrations.langchain
     import integrations.langchain.middleware

@@ -124,7 +124,10 @@ EXIT_SCRIPT = textwrap.dedent("""
         session = guard.session([{"role": "user", "content": f"question {i}"}])
         started.wait()
         while True:
-            session.feed("and the next words of a long answer " * 4)
+            try:
+                session.feed("and the next words of a long answer " * 4)
+            except RuntimeError:  # the guard shut down at exit: a producer stops there
+                return
 
     workers = [threading.Thread(target=torch_work) for _ in range(2)]
     workers += [threading.Thread(target=stream_forever, args=(i,), daemon=True) for i in range(3)]
