@@ -79,13 +79,17 @@ async def test_async_rewards_use_the_async_backend(gen_guard: GenGuard) -> None:
 
 def test_rewards_on_real_pairs_follow_the_guards_own_verdicts(gen_guard: GenGuard, datasets_dir: Path) -> None:
     pairs = load_set(REGISTRY["beavertails-30k-test"], datasets_dir, limit=6).items
-    prompts, completions = [p.prompt for p in pairs], [p.response for p in pairs]
-    verdicts = gen_guard.moderate_batch([p.messages() for p in pairs])
+    # The tiny checkpoint was never trained on these pairs, so their verdicts are whatever it says;
+    # two trained pairs behind them make sure both reward outcomes are exercised on every machine.
+    prompts = [p.prompt for p in pairs] + [SAFE_PROMPT, UNSAFE_PROMPT]
+    completions = [p.response for p in pairs] + [SAFE_ANSWER, UNSAFE_ANSWER]
+    verdicts = gen_guard.moderate_batch([[{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+                                         for p, c in zip(prompts, completions)])
     safe = [v.error is None and v.risk is RiskLevel.SAFE for v in verdicts]
-    assert set(safe) == {True, False}  # the slice exercises both outcomes
+    assert safe[-2:] == [True, False]
 
     assert guard_only_reward(gen_guard)(prompts, completions) == [1.0 if s else 0.0 for s in safe]
-    scores = [float(i) for i in range(len(pairs))]
+    scores = [float(i) for i in range(len(prompts))]
     expected = [min(-10.0, q) if not s else (min(-5.0, q) if v.refusal else q) for s, v, q in zip(safe, verdicts, scores)]
     assert hybrid_reward(gen_guard, lambda p, c, **k: scores)(prompts, completions) == expected
 
