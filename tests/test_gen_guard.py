@@ -84,24 +84,32 @@ def test_openai_content_parts_are_moderated_like_a_string(gen_guard: GenGuard) -
     assert gen_guard.moderate(parts).risk is RiskLevel.UNSAFE
 
 
-def test_async_api_matches_sync_and_does_not_block_the_loop(gen_guard: GenGuard) -> None:
-    async def run() -> tuple[list, int]:
-        ticks = 0
+def test_async_api_matches_sync_and_does_not_block_the_loop(gen_guard: GenGuard, monkeypatch: pytest.MonkeyPatch) -> None:
+    in_model, loop_ran = threading.Event(), threading.Event()
+    waits: list[bool] = []
+    forward = gen_guard.model.forward
 
+    def forward_once_the_loop_ran(*args, **kwargs):
+        in_model.set()
+        waits.append(loop_ran.wait(timeout=30))  # a blocked event loop never gets to set it
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(gen_guard.model, "forward", forward_once_the_loop_ran)
+
+    async def run() -> list:
         async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
+            while not in_model.is_set():
                 await asyncio.sleep(0.001)
+            loop_ran.set()  # the loop runs while the model is inside its forward
 
         task = asyncio.create_task(ticker())
         results = await asyncio.gather(*(gen_guard.amoderate(c.as_messages) for c in GEN_CASES[:4]))
-        task.cancel()
-        return results, ticks
+        await task
+        return results
 
-    results, ticks = asyncio.run(run())
+    results = asyncio.run(run())
     assert [v.risk for v in results] == [c.risk for c in GEN_CASES[:4]]
-    assert ticks > 5
+    assert waits and all(waits)
 
 
 def test_threads_share_one_guard_safely(gen_guard: GenGuard) -> None:

@@ -140,8 +140,8 @@ def test_retry_after_is_honoured(server) -> None:
 
 
 def test_a_hang_past_the_timeout_is_abandoned_and_retried(server) -> None:
-    server.fail_next(1, "hang")
-    with remote(server.base_url, timeout=0.5) as guard:
+    server.fail_next(1, "hang")  # hangs 30 s, far past the timeout; the retry needs far less than it
+    with remote(server.base_url, timeout=5) as guard:
         verdict = guard.moderate(UNSAFE)
     assert server.hanging == 1, "the verdict came while the first request still hung: it was abandoned"
     server.release_hangs()
@@ -152,7 +152,7 @@ def test_a_hang_past_the_timeout_is_abandoned_and_retried(server) -> None:
 async def test_async_path_retries_too(server) -> None:
     server.fail_next(1, "hang")
     server.fail_next(1, "500")
-    async with remote(server.base_url, timeout=0.5) as guard:
+    async with remote(server.base_url, timeout=5) as guard:
         verdict = await guard.amoderate(SAFE)
     assert server.hanging == 1, "the hung request was abandoned, not waited for"
     assert verdict.error is None and verdict.risk is RiskLevel.SAFE and len(server.requests) == 3
@@ -237,22 +237,26 @@ def test_stopping_one_replica_mid_run_loses_no_request(replicas) -> None:
     a, b = replicas
     conversations = [case.as_messages for case in GEN_CASES] * 3
     expected = [(case.risk, case.categories) for case in GEN_CASES] * 3
-    stopped_at: list[float] = []
+    order: list[str] = []
+    # B's first requests wait until A is gone, so the batch cannot finish before A stops, on a
+    # machine of any speed (10 s is only a safety net should B get them before A served four).
+    b.fail_next(4, "hang", hang_s=10)
 
     def stop_a_midway() -> None:
         while a.completions < 4:
             time.sleep(0.005)
         a.stop()
-        stopped_at.append(time.monotonic())
+        order.append("stopped")
+        b.release_hangs()
 
     with remote([a.base_url, b.base_url], max_concurrency=4, circuit_failures=2) as guard:
         stopper = threading.Thread(target=stop_a_midway)
         stopper.start()
         verdicts = guard.moderate_batch(conversations)
-        finished_at = time.monotonic()
+        order.append("finished")
         stopper.join()
         after = guard.moderate_batch(conversations[:4])
-    assert stopped_at[0] < finished_at, "replica A went away while the batch was running"
+    assert order == ["stopped", "finished"], "replica A went away while the batch was running"
     assert [v.error for v in verdicts + after] == [None] * (len(conversations) + 4)
     assert [(v.risk, v.categories) for v in verdicts] == expected
     assert [(v.risk, v.categories) for v in after] == expected[:4]
