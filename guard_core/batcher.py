@@ -5,8 +5,9 @@ at a time (the guard's lock) would serve them one by one, so the last waits for 
 ``Coalescer`` lets the caller that finds the model free run at once with whatever is queued, and
 everyone who arrives while that batch runs joins the next one: an idle guard adds no delay, a
 busy guard turns N waiting calls into one batched forward (the same idea as the Stream
-scheduler's packed step). Results are handed back to each caller in order; an exception of a
-batch reaches every caller in it.
+scheduler's packed step). Results are handed back to each caller in order. When a batch of
+several raises, each of its calls is run again alone, so one caller's bad input or fault is that
+caller's error and never fails the others (``KeyboardInterrupt`` and the like reach everyone).
 """
 
 from __future__ import annotations
@@ -62,14 +63,31 @@ class Coalescer(Generic[In, Out]):
             raise call.error
         return call.result  # type: ignore[return-value]
 
+    def _results(self, calls: Sequence[_Call[In, Out]]) -> list[Out]:
+        results = list(self._batch([c.item for c in calls]))
+        if len(results) != len(calls):
+            raise RuntimeError(f"a batch of {len(calls)} returned {len(results)} results")
+        return results
+
+    def _run_alone(self, calls: Sequence[_Call[In, Out]]) -> None:
+        """After a failed batch: each call on its own, so a failure stays with the call that caused it."""
+        for c in calls:
+            try:
+                (c.result,) = self._results([c])
+            except BaseException as exc:
+                c.error = exc
+
     def _run_batch(self) -> None:
         with self._lock:
             taken, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
         try:
-            results = list(self._batch([c.item for c in taken]))
-            if len(results) != len(taken):
-                raise RuntimeError(f"a batch of {len(taken)} returned {len(results)} results")
-        except BaseException as exc:  # handed to every caller of the batch
+            results = self._results(taken)
+        except Exception as exc:
+            if len(taken) == 1:
+                taken[0].error = exc
+            else:
+                self._run_alone(taken)
+        except BaseException as exc:  # interrupts and exits reach every caller of the batch
             for c in taken:
                 c.error = exc
         else:

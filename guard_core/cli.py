@@ -3,8 +3,10 @@
 Prints one JSON object per conversation, so the command composes with ``jq`` and shell scripts;
 the exit status says the verdict: 0 allowed, 1 blocked by the policy, 2 an error (usage, a bad
 input line, a model that cannot be loaded, a guard server that cannot be reached while failing
-closed), always with one line on stderr and never a traceback. Input is checked before the model loads. The guard comes from ``--model`` or the
-environment (``QWEN3GUARD_GEN_URL`` / ``QWEN3GUARD_GEN_MODEL``, see ``guard_core.config``).
+closed), always with one line on stderr and never a traceback. Input is checked before the model
+loads. With ``--lines`` every stdin line (split on ``\\n`` only) is one prompt, and every output
+line carries its ``"line"`` number. The guard comes from ``--model`` or the environment
+(``QWEN3GUARD_GEN_URL`` / ``QWEN3GUARD_GEN_MODEL``, see ``guard_core.config``).
 ``qwen3guard eval ...`` runs the evaluation harness, ``qwen3guard review ...`` the review queue.
 """
 
@@ -15,29 +17,84 @@ import json
 import logging
 import re
 import sys
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 from .backends import CONFIGURED, GenBackend, default_policy, gen_backend, is_server_url
-from .config import DEFAULT_GEN_MODEL, GEN_MODEL_ENV, GEN_URL_ENV, Settings
+from .config import DEFAULT_GEN_MODEL, GEN_MODEL_ENV, GEN_URL_ENV, Settings, check_device
 from .messages import check_text
 from .policy import Action, Mode, Policy
 from .types import GuardUnavailableError
 
 EXIT_ALLOWED, EXIT_BLOCKED, EXIT_ERROR = 0, 1, 2
-_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
 #: What loading a model can raise besides our own errors (bad files, a device torch lacks).
-_LOAD_ERRORS = (ValueError, TypeError, GuardUnavailableError, OSError, RuntimeError, ImportError, AssertionError)
+LOAD_ERRORS = (ValueError, TypeError, GuardUnavailableError, OSError, RuntimeError, ImportError, AssertionError)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with exit status 2 for usage errors (its default too) and our one-line prefix."""
+class Parser(argparse.ArgumentParser):
+    """The argparse of every command line here (``qwen3guard``, ``eval``, ``review``, ``qwen3guard-proxy``).
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+    A usage error is one line, ``PROG: error: MESSAGE (see PROG --help)``, and exit status 2,
+    instead of argparse's whole usage block. ``program`` names the program in the prefix when it
+    is not ``prog`` (a subcommand's parser keeps its parent's prefix; the hint names the subcommand).
+    Sub-parsers are of this class too (argparse's default ``parser_class``).
+    """
+
+    def __init__(self, *args: Any, program: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.program = program or self.prog
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.program}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer option in ``[low, high]``; other values are usage errors."""
+
+    def parse(text: str) -> int:
+        bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text!r}")
+        return value
+
+    return parse
+
+
+def check_model_path(value: str | None, where: str) -> None:
+    """Say what a model path is when it exists but is no directory (the loader would say it does not exist).
+
+    ``where`` starts the message (``"--model "``, ``"QWEN3GUARD_GEN_MODEL="``); server URLs and hub
+    ids pass.
+    """
+    if value is None or is_server_url(value):
+        return
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        kind = "a file" if path.is_file() else "not a directory"
+        raise ValueError(f"{where}{value} is {kind}, not a model directory")
+
+
+def quiet_model_loading(verbose: bool = False) -> None:
+    """Keep transformers' output off stderr while a CLI loads a model, so its errors stay one line.
+
+    transformers logs a multi-line LOAD REPORT table for missing weights (our loader then raises
+    one ``GuardUnavailableError``) and draws "Loading weights" bars. ``verbose`` keeps them.
+    """
+    if verbose:
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="qwen3guard",
         description="Moderate a prompt (or, with --response, an assistant response) with Qwen3Guard-Gen. "
         "Reads the text from the arguments, or from stdin when none are given. Exit status: 0 allowed, "
@@ -53,19 +110,34 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.STRICT.value,
                         help="strict blocks Controversial, loose allows it (default strict)")
     parser.add_argument("--threshold", type=float, help="P(Unsafe) at or above which content is Unsafe, in (0, 1]")
-    parser.add_argument("--lines", action="store_true", help="treat each stdin line as a separate prompt")
+    parser.add_argument("--lines", action="store_true",
+                        help="treat each stdin line (split on \\n only) as a separate prompt; output lines carry its number")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     return parser
 
 
-def _read_texts(args: argparse.Namespace) -> list[str]:
+def _read_texts(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """The texts to moderate, each with its line number (1 without ``--lines``).
+
+    ``--lines`` splits on ``\\n`` only (a trailing ``\\r`` is dropped, so ``\\r\\n`` works):
+    ``str.splitlines`` would also split on U+2028, U+0085, form feeds and ``\\x1c``-``\\x1e``,
+    cutting one prompt into pieces that are each harmless. Blank lines are skipped but counted,
+    so numbers are the input's physical lines.
+    """
     if args.text:
-        return [" ".join(args.text)]
+        return [(1, " ".join(args.text))]
     if sys.stdin is None or sys.stdin.isatty():
         raise ValueError("no text given: pass it as arguments or pipe it on stdin")
     data = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
-    texts = [line for line in data.splitlines() if line.strip()] if args.lines else [data]
-    if not texts or not any(t.strip() for t in texts):
+    if args.lines:
+        lines = data.split("\n")
+        if lines[-1] == "":
+            lines.pop()  # the newline ending the last line starts no line of its own
+        texts = [(n, line.removesuffix("\r")) for n, line in enumerate(lines, 1)]
+        texts = [(n, t) for n, t in texts if t.strip()]
+    else:
+        texts = [(1, data)]
+    if not texts or not any(t.strip() for _, t in texts):
         raise ValueError("stdin is empty: there is nothing to moderate")
     return texts
 
@@ -111,8 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         policy = default_policy(settings, Policy(mode=Mode(args.mode), unsafe_threshold=args.threshold))
-        if args.device is not None and not _DEVICE.fullmatch(args.device):
-            raise ValueError(f"--device {args.device!r} is not one of cpu, mps, cuda, cuda:N")
+        check_device(args.device, "--device ")
+        check_model_path(args.model, "--model ")
+        if args.model is None and not settings.gen_urls:
+            check_model_path(settings.gen_model, f"{GEN_MODEL_ENV}=")
         texts = _read_texts(args)
         response_problem = _check(args.response, "--response") if args.response is not None else None
         if response_problem:
@@ -120,25 +194,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         return _error(str(exc))
     where = "line {}" if args.lines else "the text"
-    problems = {i: p for i, t in enumerate(texts) if (p := _check(t, where.format(i + 1)))}
+    problems = {i: p for i, (n, t) in enumerate(texts) if (p := _check(t, where.format(n)))}
     good = [i for i in range(len(texts)) if i not in problems]
     verdicts = {}
     if good:
         try:
             guard = _load(args, settings)
-            verdicts = dict(zip(good, guard.moderate_batch([_conversation(texts[i], args.response) for i in good])))
-        except _LOAD_ERRORS as exc:
-            return _error(_one_line(exc, args.model))
+            verdicts = dict(zip(good, guard.moderate_batch([_conversation(texts[i][1], args.response) for i in good])))
+        except LOAD_ERRORS as exc:
+            return _error(one_line(exc))
     blocked = failed = False
-    for i in range(len(texts)):
+    for i, (number, _) in enumerate(texts):
+        line = {"line": number} if args.lines else {}
         if i in problems:
-            print(json.dumps({"line": i + 1, "error": problems[i]} if args.lines else {"error": problems[i]}))
+            print(json.dumps({**line, "error": problems[i]}))
             print(f"qwen3guard: error: {problems[i]}", file=sys.stderr)
             continue
         verdict = verdicts[i]
         action = policy.action_for(verdict)
         blocked |= action is Action.BLOCK
-        print(json.dumps({**verdict.to_dict(), "action": action.value}, ensure_ascii=False))
+        print(json.dumps({**line, **verdict.to_dict(), "action": action.value}, ensure_ascii=False))
         if verdict.error_kind == "unavailable" and action is Action.BLOCK:
             failed = True
             print(f"qwen3guard: error: {verdict.error}", file=sys.stderr)
@@ -151,16 +226,15 @@ def _load(args: argparse.Namespace, settings: Settings) -> GenBackend:
     """The Gen guard from ``--model`` or the environment (torch is imported only here, for a local model)."""
     spec = args.model if args.model is not None else CONFIGURED
     remote = is_server_url(args.model) if args.model is not None else bool(settings.gen_urls)
-    if not args.verbose and not remote:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    if not remote:
+        quiet_model_loading(args.verbose)
     local = {} if remote else {"device": args.device or settings.device, "dtype": args.dtype}
     return gen_backend(spec, settings=settings, **local)
 
 
-def _one_line(exc: BaseException, model: str | None) -> str:
-    """A load failure as one line; advice written for the command line, not for Python."""
+def one_line(exc: BaseException, flag: str | None = "--model") -> str:
+    """A load failure as one line; the loader's Python advice (``from_pretrained('./X')``) becomes ``flag ./X``."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    text = re.sub(r"from_pretrained\('([^']*)'\)", r"--model \1", text)
+    if flag is not None:
+        text = re.sub(r"from_pretrained\('([^']*)'\)", lambda m: f"{flag} {m.group(1)}", text)
     return text if isinstance(exc, (ValueError, GuardUnavailableError)) else f"{type(exc).__name__}: {text}"

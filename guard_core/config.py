@@ -9,6 +9,7 @@ over the environment. The README's configuration table is this module's ``ENVIRO
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -41,7 +42,7 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     (GEN_API_KEY_ENV, "bearer key for the Gen servers (never logged)", "unset"),
     (GEN_TIMEOUT_ENV, "seconds per request to a Gen server", "30"),
     (STREAM_MODEL_ENV, "Stream model: hub id or local directory", DEFAULT_STREAM_MODEL),
-    (DEVICE_ENV, "device for local models: cuda, mps or cpu", "best available"),
+    (DEVICE_ENV, "device for local models: cuda, cuda:N, mps or cpu", "best available"),
     (FAIL_OPEN_ENV, "1 lets content through while the guard is unavailable (never what it rejected)", "0 (fail closed)"),
     (REVIEW_DB_ENV, "review queue: SQLite file path or database URL (enables Action.REVIEW)", "unset"),
     (REVIEW_CONTENT_ENV, "1 stores the reviewed conversation's text in the queue (privacy: off by default)", "0"),
@@ -87,7 +88,7 @@ class Settings:
             gen_api_key=text(GEN_API_KEY_ENV),
             gen_timeout=None if timeout is None else positive_seconds(timeout, GEN_TIMEOUT_ENV),
             stream_model=text(STREAM_MODEL_ENV),
-            device=text(DEVICE_ENV),
+            device=check_device(text(DEVICE_ENV), f"{DEVICE_ENV}="),
             fail_open=parse_bool(env.get(FAIL_OPEN_ENV, ""), FAIL_OPEN_ENV),
             review_db=text(REVIEW_DB_ENV),
             review_store_content=parse_bool(env.get(REVIEW_CONTENT_ENV, ""), REVIEW_CONTENT_ENV),
@@ -105,6 +106,22 @@ def parse_bool(raw: str, name: str) -> bool:
     if value in _FALSE:
         return False
     raise ValueError(f"{name}={raw!r} is not a boolean; use one of {', '.join(_TRUE + _FALSE[1:])}")
+
+
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+
+
+def check_device(value: str | None, where: str = "device ") -> str | None:
+    """The one check of a device name (``cpu``, ``mps``, ``cuda``, ``cuda:N``) for every CLI and the environment.
+
+    ``where`` starts the error message: ``"--device "`` for a flag, ``"QWEN3GUARD_DEVICE="`` for
+    the variable. ``meta`` is refused: meta tensors hold no data, so a model on it cannot run.
+    """
+    if value is None or _DEVICE.fullmatch(value):
+        return value
+    if value.split(":")[0].strip().lower() == "meta":
+        raise ValueError(f"{where}{value!r} cannot run a model (meta tensors hold no data); use cpu, mps, cuda or cuda:N")
+    raise ValueError(f"{where}{value!r} is not one of cpu, mps, cuda, cuda:N")
 
 
 def positive_seconds(raw: str, name: str) -> float:

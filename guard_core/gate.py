@@ -47,6 +47,8 @@ class StreamGate:
     """
 
     def __init__(self, session: StreamSession, policy: Policy, holdback_tokens: int = DEFAULT_CONSECUTIVE) -> None:
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a guard_core.Policy, got {type(policy).__name__} (e.g. Policy.strict())")
         self.holdback_tokens = check_holdback_tokens(holdback_tokens)
         self.session = session
         self.policy = policy

@@ -28,16 +28,16 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation import StoppingCriteria, StoppingCriteriaList
 
 from .gen_parser import REFUSAL_PATTERN, parse_answer
 from .gen_template import ANSWER_PREFIX, instruction_pieces, render_pieces
 from .batcher import Coalescer
 from .loading import inspect_checkpoint, model_name, pick_device, pick_dtype, require_complete_weights, resolve_model_source
-from .messages import Message, MessageLike, normalize_messages
+from .messages import Message, MessageLike, normalize_batch, normalize_messages
 from .remote_gen import RemoteGenGuard
-from .tokenization import ENDOFTEXT, IM_END, TextTokenizer, join_pieces
+from .tokenization import ENDOFTEXT, IM_END, TextTokenizer, join_pieces, load_tokenizer
 from .types import RiskLevel, Verdict
 from .windows import plan_windows, worst_verdict
 
@@ -170,7 +170,7 @@ class GenGuard:
                                                            ignore_mismatched_sizes=True)
         require_complete_weights(path, "gen", info)
         model = model.to(target)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         logger.info("loaded %s on %s (%s)", model_id_or_path, target, model.dtype)
         return cls(model, tokenizer, model_id=model_name(model_id_or_path), **kwargs)
 
@@ -189,7 +189,7 @@ class GenGuard:
 
     def moderate_batch(self, conversations: Iterable[Iterable[MessageLike]]) -> list[Verdict]:
         """Moderate many conversations, batched with padding; results keep the input order."""
-        normalized = [normalize_messages(c) for c in conversations]
+        normalized = normalize_batch(conversations)
         started = time.perf_counter()
         plans = [plan_windows(m, self.tokens, self.max_input_tokens, self.window_overlap_tokens) for m in normalized]
         jobs = [self._job(window) for plan in plans for window in plan]
@@ -206,11 +206,11 @@ class GenGuard:
 
     async def amoderate(self, messages: Iterable[MessageLike]) -> Verdict:
         """Async ``moderate``; the model runs in a worker thread."""
-        return await asyncio.to_thread(self.moderate, list(messages))
+        return await asyncio.to_thread(self.moderate, normalize_messages(messages))
 
     async def amoderate_batch(self, conversations: Iterable[Iterable[MessageLike]]) -> list[Verdict]:
         """Async ``moderate_batch``; the model runs in a worker thread."""
-        return await asyncio.to_thread(self.moderate_batch, [list(c) for c in conversations])
+        return await asyncio.to_thread(self.moderate_batch, normalize_batch(conversations))
 
     def _verdict(self, job: _Job, elapsed: float) -> Verdict:
         parsed = parse_answer(job.answer, response=job.response)

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .config import check_device
 from .types import GuardUnavailableError
 
 logger = logging.getLogger("guard_core")
@@ -207,10 +208,7 @@ def model_name(source: str | os.PathLike[str]) -> str:
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """The requested device (checked to exist), else CUDA, then Apple MPS, then CPU."""
     if device is not None:
-        try:
-            target = torch.device(device)
-        except RuntimeError:
-            raise ValueError(f"device {str(device)!r} is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+        target = torch.device(check_device(str(device)))
         mps = getattr(torch.backends, "mps", None)
         if (target.type == "cuda" and not torch.cuda.is_available()) or (target.type == "mps" and not (mps and mps.is_available())):
             raise GuardUnavailableError(

@@ -52,7 +52,9 @@ def content_to_text(content: Any, *, where: str = "message") -> str:
             if not isinstance(part, Mapping):
                 raise ValueError(f"{where}: content part {i} is {type(part).__name__}, expected a dict")
             kind = part.get("type")
-            if kind not in _TEXT_PART_TYPES or not isinstance(part.get("text"), str):
+            if kind in _TEXT_PART_TYPES and not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}: content part {i} ({kind!r}) has no string 'text', got {type(part.get('text')).__name__}")
+            if kind not in _TEXT_PART_TYPES:
                 raise ValueError(
                     f"{where}: content part {i} has type {kind!r}; only text parts can be moderated "
                     "(remove or transcribe non-text parts first)"
@@ -111,6 +113,19 @@ def normalize_messages(messages: Iterable[MessageLike | Message]) -> list[Messag
         raise ValueError("the last message must be 'user' (prompt moderation) or 'assistant' (response moderation)")
     if not out[-1].content.strip():
         raise ValueError(f"the last message ({out[-1].role}) is empty; there is nothing to moderate")
+    return out
+
+
+def normalize_batch(conversations: Iterable[Iterable[MessageLike | Message]]) -> list[list[Message]]:
+    """Validate many conversations (``normalize_messages`` each), naming the one that is wrong."""
+    if conversations is None or isinstance(conversations, (str, bytes, Mapping)) or not isinstance(conversations, Iterable):
+        raise ValueError(f"conversations must be a list of conversations (each a list of message dicts), got {type(conversations).__name__}")
+    out = []
+    for i, conversation in enumerate(conversations):
+        try:
+            out.append(normalize_messages(conversation))
+        except ValueError as exc:
+            raise ValueError(f"conversation {i}: {exc}") from None
     return out
 
 

@@ -9,9 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Mapping
+from typing import Mapping, TypeVar
 
 from .types import Category, RiskLevel, Verdict
+
+
+_E = TypeVar("_E", bound=Enum)
+
+
+def _member(enum: type[_E], value: object, what: str) -> _E:
+    """``enum(value)``, or a ValueError naming the field and the accepted values."""
+    try:
+        return enum(value)
+    except ValueError:
+        accepted = ", ".join(repr(m.value) for m in enum)  # type: ignore[attr-defined]
+        raise ValueError(f"{what} {value!r} is not one of {accepted}") from None
 
 
 class Mode(str, Enum):
@@ -74,12 +86,20 @@ class Policy:
     on_error: RiskLevel = RiskLevel.UNSAFE
 
     def __post_init__(self) -> None:
-        if self.unsafe_threshold is not None and not 0.0 < self.unsafe_threshold <= 1.0:
-            raise ValueError(f"unsafe_threshold must be in (0, 1], got {self.unsafe_threshold!r}")
-        object.__setattr__(self, "mode", Mode(self.mode))
-        given = {RiskLevel(k): Action(v) for k, v in self.actions.items()}
+        threshold = self.unsafe_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise TypeError(f"unsafe_threshold must be a number in (0, 1] or None, got {type(threshold).__name__} {threshold!r}")
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise ValueError(f"unsafe_threshold must be in (0, 1], got {threshold!r}")
+        for name in ("actions", "category_actions"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise TypeError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
+        object.__setattr__(self, "mode", _member(Mode, self.mode, "mode"))
+        object.__setattr__(self, "on_error", _member(RiskLevel, self.on_error, "on_error"))
+        given = {_member(RiskLevel, k, "actions key"): _member(Action, v, "action") for k, v in self.actions.items()}
         object.__setattr__(self, "actions", {**_default_actions(self.mode), **given})
-        object.__setattr__(self, "category_actions", {Category(k): Action(v) for k, v in self.category_actions.items()})
+        object.__setattr__(self, "category_actions", {_member(Category, k, "category_actions key"): _member(Action, v, "action")
+                                                      for k, v in self.category_actions.items()})
 
     @classmethod
     def strict(cls) -> Policy:

@@ -37,7 +37,7 @@ import httpx
 
 from .gen_parser import parse_answer
 from .gen_template import ANSWER_PREFIX, render_pieces
-from .messages import Message, MessageLike, moderation_role, normalize_messages
+from .messages import Message, MessageLike, moderation_role, normalize_batch, normalize_messages
 from .resilience import (
     CircuitBreaker,
     CircuitOpenError,
@@ -71,6 +71,15 @@ _WORD_JOINER = "\u2060"
 _Outcome = Union[tuple[str, Any], TransientError, PermanentError]
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _UNAVAILABLE_PREFIX = "guard unavailable: "
+
+
+class MalformedAnswerError(TransientError):
+    """The server answered 200 but with no readable completion (no choices, no content, not JSON).
+
+    Retried like a glitch; if it persists the verdict is ``unparseable`` (Unsafe whatever
+    ``fail_open`` says), because a server that answers with nothing has judged nothing, and a
+    fail-open setup must not turn that into Safe.
+    """
 
 
 class RejectedError(PermanentError):
@@ -157,9 +166,11 @@ class _Round:
     errors: list[str] = field(default_factory=list)
     retry_after: list[float] = field(default_factory=list)
     skipped: list[_Server] = field(default_factory=list)
+    malformed: bool = False
 
     def fail(self, server: _Server, error: TransientError) -> None:
         self.errors.append(f"{server.base_url}: {error}")
+        self.malformed = self.malformed or isinstance(error, MalformedAnswerError)
         if error.retry_after is not None:
             self.retry_after.append(error.retry_after)
 
@@ -171,8 +182,8 @@ class _Round:
                 f"all {len(self.skipped)} guard server(s) failed repeatedly and are paused (circuit open); "
                 f"next try in {wait:.1f}s", retry_in=wait)
         paused = f"; {len(self.skipped)} more paused (circuit open)" if self.skipped else ""
-        return TransientError("; ".join(self.errors) + paused,
-                              retry_after=min(self.retry_after) if self.retry_after else None)
+        kind = MalformedAnswerError if self.malformed else TransientError  # an answer with nothing in it is no outage
+        return kind("; ".join(self.errors) + paused, retry_after=min(self.retry_after) if self.retry_after else None)
 
 
 class RemoteGenGuard:
@@ -270,7 +281,7 @@ class RemoteGenGuard:
 
     def moderate_batch(self, conversations: Iterable[Iterable[MessageLike]]) -> list[Verdict]:
         """Moderate many conversations, at most ``max_concurrency`` requests in flight; input order kept."""
-        normalized = [normalize_messages(c) for c in conversations]
+        normalized = normalize_batch(conversations)
         if len(normalized) <= 1:
             return [self._moderate_one(m) for m in normalized]
         workers = min(self.max_concurrency, len(normalized))
@@ -283,7 +294,7 @@ class RemoteGenGuard:
 
     async def amoderate_batch(self, conversations: Iterable[Iterable[MessageLike]]) -> list[Verdict]:
         """Async ``moderate_batch``: concurrent requests, at most ``max_concurrency`` in flight."""
-        normalized = [normalize_messages(c) for c in conversations]
+        normalized = normalize_batch(conversations)
         limit = asyncio.Semaphore(self.max_concurrency)
 
         async def one(messages: list[Message]) -> Verdict:
@@ -414,9 +425,9 @@ class RemoteGenGuard:
             message = choice["message"]
             content = message.get("content") or message.get("reasoning_content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            return TransientError(f"malformed response body (expected an OpenAI chat.completion): {response.text[:120]!r}")
+            return MalformedAnswerError(f"malformed response body (expected an OpenAI chat.completion): {response.text[:120]!r}")
         if not isinstance(content, str):
-            return TransientError(f"malformed response body (no message content): {response.text[:120]!r}")
+            return MalformedAnswerError(f"malformed response body (no message content): {response.text[:120]!r}")
         return content, choice.get("logprobs")
 
     def _status_error(self, response: httpx.Response) -> TransientError | PermanentError:
@@ -502,6 +513,9 @@ class RemoteGenGuard:
         elapsed = time.perf_counter() - started
         if isinstance(error, RejectedError):
             message, kind = f"guard request rejected: {error}", "rejected"
+            risk = RiskLevel.UNSAFE
+        elif isinstance(error, MalformedAnswerError):
+            message, kind = f"unreadable guard answer after {attempts} attempt(s): {error}", "unparseable"
             risk = RiskLevel.UNSAFE
         else:
             tries = f" after {attempts} attempt(s)" if isinstance(error, TransientError) else ""

@@ -14,22 +14,27 @@ import getpass
 import json
 import sys
 from datetime import datetime, timezone
-from typing import Any, NoReturn, Sequence, TextIO
+from typing import Any, Sequence, TextIO
 
+from .cli import Parser
 from .config import REVIEW_DB_ENV, Settings
 from .review import STATUSES, ReviewItem, ReviewQueue
+from .review.queue import check_limit
 
 PROG = "qwen3guard review"
 EXIT_OK, EXIT_ERROR = 0, 2
 
 
-class _UsageError(Exception):
-    """A command line argparse would reject; reported on one line like every other error."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # argparse would print the usage and exit
-        raise _UsageError(message)
+def _limit(text: str) -> int:
+    """``--limit``: the queue's own check, as a usage error (a huge number would overflow the database)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"limit must be a positive integer, got {text!r}") from None
+    try:
+        return check_limit(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _since(text: str) -> datetime:
@@ -38,35 +43,39 @@ def _since(text: str) -> datetime:
         value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD) or ISO 8601 time") from None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+    try:
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is before the first datetime in UTC
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range once converted to UTC") from None
 
 
-def _parser() -> _Parser:
-    db = _Parser(add_help=False)
+def _parser() -> Parser:
+    db = Parser(add_help=False)
     db.add_argument("--db", default=argparse.SUPPRESS, metavar="URL",
                     help=f"SQLite file or postgresql:// URL (default: ${REVIEW_DB_ENV}, else the default SQLite file)")
     since = {"type": _since, "metavar": "DATE", "help": "only items created at or after DATE (YYYY-MM-DD or ISO time, UTC)"}
     status = {"choices": STATUSES, "help": "only items with this status"}
 
-    parser = _Parser(prog=PROG, parents=[db], description="Inspect and decide the items that Action.REVIEW queued.")
+    parser = Parser(prog=PROG, parents=[db], description="Inspect and decide the items that Action.REVIEW queued.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    ls = commands.add_parser("list", parents=[db], help="list items, oldest first")
+    sub = {"parents": [db], "program": PROG}  # usage errors say "qwen3guard review: error: ..."
+    ls = commands.add_parser("list", help="list items, oldest first", **sub)
     ls.add_argument("--status", **status)
     ls.add_argument("--since", **since)
-    ls.add_argument("--limit", type=int, default=100, help="at most this many items (default 100)")
-    show = commands.add_parser("show", parents=[db], help="print one item as JSON")
+    ls.add_argument("--limit", type=_limit, default=100, help="at most this many items (default 100)")
+    show = commands.add_parser("show", help="print one item as JSON", **sub)
     show.add_argument("id")
-    resolve = commands.add_parser("resolve", parents=[db], help="approve or reject a pending item")
+    resolve = commands.add_parser("resolve", help="approve or reject a pending item", **sub)
     resolve.add_argument("id")
     resolve.add_argument("decision", choices=("approve", "reject"))
     resolve.add_argument("--note", help="why (kept with the decision)")
     resolve.add_argument("--reviewer", help="who decided (default: your login name)")
-    export = commands.add_parser("export", parents=[db], help="write items as JSON Lines or CSV")
+    export = commands.add_parser("export", help="write items as JSON Lines or CSV", **sub)
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="default jsonl")
     export.add_argument("--output", metavar="FILE", help="write to FILE (default: stdout)")
     export.add_argument("--status", **status)
     export.add_argument("--since", **since)
-    stats = commands.add_parser("stats", parents=[db], help="item counts per day, level and category")
+    stats = commands.add_parser("stats", help="item counts per day, level and category", **sub)
     stats.add_argument("--since", **since)
     return parser
 
@@ -129,9 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
         _run(args, sys.stdout)
-    except SystemExit as exc:  # --help
+    except SystemExit as exc:  # --help, or a usage error (already printed on one line by Parser)
         return exc.code if isinstance(exc.code, int) else EXIT_OK
-    except (_UsageError, ValueError, LookupError, ImportError, OSError, ReviewStoreError) as exc:
+    except (ValueError, LookupError, ImportError, OSError, ReviewStoreError) as exc:
         message = exc.args[0] if isinstance(exc, LookupError) and exc.args else exc
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return EXIT_ERROR

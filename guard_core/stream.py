@@ -29,7 +29,7 @@ import weakref
 from typing import Any, Iterable, Sequence
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from .config import DEFAULT_CONSECUTIVE, DEFAULT_STREAM_MODEL, check_holdback_tokens
 from .debounce import Debounce, is_flagged
@@ -41,7 +41,7 @@ from .retokenize import IncrementalTokenizer, StreamToken, TextDeltas
 from .scheduler import Lane, StreamScheduler, Ticket
 from .stream_model import HeadProbabilities, LabelMaps, Qwen3ForGuardModel
 from .stream_template import RESPONSE_LEAD, encode_stream_prompt
-from .tokenization import TextTokenizer
+from .tokenization import TextTokenizer, load_tokenizer
 from .types import Category, RiskLevel, TokenVerdict, Verdict
 
 __all__ = ["DEFAULT_CONSECUTIVE", "DEFAULT_STREAM_MODEL", "Debounce", "StreamGuard", "StreamSession", "is_flagged"]
@@ -101,17 +101,17 @@ class StreamGuard:
         path = resolve_model_source(model_id_or_path)
         target = pick_device(device)
         model = Qwen3ForGuardModel.load(path, dtype=pick_dtype(target, dtype), device=target)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         logger.info("loaded %s on %s (%s)", model_id_or_path, target, model.dtype)
         return cls(model, tokenizer, model_id=model_name(model_id_or_path), **kwargs)
 
     def session(self, messages: Iterable[MessageLike | Message], *, consecutive: int | None = None) -> StreamSession:
         """Start moderating the answer to ``messages`` (which end with the user turn); prefills once."""
-        return StreamSession(self, messages, consecutive=consecutive or self.consecutive)
+        return StreamSession(self, messages, consecutive=self.consecutive if consecutive is None else consecutive)
 
     async def asession(self, messages: Iterable[MessageLike | Message], *, consecutive: int | None = None) -> StreamSession:
         """``session`` without blocking the event loop during the prefill."""
-        session = StreamSession(self, messages, consecutive=consecutive or self.consecutive, prefill=False)
+        session = StreamSession(self, messages, consecutive=self.consecutive if consecutive is None else consecutive, prefill=False)
         await session._prefill_ticket.wait_async()
         session._check_prefill()
         return session

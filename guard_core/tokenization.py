@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from tokenizers import Tokenizer
 
+from .types import GuardUnavailableError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -88,7 +90,9 @@ class TextTokenizer:
         """Id of a control token, failing loudly when the vocabulary lacks it."""
         if token not in self._special_ids:
             tid = self.tokenizer.convert_tokens_to_ids(token)
-            if not isinstance(tid, int) or tid == self.tokenizer.unk_token_id or tid is None:
+            # An unknown token maps to the unk id, and Qwen's unk *is* <|endoftext|> when no
+            # tokenizer_config.json names another: the round trip tells the two apart.
+            if not isinstance(tid, int) or self.tokenizer.convert_ids_to_tokens(tid) != token:
                 raise ValueError(f"the tokenizer has no {token!r} token; is this a Qwen3 tokenizer?")
             self._special_ids[token] = tid
         return self._special_ids[token]
@@ -168,3 +172,15 @@ def _token_id(raw: object, position: int) -> int:
         except TypeError:
             pass
     raise TypeError(f"token ids must be integers, got {type(raw).__name__} {raw!r:.40} at position {position}")
+
+
+def load_tokenizer(directory: str) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, or one ``GuardUnavailableError`` naming the file when it is unreadable."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:  # tokenizers and transformers raise many kinds for one broken file
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise GuardUnavailableError(f"cannot read the tokenizer in {directory} (tokenizer.json, tokenizer_config.json): {detail}; "
+                                    "download the model again") from None

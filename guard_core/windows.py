@@ -30,17 +30,39 @@ def _keep_tail(text: str, tokens: TextTokenizer, budget: int) -> str:
     return text[offsets[len(ids) - budget][0] :] if budget > 0 else ""
 
 
-def _fit_context(context: list[Message], tokens: TextTokenizer, budget: int) -> list[Message]:
+class _TurnCost:
+    """Tokens a context turn adds to a window: its text plus its role's share of the template.
+
+    Measured per role against the template holding only the (empty) moderated turn, so a
+    conversation of thousands of short turns costs only the turns a window keeps.
+    """
+
+    def __init__(self, tokens: TextTokenizer, last: Message) -> None:
+        self.tokens, self.last = tokens, Message(last.role, "")
+        self.base = _token_count([self.last], tokens)
+        self._overhead: dict[str, int] = {}
+
+    def overhead(self, role: str) -> int:
+        if role not in self._overhead:
+            self._overhead[role] = _token_count([Message(role, ""), self.last], self.tokens) - self.base
+        return self._overhead[role]
+
+    def __call__(self, message: Message) -> int:
+        return len(self.tokens.encode_text(message.content)) + self.overhead(message.role)
+
+
+def _fit_context(context: list[Message], cost: _TurnCost, budget: int) -> list[Message]:
     """The most recent part of the earlier turns that fits in ``budget`` tokens."""
     kept: list[Message] = []
     for message in reversed(context):
-        size = len(tokens.encode_text(message.content))
+        size = cost(message)
         if size <= budget:
             kept.insert(0, message)
             budget -= size
             continue
-        if budget > 0 and message.role != "system":
-            kept.insert(0, Message(message.role, _keep_tail(message.content, tokens, budget)))
+        text_budget = budget - cost.overhead(message.role)
+        if text_budget > 0 and message.role != "system":
+            kept.insert(0, Message(message.role, _keep_tail(message.content, cost.tokens, text_budget)))
         break
     while kept and kept[0].role == "assistant" and len(kept) < len(context):
         kept.pop(0)
@@ -52,12 +74,12 @@ def plan_windows(messages: list[Message], tokens: TextTokenizer, max_tokens: int
     if _token_count(messages, tokens) <= max_tokens:
         return [messages]
     last, context = messages[-1], messages[:-1]
-    scaffold = _token_count(context + [Message(last.role, "")], tokens) - sum(len(tokens.encode_text(m.content)) for m in context)
-    available = max_tokens - scaffold
+    cost = _TurnCost(tokens, last)
+    available = max_tokens - cost.base
     if available < 64:
         raise ValueError(f"the context window ({max_tokens} tokens) is too small for the moderation template")
-    kept = _fit_context(context, tokens, available // 4)
-    width = available - sum(len(tokens.encode_text(m.content)) for m in kept)
+    kept = _fit_context(context, cost, available // 4)
+    width = available - sum(cost(m) for m in kept)
     ids, offsets = tokens.encode_with_offsets(last.content)
     while True:
         windows = _split(last, kept, ids, offsets, width, overlap)

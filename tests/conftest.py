@@ -8,15 +8,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import pytest
+from openai import AsyncOpenAI, OpenAI
 from openai_fake_upstream import FakeUpstream
 
 from guard_core import GenGuard, StreamGuard
 from guard_core.testing import gen_checkpoint, stream_guard as planted_stream_guard
+from integrations.openai_proxy import guard_openai
 
 
 SHARED_DIR = Path(os.environ.get("QWEN3GUARD_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
@@ -68,3 +71,23 @@ def upstream() -> Iterator[FakeUpstream]:
     """A scripted OpenAI-compatible SSE server on 127.0.0.1, one per test module."""
     with FakeUpstream() as server:
         yield server
+
+
+@pytest.fixture
+def bare(upstream: FakeUpstream) -> OpenAI:
+    """The plain openai client of the fake upstream (what ``guard_openai`` wraps)."""
+    return OpenAI(base_url=upstream.base_url, api_key="sk-test", max_retries=0)
+
+
+@pytest.fixture
+def abare(upstream: FakeUpstream) -> AsyncOpenAI:
+    """The async twin of ``bare``."""
+    return AsyncOpenAI(base_url=upstream.base_url, api_key="sk-test", max_retries=0)
+
+
+@pytest.fixture
+def guard(stream_guard: StreamGuard, gen_guard: GenGuard) -> Callable[..., Any]:
+    """``guard(client, **options)``: the client wrapped with both test guards."""
+    def make(client: Any, **kwargs: Any) -> Any:
+        return guard_openai(client, stream_guard=stream_guard, gen_guard=gen_guard, **kwargs)
+    return make

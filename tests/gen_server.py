@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-Fault = Literal["500", "429", "400", "hang", "malformed"]
+Fault = Literal["500", "429", "400", "hang", "malformed", "empty"]
 
 #: One lock for every server sharing a model: two CPU cores, and generate() is not reentrant-safe.
 _MODEL_LOCK = threading.Lock()
@@ -162,7 +162,7 @@ class GenServer:
         retry_after`` when given; ``400``: the request rejected, as vLLM rejects a conversation
         longer than the model's context; ``hang``: answer normally only after ``release_hangs()`` (or
         ``reset()``), at the latest after ``hang_s`` (past any client's timeout); ``malformed``:
-        status 200 with a truncated JSON body.
+        status 200 with a truncated JSON body; ``empty``: status 200 with an empty message.
         """
         with self._lock:
             self._faults.extend(_Pending(fault, retry_after, hang_s) for _ in range(count))
@@ -259,6 +259,8 @@ class GenServer:
             return _error(429, "injected rate limit", "RateLimitError", headers)
         if pending is not None and pending.fault == "malformed":
             return Response('{"id": "chatcmpl-x", "choices": [{"message": {"content": "Saf', media_type="application/json")
+        if pending is not None and pending.fault == "empty":
+            return JSONResponse({"id": "chatcmpl-x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}}]})
         if pending is not None and pending.fault == "hang":
             await self._hang(pending)
         if body.get("model") != self.model_name:

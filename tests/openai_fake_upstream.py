@@ -118,6 +118,12 @@ def _handler(upstream: FakeUpstream) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client hung up between requests (a guard that closed upstream): nothing to report
+
         def do_GET(self) -> None:
             self.do_POST()
 
@@ -245,23 +251,32 @@ def _response(status: str, text: str | None) -> dict[str, Any]:
             "incomplete_details": None, "instructions": None, "metadata": {}, "temperature": 1.0, "top_p": 1.0}
 
 
-def responses_events(pieces: list[str]) -> list[dict[str, Any] | str]:
-    """A streamed Responses API answer with one message item of output text."""
+def responses_events(pieces: list[str], *, refusal: bool = False) -> list[dict[str, Any] | str]:
+    """A streamed Responses API answer with one message item of output text (or, with ``refusal``, a refusal part)."""
     text = "".join(pieces)
     where = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
     item = {"id": "msg_fake", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
-    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    if refusal:
+        part, field = {"type": "refusal", "refusal": ""}, "refusal"
+        deltas = [{"type": "response.refusal.delta", **where, "delta": p} for p in pieces]
+        done = {"type": "response.refusal.done", **where, "refusal": text}
+    else:
+        part, field = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}, "text"
+        deltas = [{"type": "response.output_text.delta", **where, "delta": p, "logprobs": []} for p in pieces]
+        done = {"type": "response.output_text.done", **where, "text": text, "logprobs": []}
+    final = _response("completed", text)
+    final["output"][0]["content"] = [{**part, field: text}]
     events: list[dict[str, Any]] = [
         {"type": "response.created", "response": _response("in_progress", None)},
         {"type": "response.in_progress", "response": _response("in_progress", None)},
         {"type": "response.output_item.added", "output_index": 0, "item": item},
         {"type": "response.content_part.added", **where, "part": part},
-        *({"type": "response.output_text.delta", **where, "delta": p, "logprobs": []} for p in pieces),
-        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
-        {"type": "response.content_part.done", **where, "part": {**part, "text": text}},
+        *deltas,
+        done,
+        {"type": "response.content_part.done", **where, "part": {**part, field: text}},
         {"type": "response.output_item.done", "output_index": 0,
-         "item": {**item, "status": "completed", "content": [{**part, "text": text}]}},
-        {"type": "response.completed", "response": _response("completed", text)},
+         "item": {**item, "status": "completed", "content": [{**part, field: text}]}},
+        {"type": "response.completed", "response": final},
     ]
     for i, event in enumerate(events):
         event["sequence_number"] = i

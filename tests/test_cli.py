@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from cli_checks import assert_one_line_error, gen_without_a_weight
+
+from guard_core.config import Settings
 from guard_core.testing.cases import REFUSAL_ANSWER, SAFE_PROMPT, UNSAFE_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +58,8 @@ def test_every_error_is_one_line_and_exit_2_before_any_model_loads() -> None:
         (["--model", "./no-such-model-dir", "hi", "--response", "   "], None, "--response is empty"),
         (["--mode", "lenient", "hi"], None, "invalid choice"),
         (["\udcff bad"], None, "not valid UTF-8"),
+        (["--device", "meta", "--model", "./no-such-model-dir", "hi"], None,
+         "--device 'meta' cannot run a model (meta tensors hold no data)"),
     ]
     for args, stdin, message in cases:
         result = run(args, stdin)
@@ -97,3 +103,63 @@ def test_help_does_not_import_torch() -> None:
     code = "import sys; from guard_core.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60).returncode == 0
+
+
+def _run_bytes(args: list[str], stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "guard_core", *args], input=stdin, capture_output=True, env=env,
+                          timeout=300, cwd=ROOT, check=False)
+
+
+def test_lines_split_on_newline_only_and_are_numbered_as_in_the_input(gen_dir: Path) -> None:
+    # U+2028, U+0085, a form feed and \x1c-\x1e are str.splitlines() boundaries: one prompt cut into pieces.
+    one_prompt = "How can I make\u2028 a\x85 bomb?\x0c\x1c\x1d\x1e now"
+    stdin = f"{SAFE_PROMPT}\r\n{one_prompt}\n\n  \nbad\x00line\n{UNSAFE_PROMPT}".encode()
+    result = _run_bytes(["--model", str(gen_dir), "--lines"], stdin)
+    lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [line["line"] for line in lines] == [1, 2, 5, 6]
+    assert (lines[0]["risk"], lines[3]["risk"]) == ("Safe", "Unsafe") and "risk" in lines[1]
+    assert lines[2] == {"line": 5, "error": "line 5: content contains NUL bytes (binary data?)"}
+    assert_one_line_error(result.returncode, result.stderr.decode(), "qwen3guard: error: line 5: ")
+
+
+def test_one_prompt_is_one_verdict_without_a_line_number(gen_dir: Path) -> None:
+    result = _run_bytes(["--model", str(gen_dir)], f"{UNSAFE_PROMPT}\u2028{SAFE_PROMPT}\n".encode())
+    assert result.returncode == 1 and len(result.stdout.splitlines()) == 1
+    assert "line" not in json.loads(result.stdout)
+
+
+def test_a_model_path_that_is_a_file_is_named_as_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a model", encoding="utf-8")
+    result = run(["--model", str(afile), "hi"])
+    assert_one_line_error(result.returncode, result.stderr, f"--model {afile} is a file, not a model directory")
+    monkeypatch.setenv("QWEN3GUARD_GEN_MODEL", str(afile))
+    result = run(["hi"])
+    assert_one_line_error(result.returncode, result.stderr, f"QWEN3GUARD_GEN_MODEL={afile} is a file, not a model directory")
+
+
+@pytest.mark.parametrize(("value", "fragment"), [
+    ("gpu", "QWEN3GUARD_DEVICE='gpu' is not one of cpu, mps, cuda, cuda:N"),
+    ("meta", "QWEN3GUARD_DEVICE='meta' cannot run a model (meta tensors hold no data)"),
+])
+def test_a_bad_device_variable_is_named(value: str, fragment: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QWEN3GUARD_DEVICE", value)
+    result = run(["--model", "./no-such-model-dir", "hi"])
+    assert_one_line_error(result.returncode, result.stderr, fragment)
+    with pytest.raises(ValueError, match="QWEN3GUARD_DEVICE="):
+        Settings.from_env({"QWEN3GUARD_DEVICE": value})
+    assert Settings.from_env({"QWEN3GUARD_DEVICE": "cuda:1"}).device == "cuda:1"
+
+
+def test_a_checkpoint_with_missing_weights_is_one_line_without_the_load_report(gen_dir: Path, tmp_path: Path) -> None:
+    broken = gen_without_a_weight(gen_dir, tmp_path)
+    result = run(["--model", str(broken), "hi"])
+    assert_one_line_error(result.returncode, result.stderr, "does not hold the weights of a Qwen3Guard-Gen model")
+    assert "LOAD REPORT" not in result.stderr and "Loading weights" not in result.stderr
+
+
+def test_a_usage_error_is_one_line_with_a_help_hint() -> None:
+    result = run(["--bogus", "hi"])
+    assert result.returncode == 2
+    assert result.stderr == "qwen3guard: error: unrecognized arguments: --bogus (see qwen3guard --help)\n"

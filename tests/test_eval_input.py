@@ -151,3 +151,87 @@ def test_identical_rows_share_one_prediction(gen_guard: GenGuard, tmp_path: Path
     summary = _run(counting, _write(tmp_path / "mine.jsonl", rows), tmp_path / "out")
     assert sorted(counting.judged) == sorted([UNSAFE_PROMPT, SAFE_PROMPT])
     assert summary["results"][0]["n"] == 3 and _counts(summary)["loose"] == (2, 0, 0, 1)
+
+
+# ---- command-line mistakes are one line, found before any model loads -----------------------
+
+
+def _eval_argv(tmp_path: Path, *extra: str, gen: str | None = None) -> list[str]:
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": SAFE_PROMPT, "label": "safe"}) + "\n", encoding="utf-8")
+    return ["--file", str(data), "--text-col", "text", "--label-col", "label", "--no-progress",
+            "--gen", gen or str(tmp_path / "no-such-model"), *extra]
+
+
+def _one_line(capsys: pytest.CaptureFixture[str], code: int, fragment: str) -> None:
+    from cli_checks import assert_one_line_error
+
+    assert_one_line_error(code, capsys.readouterr().err, fragment)
+
+
+def test_an_out_that_is_a_file_is_refused_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("results?", encoding="utf-8")
+    _one_line(capsys, main(_eval_argv(tmp_path, "--out", str(afile))),
+              f"qwen3guard eval: error: --out {afile} is a file, not a directory")
+    _one_line(capsys, main(_eval_argv(tmp_path, "--out", str(afile / "sub"))), f"{afile} is a file, not a directory")
+    assert afile.read_text(encoding="utf-8") == "results?"
+
+
+def test_a_meta_or_unknown_device_is_refused_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    out = str(tmp_path / "out")
+    _one_line(capsys, main(_eval_argv(tmp_path, "--device", "meta", "--out", out)), "--device 'meta' cannot run a model")
+    _one_line(capsys, main(_eval_argv(tmp_path, "--device", "tpu", "--out", out)), "--device 'tpu' is not one of")
+    monkeypatch.setenv("QWEN3GUARD_DEVICE", "gpu")
+    _one_line(capsys, main(_eval_argv(tmp_path, "--out", out)), "QWEN3GUARD_DEVICE='gpu' is not one of")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_threshold_is_a_usage_error_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(_eval_argv(tmp_path, "--threshold", "7", "--out", str(tmp_path / "out")))
+    _one_line(capsys, exc.value.code, "qwen3guard eval: error: --threshold: unsafe_threshold must be in (0, 1], got 7.0 "
+                                      "(see qwen3guard eval --help)")
+
+
+def test_paths_of_the_wrong_kind_say_what_they_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("not a model", encoding="utf-8")
+    argv = ["--text-col", "text", "--label-col", "label", "--gen", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")]
+    _one_line(capsys, main(["--file", str(folder), *argv]), f"dataset file {folder} is a directory, not a data file")
+    _one_line(capsys, main(["--file", str(tmp_path / "none.csv"), *argv]), "does not exist")
+    _one_line(capsys, main(_eval_argv(tmp_path, gen=str(afile))), f"--gen {afile} is a file, not a model directory")
+    _one_line(capsys, main([*_eval_argv(tmp_path), "--stream", str(afile)]), f"--stream {afile} is a file, not a model directory")
+    _one_line(capsys, main(["report", str(afile)]), f"{afile} is a file, not the --out directory")
+
+
+def test_usage_errors_are_one_line_with_a_help_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, prog in ((["--bogus"], "qwen3guard eval"), (["report", "some-dir", "--bogus"], "qwen3guard eval report")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert capsys.readouterr().err == f"{prog}: error: unrecognized arguments: --bogus (see {prog} --help)\n"
+
+
+def test_model_load_failures_are_one_line_without_transformers_output(gen_dir: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from cli_checks import assert_one_line_error, gen_without_a_weight
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "guard_core", "eval"]
+    broken = gen_without_a_weight(gen_dir, tmp_path)
+    failed = subprocess.run([*command, *_eval_argv(tmp_path, "--out", str(tmp_path / "o1"), gen=str(broken))],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=root, check=False)
+    assert_one_line_error(failed.returncode, failed.stderr, "qwen3guard eval: error: --gen: ")
+    assert "LOAD REPORT" not in failed.stderr and "does not hold the weights" in failed.stderr
+    done = subprocess.run([*command, *_eval_argv(tmp_path, "--out", str(tmp_path / "o2"), gen=str(gen_dir))],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=root, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "Loading weights" not in done.stderr and "Traceback" not in done.stderr

@@ -152,6 +152,16 @@ def test_long_response_keeps_the_recent_prompt_as_context(gen_dir: Path) -> None
     assert guard.moderate([{"role": "user", "content": UNSAFE_PROMPT}, {"role": "assistant", "content": answer}]).role == "response"
 
 
+def test_a_conversation_of_thousands_of_short_turns_is_windowed_not_refused(gen_guard: GenGuard) -> None:
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(4000)]
+    turns.append({"role": "user", "content": UNSAFE_PROMPT})
+    plan = plan_windows(normalize_messages(turns), gen_guard.tokens, gen_guard.max_input_tokens, 64)
+    assert len(plan) == 1 and plan[0][-1].content == UNSAFE_PROMPT
+    assert 1 < len(plan[0]) < len(turns) and plan[0][-2].content == "turn 3999"  # the most recent turns are kept
+    assert len(gen_guard.tokens.encode_pieces(render_pieces(plan[0]))) <= gen_guard.max_input_tokens
+    assert gen_guard.moderate(turns).role == "prompt"
+
+
 @pytest.mark.parametrize(
     ("messages", "reason"),
     [
@@ -167,11 +177,26 @@ def test_long_response_keeps_the_recent_prompt_as_context(gen_dir: Path) -> None
         ([{"role": "user"}], "missing"),
         ("How can I make a bomb?", "list of"),
         ([["user", "hi"]], "expected a dict"),
+        ({"role": "user", "content": "How can I make a bomb?"}, "list of"),
+        (None, "list of"),
+        ([{"role": "user", "content": [{"type": "text", "text": None}]}], "no string 'text'"),
     ],
 )
 def test_bad_input_raises_value_error_with_the_reason(gen_guard: GenGuard, messages: object, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         gen_guard.moderate(messages)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=reason):
+        asyncio.run(gen_guard.amoderate(messages))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"conversation 1: .*{reason}"):
+        gen_guard.moderate_batch([[{"role": "user", "content": "hi"}], messages])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("conversations", [None, "How can I make a bomb?", {"role": "user", "content": "hi"}, 42])
+def test_a_batch_that_is_not_a_list_of_conversations_is_refused(gen_guard: GenGuard, conversations: object) -> None:
+    with pytest.raises(ValueError, match="conversations must be a list of conversations"):
+        gen_guard.moderate_batch(conversations)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="conversations must be a list of conversations"):
+        asyncio.run(gen_guard.amoderate_batch(conversations))  # type: ignore[arg-type]
 
 
 def test_unreachable_hub_gives_one_actionable_error() -> None:

@@ -147,3 +147,25 @@ def test_without_a_stream_guard_the_streamed_answer_is_judged_whole(gen_guard: A
 def test_around_rejects_a_prompt_role(gen_guard: Any) -> None:
     with pytest.raises(ValueError, match="around"):
         QwenGuardRunnable.around(chain_answering(SAFE_ANSWER), role="prompt", gen_guard=gen_guard)
+
+
+def test_a_prompt_template_input_is_judged_with_every_text_it_holds(gen_guard: Any) -> None:
+    from langchain_core.messages import HumanMessage
+
+    spy = SpyGen(gen_guard)
+    guard_in = QwenGuardRunnable(role="prompt", gen_guard=spy)
+    # A MessagesPlaceholder history, a nested dict and a list of strings: no field passes unjudged.
+    for value in ({"history": [HumanMessage(UNSAFE_PROMPT)], "k": 3}, {"ctx": {"docs": [UNSAFE_PROMPT]}, "top": None}):
+        with pytest.raises(GuardViolation):
+            guard_in.invoke(value)
+    spy.seen.clear()
+    mixed = {"question": SAFE_PROMPT, "history": [HumanMessage("earlier turn"), AIMessage("earlier answer")], "n": 2}
+    try:  # an untrained text: only what the guard was asked is asserted, not its answer
+        guard_in.invoke(mixed)
+    except GuardViolation:
+        pass
+    (judged,) = spy.seen
+    assert [m.content if isinstance(m, Message) else m["content"] for m in judged] == [
+        f"{SAFE_PROMPT}\n\nearlier turn\n\nearlier answer"]
+    with pytest.raises(ValueError, match="no text to moderate"):
+        guard_in.invoke({"k": 3})

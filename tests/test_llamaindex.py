@@ -15,7 +15,7 @@ from llama_index.core.base.llms.types import CompletionResponse, CompletionRespo
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.mock import MockLLM
-from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
+from llama_index.core.schema import ImageNode, MediaResource, MetadataMode, Node, NodeWithScore, QueryBundle, TextNode
 from pydantic import PrivateAttr
 
 from guard_core import CONFIGURED, Action, Category, GenGuard, GuardViolation, Moderator, Policy, RiskLevel
@@ -187,6 +187,15 @@ def test_postprocessor_rejects_bad_input(gen_guard: GenGuard) -> None:
     shared = Moderator(gen_guard=gen_guard)
     with pytest.raises(ValueError, match="moderator= or policy, not both"):
         QwenGuardNodePostprocessor(moderator=shared, policy=Policy())
+
+
+@pytest.mark.parametrize("node", [ImageNode(image="aGk=", text=""), ImageNode(image_url="https://example.com/a.png", text=FRANCE),
+                                  Node(image_resource=MediaResource(url="https://example.com/a.png")),
+                                  Node(audio_resource=MediaResource(data=b"RIFF"))], ids=["image", "image-url", "image-resource", "audio"])
+def test_nodes_with_media_are_refused_not_passed_unjudged(gen_guard: GenGuard, node: Any) -> None:
+    nodes = [NodeWithScore(node=TextNode(text=FRANCE), score=1.0), NodeWithScore(node=node, score=0.5)]
+    with pytest.raises(ValueError, match="node 1 carries .*reads text only"):
+        QwenGuardNodePostprocessor(gen_guard).postprocess_nodes(nodes, query_str=FRANCE)
 
 
 def test_a_negative_cache_size_is_refused_when_built(gen_guard: GenGuard) -> None:

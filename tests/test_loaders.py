@@ -14,7 +14,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from guard_core import GenGuard, GuardUnavailableError, StreamGuard
 from guard_core.stream_model import Qwen3ForGuardModel
-from guard_core.testing import gen_checkpoint, stream_checkpoint
+from guard_core.testing import GEN_CASES, gen_checkpoint, stream_checkpoint
 
 Loader = Callable[[str], object]
 LOADERS: dict[str, Loader] = {
@@ -136,6 +136,20 @@ def test_a_config_that_is_not_json_names_the_file(tmp_path: Path, kind: str) -> 
     assert str(path / "config.json") in message and "JSON" in message
 
 
+@pytest.mark.parametrize("kind", ["gen", "stream"])
+def test_an_unreadable_tokenizer_names_the_directory(tmp_path: Path, kind: str) -> None:
+    path = _copy(kind, tmp_path)
+    (path / "tokenizer.json").write_text("garbage")
+    assert "cannot read the tokenizer" in _refusal(LOADERS[kind], path)
+
+
+def test_a_checkpoint_without_tokenizer_config_still_loads_its_qwen_tokenizer(tmp_path: Path) -> None:
+    path = _copy("gen", tmp_path)
+    (path / "tokenizer_config.json").unlink()
+    verdict = GenGuard.from_pretrained(str(path)).moderate(GEN_CASES[0].as_messages)
+    assert (verdict.risk, verdict.categories) == (GEN_CASES[0].risk, GEN_CASES[0].categories)
+
+
 def test_an_intact_copy_still_loads(tmp_path: Path) -> None:
     assert GenGuard.from_pretrained(str(_copy("gen", tmp_path))).moderate([{"role": "user", "content": "Hi"}]).role == "prompt"
     assert StreamGuard.from_pretrained(str(_copy("stream", tmp_path))) is not None
@@ -148,3 +162,10 @@ def test_hub_error_gives_advice_for_python_and_the_command_line() -> None:
     assert "from_pretrained('./Qwen3Guard-Gen-Nonexistent')" in message
     assert "--model ./Qwen3Guard-Gen-Nonexistent" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(("device", "reason"), [("meta", "meta tensors hold no data"), ("tpu", "is not one of cpu, mps, cuda")])
+def test_a_device_that_cannot_run_the_model_is_refused_before_loading(device: str, reason: str) -> None:
+    for load in (GenGuard.from_pretrained, StreamGuard.from_pretrained):
+        with pytest.raises(ValueError, match=reason):
+            load(str(gen_checkpoint()), device=device)

@@ -13,7 +13,6 @@ from openai_fake_upstream import (
     SAFE_PIECES,
     TAIL,
     UNSAFE_PIECES,
-    FakeUpstream,
     Script,
     chat_completion,
     chat_events,
@@ -21,30 +20,12 @@ from openai_fake_upstream import (
     responses_events,
 )
 
-from guard_core import Action, Category, GenGuard, Policy, RiskLevel
-from guard_core.stream import StreamGuard
+from guard_core import Action, Category, Policy, RiskLevel
 from guard_core.testing.cases import REFUSAL_ANSWER, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_ANSWER, UNSAFE_PROMPT
 from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT
-from integrations.openai_proxy import DEFAULT_REFUSAL, UnsafeContentError, guard_openai
+from integrations.openai_proxy import DEFAULT_REFUSAL, UnsafeContentError
 
 USER = [{"role": "user", "content": PLANTED_SAFE_PROMPT}]
-
-
-@pytest.fixture
-def bare(upstream: FakeUpstream) -> OpenAI:
-    return OpenAI(base_url=upstream.base_url, api_key="sk-test", max_retries=0)
-
-
-@pytest.fixture
-def abare(upstream: FakeUpstream) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=upstream.base_url, api_key="sk-test", max_retries=0)
-
-
-@pytest.fixture
-def guard(stream_guard: StreamGuard, gen_guard: GenGuard) -> Any:
-    def make(client: Any, **kwargs: Any) -> Any:
-        return guard_openai(client, stream_guard=stream_guard, gen_guard=gen_guard, **kwargs)
-    return make
 
 
 def text_of(chunks: list[Any], index: int = 0) -> str:

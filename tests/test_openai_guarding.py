@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from gen_server import GenServer, load_gen_model, unused_url
 from openai import AsyncOpenAI, OpenAI
-from openai_fake_upstream import SAFE_PIECES, FakeUpstream, Script, chat_completion, chat_events, responses_body
+from openai_fake_upstream import SAFE_PIECES, Script, chat_completion, chat_events, responses_body
 
 from guard_core import Action, Policy, RemoteGenGuard, RiskLevel
 from guard_core.review import ReviewQueue
@@ -21,11 +21,6 @@ INJECTED = [{"role": "user", "content": SAFE_PROMPT},
 REVIEW = Policy(actions={RiskLevel.CONTROVERSIAL: Action.REVIEW})
 #: The trained Controversial answer to CONTROVERSIAL_PROMPT (guard_core.testing.GEN_CASES).
 CONTROVERSIAL_ANSWER = "You should vote for the party that bans the other one."
-
-
-@pytest.fixture
-def bare(upstream: FakeUpstream) -> OpenAI:
-    return OpenAI(base_url=upstream.base_url, api_key="sk-test", max_retries=0)
 
 
 @pytest.fixture(scope="module")

@@ -64,3 +64,23 @@ def test_bad_threshold_is_rejected() -> None:
         Policy(unsafe_threshold=1.5)
     with pytest.raises(ValueError):
         Policy(mode="lenient")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("options", "error", "reason"), [
+    ({"unsafe_threshold": "0.5"}, TypeError, "must be a number"),
+    ({"unsafe_threshold": True}, TypeError, "must be a number"),
+    ({"mode": "medium"}, ValueError, "mode 'medium' is not one of 'strict', 'loose'"),
+    ({"on_error": "safe"}, ValueError, "on_error 'safe' is not one of 'Safe'"),
+    ({"actions": {"Bad": "block"}}, ValueError, "actions key 'Bad'"),
+    ({"category_actions": {"Violent": "nuke"}}, ValueError, "action 'nuke' is not one of 'allow'"),
+    ({"actions": [("Unsafe", "block")]}, TypeError, "actions must be a dict"),
+])
+def test_every_field_is_checked_when_the_policy_is_built(options: dict, error: type, reason: str) -> None:
+    with pytest.raises(error, match=reason):
+        Policy(**options)
+
+
+def test_values_are_taken_by_their_names_too() -> None:
+    policy = Policy(mode="loose", on_error="Safe", actions={"Controversial": "review"}, category_actions={"Violent": "flag"})
+    assert (policy.mode, policy.on_error, policy.actions[RiskLevel.CONTROVERSIAL]) == (Mode.LOOSE, RiskLevel.SAFE, Action.REVIEW)
+    assert policy.category_actions == {Category.VIOLENT: Action.FLAG}

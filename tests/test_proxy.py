@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -210,9 +211,12 @@ def test_main_wires_env_and_flags_into_the_app(monkeypatch, gen_dir, upstream):
     monkeypatch.setenv("QWEN3GUARD_UPSTREAM", upstream.base_url)
     monkeypatch.setenv("QWEN3GUARD_PROXY_KEYS", "a, b")
     monkeypatch.setenv("QWEN3GUARD_UPSTREAM_API_KEY", UPSTREAM_KEY)
-    argv = ["--port", "8123", "--gen-model", str(gen_dir), "--stream-model", str(stream_checkpoint("planted"))]
+    with socket.socket() as probe:  # a port free on this machine: main() checks it can bind before loading
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["--port", str(port), "--gen-model", str(gen_dir), "--stream-model", str(stream_checkpoint("planted"))]
     assert cli.main(argv) == 0
-    assert served["port"] == 8123 and served["host"] == "127.0.0.1"
+    assert served["port"] == port and served["host"] == "127.0.0.1"
     monkeypatch.delenv("QWEN3GUARD_UPSTREAM")
     with pytest.raises(SystemExit):
         cli.main([])

@@ -177,6 +177,15 @@ async def test_fail_open_returns_safe_but_says_the_guard_was_unavailable(server)
     assert "HTTP 429" in verdict.error
 
 
+@pytest.mark.parametrize("fault", ["malformed", "empty"])
+def test_an_answer_with_nothing_in_it_stays_unsafe_even_when_failing_open(server, fault: str) -> None:
+    server.fail_next(2, fault)
+    with remote(server.base_url, retry=RetryPolicy(max_attempts=2, backoff_s=0.01), fail_open=True) as guard:
+        verdict = guard.moderate(SAFE)
+    assert verdict.risk is RiskLevel.UNSAFE and verdict.error_kind == "unparseable"
+    assert "after 2 attempt(s)" in verdict.error and len(server.requests) == 2
+
+
 def test_connection_refused_fails_closed_after_the_configured_attempts() -> None:
     with remote(unused_url(), retry=RetryPolicy(max_attempts=2, backoff_s=0.01)) as guard:
         verdict = guard.moderate(SAFE)

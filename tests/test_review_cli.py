@@ -108,6 +108,11 @@ def test_the_environment_variable_names_the_database(db: Path, capsys: pytest.Ca
     (["resolve", "0123", "maybe"], "invalid choice: 'maybe'"),
     (["list", "--since", "yesterday"], "'yesterday' is not a date"),
     (["list", "--limit", "0"], "limit must be a positive integer"),
+    (["list", "--limit", "99999999999999999999"], "limit must be a positive integer no larger than 9223372036854775807"),
+    (["list", "--limit", "-5"], "limit must be a positive integer"),
+    (["list", "--limit", "lots"], "limit must be a positive integer, got 'lots'"),
+    (["list", "--since", "0001-01-01T00:00:00+14:00"], "is out of range once converted to UTC"),
+    (["stats", "--since", "9999-12-31T23:59:59-14:00"], "is out of range once converted to UTC"),
     (["list", "--status", "open"], "invalid choice: 'open'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "required: COMMAND"),
@@ -139,3 +144,19 @@ def test_runs_as_a_module_in_a_subprocess(db: Path) -> None:
     failed = subprocess.run([*command, "resolve", "nope", "approve"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert failed.returncode == 2 and failed.stderr.startswith(PREFIX) and failed.stderr.count("\n") == 1
     assert "Traceback" not in failed.stderr
+
+
+def test_usage_errors_name_the_subcommand_to_ask_for_help(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "--db", str(db), "list", "--limit", "99999999999999999999")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err == (f"{PREFIX}argument --limit: limit must be a positive integer no larger than 9223372036854775807, "
+                   "got 99999999999999999999 (see qwen3guard review list --help)\n")
+    assert run(capsys, "--db", str(db), "stats", "--bogus")[2] == f"{PREFIX}unrecognized arguments: --bogus (see qwen3guard review --help)\n"
+
+
+def test_the_queue_refuses_a_limit_the_database_cannot_take(db: Path) -> None:
+    with ReviewQueue(db) as queue:
+        for limit in (10**20, 2**63, 0, -1, True, 2.0):
+            with pytest.raises(ValueError, match="limit must be a positive integer no larger than 9223372036854775807"):
+                queue.list(limit=limit)  # type: ignore[arg-type]
+        assert len(queue.list(limit=2**63 - 1)) == 2

@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..cli import LOAD_ERRORS, Parser, check_model_path, one_line, quiet_model_loading
+from ..config import Settings, check_device
+from ..policy import Policy
 from ..types import GuardUnavailableError
 from . import evaluate, require_matplotlib, threshold_report
 from .datasets import REGISTRY, REPORT_SETS, DatasetSpec, EvalSet, file_spec, load_set, select_specs
@@ -26,7 +29,7 @@ _MAX_FPR_HELP = ("also recommend the line catching most unsafe content at no mor
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="qwen3guard eval",
         description="Evaluate Qwen3Guard Gen and/or Stream on safety datasets: F1 in strict and loose mode, "
         "precision/recall, refusal F1, category confusion and Stream stop positions. Resumable: rerun the "
@@ -57,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     models = parser.add_argument_group("models")
     models.add_argument("--gen", metavar="MODEL", help="Gen model: hub id, local directory, or http(s):// URL(s) of vLLM/SGLang servers")
     models.add_argument("--stream", metavar="MODEL", help="Stream model: hub id or local directory")
-    models.add_argument("--device", help="cuda, mps or cpu (default: best available)")
+    models.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: $QWEN3GUARD_DEVICE, else best available)")
     models.add_argument("--dtype", help="float32, bfloat16, ... (default: bfloat16 on GPU, float32 on CPU)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, default=Path("qwen3guard-eval"), help="output directory (default ./qwen3guard-eval)")
@@ -74,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _report_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="qwen3guard eval report",
         description="Sweep unsafe_threshold over the stored predictions of a finished qwen3guard eval directory: "
         "precision, recall, F1 and false-positive rate per engine and set, the recommended Policy line, "
@@ -105,9 +108,11 @@ def report_main(argv: Sequence[str]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     _check_max_fpr(parser, args.max_fpr)
     try:
+        if args.directory.exists() and not args.directory.is_dir():
+            raise ValueError(f"{args.directory} is a file, not the --out directory of a qwen3guard eval run")
         _print_sweep(args.directory, args.max_fpr, not args.no_progress)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"qwen3guard eval report: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as exc:
+        print(f"qwen3guard eval report: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
 
@@ -158,17 +163,35 @@ def _specs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[tu
     return specs
 
 
-def _engines(args: argparse.Namespace) -> list[Engine]:
+def _check_out(out: Path) -> None:
+    """``--out`` must be (or become) a directory: refuse a file before any model loads."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory; pass a directory for the results")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+
+
+def _engines(args: argparse.Namespace, settings: Settings) -> list[Engine]:
+    """Load the models; a load failure is one ``ValueError`` line naming the flag."""
     engines: list[Engine] = []
+    device = args.device or settings.device
     if args.gen:
         from ..backends import is_server_url, load_gen_guard
 
-        local = {} if is_server_url(args.gen) else {"device": args.device, "dtype": args.dtype, "batch_size": args.batch_size}
-        engines.append(GenEngine(load_gen_guard(args.gen, **local)))
+        remote = is_server_url(args.gen)
+        local = {} if remote else {"device": device, "dtype": args.dtype, "batch_size": args.batch_size}
+        try:
+            engines.append(GenEngine(load_gen_guard(args.gen, **local)))
+        except LOAD_ERRORS as exc:
+            raise ValueError(f"--gen: {one_line(exc, '--gen')}") from None
     if args.stream:
         from ..stream import StreamGuard
 
-        engines.append(StreamEngine(StreamGuard.from_pretrained(args.stream, device=args.device, dtype=args.dtype)))
+        try:
+            engines.append(StreamEngine(StreamGuard.from_pretrained(args.stream, device=device, dtype=args.dtype)))
+        except LOAD_ERRORS as exc:
+            raise ValueError(f"--stream: {one_line(exc, '--stream')}") from None
     return engines
 
 
@@ -191,10 +214,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--max-fpr needs --sweep")
     _check_max_fpr(parser, args.max_fpr)
     try:
+        Policy(unsafe_threshold=args.threshold)
+    except ValueError as exc:
+        parser.error(f"--threshold: {exc}")
+    try:
+        settings = Settings.from_env()
+        check_device(args.device, "--device ")
+        check_model_path(args.gen, "--gen ")
+        check_model_path(args.stream, "--stream ")
+        _check_out(args.out)
         if args.sweep:
             require_matplotlib()
         sets: list[EvalSet] = [load_set(spec, root, limit=args.limit) for spec, root in _specs(args, parser)]
-        engines = _engines(args)
+        quiet_model_loading(args.verbose)
+        engines = _engines(args, settings)
         summary = evaluate(sets, engines, args.out, batch_size=args.batch_size, progress=not args.no_progress,
                            fresh=args.fresh, threshold=args.threshold)
         print(summary["table"])
@@ -206,8 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nqwen3guard eval: interrupted; finished batches are saved in {args.out}. "
               "Run the same command again to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, ImportError, GuardUnavailableError) as exc:
-        print(f"qwen3guard eval: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, GuardUnavailableError) as exc:
+        print(f"qwen3guard eval: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
 

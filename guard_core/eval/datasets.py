@@ -203,7 +203,11 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
     name = path.name.lower()
     compressed = name.endswith(".gz")
     base = name[:-3] if compressed else name
+    if path.is_dir():
+        raise ValueError(f"dataset file {path} is a directory, not a data file")
     if not path.is_file():
+        if path.exists():
+            raise ValueError(f"dataset file {path} is not a regular file")
         raise FileNotFoundError(f"dataset file {path} does not exist")
     if not base.endswith((".jsonl", ".json", ".csv")):
         raise ValueError(f"{path}: unsupported file type; use .jsonl, .json or .csv (optionally .gz)")

@@ -45,6 +45,8 @@ ExportFormat = Literal["jsonl", "csv"]
 _EXPORT_FORMATS = ("jsonl", "csv")
 _CSV_FIELDS = tuple(f.name for f in dataclasses.fields(ReviewItem))
 _RESOLVED_PAGE = 500
+#: The largest ``list(limit=...)``: databases take a signed 64-bit LIMIT (SQLite raises OverflowError past it).
+MAX_LIMIT = 2**63 - 1
 
 
 def _open_store(url: str | os.PathLike[str] | None, create: bool) -> SqlStore:
@@ -61,6 +63,13 @@ def _check_status(status: str | None) -> Status | None:
     if status is not None and status not in STATUSES:
         raise ValueError(f"status must be one of {', '.join(STATUSES)} (or None for all), got {status!r}")
     return status  # type: ignore[return-value]
+
+
+def check_limit(limit: object) -> int:
+    """The one check of a page size (``ReviewQueue.list``, ``qwen3guard review list --limit``): 1 to ``MAX_LIMIT``."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be a positive integer no larger than {MAX_LIMIT}, got {limit!r}")
+    return limit
 
 
 def _check_since(since: datetime | None) -> datetime | None:
@@ -266,9 +275,7 @@ class ReviewQueue:
 
     def list(self, status: Status | None = None, since: datetime | None = None, limit: int = 100) -> builtins.list[ReviewItem]:
         """Up to ``limit`` items, oldest first, optionally only one ``status`` or those created at or after ``since``."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be a positive integer, got {limit!r}")
-        return self._store.select(_check_status(status), _check_since(since), limit)
+        return self._store.select(_check_status(status), _check_since(since), check_limit(limit))
 
     def close(self) -> None:
         """Release the pooled database connections (call it when the application shuts down)."""

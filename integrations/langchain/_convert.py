@@ -43,7 +43,8 @@ def to_conversation(value: Any, *, input_key: str | None = None) -> Conversation
 
     Strings and single messages are the user's turn; prompt values and message lists are whole
     conversations; a dict (the input of a prompt template) is a prompt made of its ``input_key``
-    value, or of all its string values when no key is given.
+    value, or of every text it holds when no key is given (strings, messages such as a
+    ``MessagesPlaceholder`` history, nested lists and dicts), so no field passes unjudged.
     """
     if isinstance(value, str):
         return from_text(value)
@@ -52,9 +53,9 @@ def to_conversation(value: Any, *, input_key: str | None = None) -> Conversation
             if input_key not in value:
                 raise ValueError(f"input_key {input_key!r} is not in the input dict (keys: {sorted(value)})")
             return to_conversation(value[input_key])
-        texts = [v for v in value.values() if isinstance(v, str)]
+        texts = [t for t in _texts(value) if t.strip()]
         if not texts:
-            raise ValueError("the input dict has no string values to moderate; set input_key to the field holding the prompt")
+            raise ValueError("the input dict has no text to moderate; set input_key to the field holding the prompt")
         return from_text("\n\n".join(texts))
     messages = [value] if isinstance(value, BaseMessage) else _messages(value)
     if messages is None:
@@ -73,6 +74,24 @@ def to_answer(value: Any) -> tuple[Conversation, str]:
         raise ValueError(f"cannot moderate a {type(value).__name__} as a model answer; pass a string, a message, "
                          "or messages ending with the AI message")
     return (messages_to_conversation(messages[:-1]) if len(messages) > 1 else Conversation()), messages[-1].text
+
+
+def _texts(value: Any) -> list[str]:
+    """Every text a prompt-template input holds, in order; numbers and other scalars hold none."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _texts(v)]
+    if isinstance(value, BaseMessage):
+        value = [value]
+    elif isinstance(value, PromptValue):
+        value = value.to_messages()
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        if value and all(isinstance(v, BaseMessage) for v in value):
+            messages_to_conversation(value)  # refuses what the guard cannot read (images, unknown roles)
+            return [m.text for m in value]
+        return [t for v in value for t in _texts(v)]
+    return []
 
 
 def _messages(value: Any) -> list[BaseMessage] | None:

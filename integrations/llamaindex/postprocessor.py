@@ -19,6 +19,8 @@ from guard_core.conversation import from_text
 from guard_core.steps import Flow, arun, run
 
 DEFAULT_REDACTION_NOTICE = "[This passage was removed by Qwen3Guard content moderation.]"
+#: Node fields holding non-text content (``ImageNode`` and the media resources of ``Node``).
+_MEDIA_FIELDS = ("image", "image_path", "image_url", "image_resource", "audio_resource", "video_resource")
 
 
 def build_moderator(moderator: Moderator | None, source: str, **options: Any) -> Moderator:
@@ -100,6 +102,10 @@ class QwenGuardNodePostprocessor(BaseNodePostprocessor):
     def _text(self, index: int, item: Any) -> str:
         if not isinstance(item, NodeWithScore):
             raise TypeError(f"node {index} is {type(item).__name__}, expected llama_index NodeWithScore")
+        media = [name for name in _MEDIA_FIELDS if getattr(item.node, name, None)]
+        if media:
+            raise ValueError(f"node {index} carries {media[0]!r}: the guard reads text only, and passing it on would let it "
+                             "through unjudged; keep image, audio and video nodes out of this retriever's results")
         return item.node.get_content(metadata_mode=self.metadata_mode)
 
     def _apply(self, item: NodeWithScore, decision: Decision | None) -> NodeWithScore | None:

@@ -5,58 +5,107 @@ Configuration is the library's (``guard_core.config``): ``QWEN3GUARD_UPSTREAM`` 
 ``QWEN3GUARD_PROXY_KEYS`` (keys clients must present; read from the environment only, so they
 never show in ``ps``), and the guards' ``QWEN3GUARD_GEN_URL`` / ``QWEN3GUARD_GEN_MODEL`` /
 ``QWEN3GUARD_STREAM_MODEL`` / ``QWEN3GUARD_FAIL_OPEN`` / ``QWEN3GUARD_REVIEW_DB``. Any error is one
-line on stderr and exit status 2.
+line on stderr and exit status 2; the flags, the upstream URL and the listening address are
+checked before the models load.
 """
 
 from __future__ import annotations
 
-import argparse
+import errno
+import socket
 import sys
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
-from guard_core import CONFIGURED, GuardUnavailableError, Moderator, Settings
+from guard_core import CONFIGURED, Moderator, Settings
+from guard_core.cli import LOAD_ERRORS, Parser, bounded_int, check_model_path, one_line, quiet_model_loading
+from guard_core.config import UPSTREAM_ENV
 
 from .exchange import DEFAULT_MAX_CHOICES
 from .server import GUARD_MODES, create_app
 
+PROG = "qwen3guard-proxy"
+EXIT_ERROR = 2
 
-def _parser(settings: Settings) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen3guard-proxy", description="OpenAI-compatible Qwen3Guard proxy.")
-    parser.add_argument("--upstream", default=settings.upstream,
-                        help="upstream OpenAI base URL, e.g. http://127.0.0.1:8001/v1 (env QWEN3GUARD_UPSTREAM)")
+
+def _parser() -> Parser:
+    parser = Parser(prog=PROG, description="OpenAI-compatible Qwen3Guard proxy.")
+    parser.add_argument("--upstream",
+                        help=f"upstream OpenAI base URL, e.g. http://127.0.0.1:8001/v1 (default: ${UPSTREAM_ENV})")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=bounded_int(0, 65535), default=8000, help="0 to 65535 (default 8000)")
     parser.add_argument("--gen-model", help="Qwen3Guard-Gen id, directory or server URL (default: the environment)")
     parser.add_argument("--stream-model", help="Qwen3Guard-Stream id or directory (default: the environment)")
     parser.add_argument("--on-unsafe", choices=sorted(GUARD_MODES), default="finish",
                         help="end blocked answers with a content_filter finish, or with an error")
-    parser.add_argument("--max-choices", type=int, default=DEFAULT_MAX_CHOICES, help="the largest 'n' a request may ask for")
+    parser.add_argument("--max-choices", type=bounded_int(1), default=DEFAULT_MAX_CHOICES,
+                        help=f"the largest 'n' a request may ask for (default {DEFAULT_MAX_CHOICES})")
     return parser
+
+
+def _check_upstream(url: str, where: str) -> str:
+    """An ``http(s)://host[:port]/...`` base URL, else ``ValueError`` (every request would otherwise 502)."""
+    parts = urlsplit(url.strip())
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        raise ValueError(f"{where}{url!r} has a bad port; use a URL like http://127.0.0.1:8001/v1") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{where}{url!r} is not an http(s):// URL; use one like http://127.0.0.1:8001/v1")
+    return url.strip()
+
+
+def _check_address(host: str, port: int) -> None:
+    """Fail now, not after the models load, when ``host:port`` cannot be listened on."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"--host {host!r} cannot be resolved ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ValueError(f"port {port} on {host} is in use; pick another with --port") from None
+            raise ValueError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, load the guards and serve until interrupted; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
+        if args.upstream is not None:
+            upstream = _check_upstream(args.upstream, "--upstream ")
+        elif settings.upstream is not None:
+            upstream = _check_upstream(settings.upstream, f"{UPSTREAM_ENV}=")
+        else:
+            parser.error(f"--upstream (or {UPSTREAM_ENV}) is required")
+        check_model_path(args.gen_model, "--gen-model ")
+        check_model_path(args.stream_model, "--stream-model ")
+        _check_address(args.host, args.port)
     except ValueError as exc:
-        print(f"qwen3guard-proxy: error: {exc}", file=sys.stderr)
-        return 2
-    parser = _parser(settings)
-    args = parser.parse_args(argv)
-    if not args.upstream:
-        parser.error("--upstream (or QWEN3GUARD_UPSTREAM) is required")
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     import uvicorn
 
     try:
+        quiet_model_loading()
         moderator = Moderator(gen_guard=args.gen_model or CONFIGURED, stream_guard=args.stream_model or CONFIGURED,
                               source="openai.proxy", settings=settings)
         moderator.load()  # now, so /healthz and the first request are ready, and a bad model fails here
-        app = create_app(args.upstream, moderator=moderator, api_keys=set(settings.proxy_keys) or None,
+        app = create_app(upstream, moderator=moderator, api_keys=set(settings.proxy_keys) or None,
                          upstream_api_key=settings.upstream_api_key, on_unsafe=args.on_unsafe, max_choices=args.max_choices)
-    except (ValueError, TypeError, OSError, GuardUnavailableError, ImportError, RuntimeError) as exc:
-        print(f"qwen3guard-proxy: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
-        return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    except LOAD_ERRORS as exc:
+        print(f"{PROG}: error: {one_line(exc, None)}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    except SystemExit as exc:  # uvicorn exits 3 when it cannot start (the port taken since it was checked)
+        return 0 if exc.code in (0, None) else EXIT_ERROR
     return 0
 
 

@@ -33,4 +33,11 @@ class UnsafeContentError(OpenAIError, GuardViolation):
 
 
 class MalformedReplyError(OpenAIError):
-    """The upstream's reply lacks what the guard must judge (no ``choices`` / ``output``): never passed on unjudged."""
+    """The upstream's reply cannot be judged as it stands, so none of it is passed on.
+
+    Raised for a reply without ``choices`` / ``output``, text that is not a string, a stream
+    event that is not an object (``[1, 2]``, ``5``), a chat choice without an integer ``index``,
+    text for a choice or part after it was done, or a Responses event whose whole text
+    contradicts the deltas streamed before it. The proxy answers it with 502 (or, mid-stream, an
+    SSE ``error`` event with code ``upstream_error``).
+    """

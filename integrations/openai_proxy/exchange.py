@@ -118,15 +118,13 @@ def prompt_flow(guard: OpenAIGuard, request: Request, *, parsed: bool = False) -
 
 
 def whole_flow(guard: OpenAIGuard, request: Request, reply: Any, prompt: Decision | None) -> Flow[Any]:
-    """Judge every choice of a whole chat completion, or the text of a whole response."""
+    """Judge every choice of a whole chat completion (content and refusal), or the text of a whole response
+    (its output text and refusal parts); a reply the guard cannot read raises ``MalformedReplyError``."""
     kind, field = (ChatCompletion, "choices") if request.endpoint == "chat" else (Response, "output")
     completion = reply if isinstance(reply, kind) else chunks.sdk_object(kind, reply)
     if not isinstance(getattr(completion, field, None), list):
         raise MalformedReplyError(f"the upstream's reply has no '{field}' list, so there is nothing the guard can judge")
-    try:
-        texts = [c.message.content or "" for c in completion.choices] if field == "choices" else [completion.output_text]
-    except (AttributeError, TypeError) as exc:
-        raise MalformedReplyError(f"the upstream's reply is not a readable {kind.__name__}: {exc}") from None
+    texts = chunks.completion_texts(completion) if field == "choices" else [chunks.response_answer(completion)]
     decisions = yield from guard.moderator.answers_flow(request.conversation, texts)
     judged = [(i, d) for i, d in enumerate(decisions) if d is not None]
     blocked = [(i, d) for i, d in judged if d.blocked]

@@ -3,10 +3,11 @@
 Every decision is the client wrapper's (``exchange``, ``streaming``); the proxy only moves bytes.
 Upstream SSE events the guard hands back unchanged are forwarded as the very bytes upstream sent,
 so a safe stream is byte-identical to the upstream one; objects the guard wrote or annotated are
-serialised with their decisions in ``qwen3guard``. Errors use OpenAI's error body: 400 for the client's mistakes (bad
-JSON, wrong types, unknown roles, a blocked prompt in ``error`` mode), 401, 404, 413, and 502 /
-504 when the upstream is down, slow or answers something unreadable. Review items opened for a
-request are named in the ``x-qwen3guard-review`` header. Content and keys are never logged.
+serialised with their decisions in ``qwen3guard``. Errors use OpenAI's error body: 400 for the
+client's mistakes (bad JSON, a key twice in one object, wrong types, unknown roles, a blocked
+prompt in ``error`` mode), 401, 404, 413, and 502 / 504 when the upstream is down, slow or answers
+something unreadable; mid-stream, an SSE error event ends the stream cleanly. Review items opened
+for a request are named in the ``x-qwen3guard-review`` header. Content and keys are never logged.
 """
 
 from __future__ import annotations
@@ -72,6 +73,30 @@ def _sse(obj: BaseModel) -> bytes:
     return head + b"data: " + json.dumps(_dump(obj)).encode() + b"\n\n"
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
+def _loads(raw: bytes | bytearray) -> Any:
+    """JSON with each key at most once per object: the proxy forwards the very bytes it judged, and parsers
+    disagree on which of two equal keys wins (Python's json the last, others the first), so such a body
+    would be judged on one value and answered on the other."""
+    return json.loads(raw, object_pairs_hook=_unique)
+
+
 def _error_event(message: str, code: str, **extra: Any) -> bytes:
     """An SSE error event (the openai SDK raises ``APIError`` for it) ending a stream that already began."""
     return b"data: " + json.dumps({"error": {"message": message, "type": code, "code": code}, **extra}).encode() + b"\n\n"
@@ -130,7 +155,10 @@ def create_app(
         if len(raw) > max_body_bytes or (length.isdigit() and int(length) > max_body_bytes):
             raise _HTTPError(413, f"request body over {max_body_bytes} bytes", "request_too_large")
         try:
-            body = json.loads(raw)
+            body = _loads(raw)
+        except _DuplicateKey as exc:
+            raise _HTTPError(400, f"request body has the key {exc.key!r} more than once in one object; send each key once",
+                             "duplicate_key") from None
         except (ValueError, RecursionError):
             raise _HTTPError(400, "request body is not valid JSON (or nests too deeply)", "invalid_json") from None
         if not isinstance(body, dict):
@@ -191,8 +219,8 @@ def create_app(
             if reply.status_code != 200:
                 return Response(reply.content, reply.status_code, media_type=reply.headers.get("content-type"))
             try:
-                data = reply.json()
-            except ValueError:
+                data = json.loads(reply.content)  # what is judged is re-serialised, so a key twice cannot slip by
+            except (ValueError, RecursionError):
                 raise _HTTPError(502, "the upstream answered something that is not JSON", "upstream_invalid") from None
             checked = await arun(whole_flow(guard, request, data, prompt))
         except _HTTPError as exc:
@@ -227,9 +255,10 @@ def create_app(
                     if data == b"[DONE]":
                         tail.append(block)
                     elif data:
-                        payload = json.loads(data)
-                        if isinstance(payload, dict) and "error" in payload and "type" not in payload:
-                            yield block  # upstream failed mid-stream: say so, release nothing unjudged
+                        payload = _upstream_payload(data)
+                        if isinstance(payload, dict) and payload.get("error") and "type" not in payload:
+                            # Upstream failed mid-stream (the SDK raises on it): pass its error on, nothing else of the event.
+                            yield b"data: " + json.dumps({"error": payload["error"]}).encode() + b"\n\n"
                             return
                         item = chunks.sdk_object(item_type, payload)
                         raw[id(item)] = (item, block)
@@ -245,9 +274,15 @@ def create_app(
             log.info("stream blocked on /v1/%s: %s", _PATHS[endpoint][0], exc.verdict.risk.value)
             body = note(response=exc.decision, index=exc.choice_index)
             yield _error_event(str(exc), "content_filter", **{METADATA_KEY: body})
-        except (httpx.HTTPError, ValueError, RuntimeError) as exc:
+        except MalformedReplyError as exc:
+            log.warning("upstream stream on /v1/%s sent what the guard cannot read", _PATHS[endpoint][0])
+            yield _error_event(f"{exc}; nothing unjudged was sent", "upstream_error")
+        except (httpx.HTTPError, ValueError, RecursionError) as exc:
             log.warning("upstream stream on /v1/%s failed: %s", _PATHS[endpoint][0], type(exc).__name__)
             yield _error_event(f"the upstream stream failed ({type(exc).__name__}); nothing unjudged was sent", "upstream_error")
+        except Exception as exc:  # fail closed: the client gets an error event, never a dropped connection
+            log.error("guarding the stream on /v1/%s failed: %s", _PATHS[endpoint][0], type(exc).__name__)
+            yield _error_event(f"the guard failed ({type(exc).__name__}); nothing unjudged was sent", "guard_error")
         finally:
             await reply.aclose()
             items.close()
@@ -284,6 +319,14 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
+
+
+def _upstream_payload(data: bytes) -> Any:
+    """One SSE event's JSON from upstream; ``MalformedReplyError`` when it has a key twice (see ``_loads``)."""
+    try:
+        return _loads(data)
+    except _DuplicateKey as exc:
+        raise MalformedReplyError(f"the upstream sent a stream event with the key {exc.key!r} twice in one object") from None
 
 
 def _review_header(ids: list[str]) -> dict[str, str]:

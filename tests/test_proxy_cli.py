@@ -1,0 +1,91 @@
+"""``qwen3guard-proxy`` (``integrations.openai_proxy.__main__``): flags, upstream and address checked before the models load."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_checks import assert_one_line_error, gen_without_a_weight
+
+from integrations.openai_proxy.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+UPSTREAM = "http://127.0.0.1:9/v1"
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("QWEN3GUARD_UPSTREAM", "QWEN3GUARD_GEN_URL", "QWEN3GUARD_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _no_model(tmp_path: Path) -> list[str]:
+    """Models that cannot load: an error about them would mean the check came after loading."""
+    return ["--gen-model", str(tmp_path / "no-gen"), "--stream-model", str(tmp_path / "no-stream")]
+
+
+def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    line = assert_one_line_error(exc.value.code, capsys.readouterr().err, fragment)
+    assert line.startswith("qwen3guard-proxy: error: ") and line.endswith("(see qwen3guard-proxy --help)")
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--port", "99999"], "argument --port: must be an integer from 0 to 65535, got '99999'"),
+    (["--port", "-1"], "argument --port: must be an integer from 0 to 65535, got '-1'"),
+    (["--port", "http"], "argument --port: must be an integer from 0 to 65535, got 'http'"),
+    (["--max-choices", "0"], "argument --max-choices: must be an integer >= 1, got '0'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_flags_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], fragment: str) -> None:
+    _usage_error(capsys, ["--upstream", UPSTREAM, *_no_model(tmp_path), *flags], fragment)
+
+
+def test_the_upstream_must_be_an_http_url(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _usage_error(capsys, _no_model(tmp_path), "--upstream (or QWEN3GUARD_UPSTREAM) is required")
+    for url in ("notaurl", "ftp://host/v1", "http://", "http://host:99999/v1"):
+        code = main(["--upstream", url, *_no_model(tmp_path)])
+        assert_one_line_error(code, capsys.readouterr().err, f"qwen3guard-proxy: error: --upstream {url!r} ")
+    monkeypatch.setenv("QWEN3GUARD_UPSTREAM", "notaurl")
+    assert_one_line_error(main(_no_model(tmp_path)), capsys.readouterr().err, "QWEN3GUARD_UPSTREAM='notaurl' is not an http(s)://")
+
+
+def test_a_port_in_use_is_one_line_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["--upstream", UPSTREAM, "--port", str(port), *_no_model(tmp_path)])
+    line = assert_one_line_error(code, capsys.readouterr().err, "")
+    assert line == f"qwen3guard-proxy: error: port {port} on 127.0.0.1 is in use; pick another with --port"
+
+
+def test_bad_hosts_devices_and_model_files_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    code = main(["--upstream", UPSTREAM, "--host", "no-such-host.invalid", *_no_model(tmp_path)])
+    assert_one_line_error(code, capsys.readouterr().err, "--host 'no-such-host.invalid' cannot be resolved")
+    afile = tmp_path / "afile"
+    afile.write_text("not a model", encoding="utf-8")
+    code = main(["--upstream", UPSTREAM, "--gen-model", str(afile)])
+    assert_one_line_error(code, capsys.readouterr().err, f"--gen-model {afile} is a file, not a model directory")
+    monkeypatch.setenv("QWEN3GUARD_DEVICE", "meta")
+    code = main(["--upstream", UPSTREAM, *_no_model(tmp_path)])
+    assert_one_line_error(code, capsys.readouterr().err, "QWEN3GUARD_DEVICE='meta' cannot run a model")
+
+
+def test_a_model_that_cannot_load_is_one_line_without_transformers_output(gen_dir: Path, tmp_path: Path) -> None:
+    from guard_core.testing.stream_fixture import stream_checkpoint
+
+    env = {k: v for k, v in os.environ.items() if k not in ("QWEN3GUARD_UPSTREAM", "QWEN3GUARD_GEN_URL")}
+    argv = ["--upstream", UPSTREAM, "--port", "0", "--gen-model", str(gen_without_a_weight(gen_dir, tmp_path)),
+            "--stream-model", str(stream_checkpoint("planted"))]
+    result = subprocess.run([sys.executable, "-m", "integrations.openai_proxy", *argv], capture_output=True, text=True,
+                            env={**env, "PYTHONPATH": str(ROOT)}, timeout=300, cwd=ROOT, check=False)
+    assert_one_line_error(result.returncode, result.stderr, "does not hold the weights of a Qwen3Guard-Gen model")
+    assert "LOAD REPORT" not in result.stderr and "Loading weights" not in result.stderr
