@@ -14,7 +14,9 @@ and it waits for the sessions of the last step to queue again only until the las
 without occupying a thread. The worker exits after a short idle period so an abandoned guard
 does not keep a thread alive, and it is stopped and joined at interpreter exit: a daemon thread
 still inside a torch operator when Python finalizes aborts the whole process ("terminate called
-without an active exception", from the forced unwind through torch's C++ frames).
+without an active exception", from the forced unwind through torch's C++ frames). For the same
+reason a session closed after that (a user's daemon thread dropping it) keeps its cache instead
+of freeing it: freeing a tensor is such an operator.
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ class StreamScheduler:
         self._awaited: set[Lane] = set()
         self._sleeping: str | None = None
         self._stopped = False
+        self._kept_at_exit: list[KVStore] = []
         self._worker: threading.Thread | None = None
         self.steps = 0
         _LIVE.add(self)
@@ -177,7 +180,12 @@ class StreamScheduler:
             if lane in self._lanes:
                 self._lanes.remove(lane)
             self._stop_awaiting(lane)
-            if not lane.running:
+            if self._stopped:
+                # Interpreter exit: freeing a tensor releases the GIL, and a daemon thread that lets
+                # go of it once Python finalizes is killed inside torch's C++ frames (an abort). The
+                # cache is left to the interpreter's own teardown instead.
+                self._kept_at_exit.append(lane.store)
+            elif not lane.running:
                 lane.store.release()
             for ticket in lane.tickets:
                 ticket._resolve()

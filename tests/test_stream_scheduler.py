@@ -155,3 +155,21 @@ def test_interpreter_exits_cleanly_while_sessions_are_busy(tmp_path: Path) -> No
         assert "exiting with the Stream worker busy" in done.stdout, done.stderr[-2000:]
         assert "terminate called" not in done.stderr, f"run {run}: {done.stderr[-2000:]}"
         assert done.returncode == 0, f"run {run}: exit {done.returncode}: {done.stderr[-2000:]}"
+
+
+def test_a_session_closed_after_shutdown_keeps_its_cache_for_teardown() -> None:
+    """At exit a daemon thread dropping a session must not free tensors (that releases the GIL inside torch)."""
+    guard = StreamGuard.from_pretrained(str(stream_checkpoint("random")))
+    open_session = guard.session([{"role": "user", "content": "question"}])
+    open_session.feed("an answer being streamed")
+    closed_before = guard.session([{"role": "user", "content": "another"}])
+    closed_before.close()
+    assert closed_before._lane.store.length == 0  # a session closed while the guard runs frees its cache
+    guard.scheduler.shutdown()
+    store = open_session._lane.store
+    cached = store.length
+    open_session.close()
+    assert cached > 0 and store.length == cached and store.keys  # not freed ...
+    assert guard.scheduler._kept_at_exit == [store]  # ... but held by the scheduler until teardown
+    with pytest.raises(RuntimeError, match="shut down"):
+        guard.session([{"role": "user", "content": "late"}])
