@@ -39,11 +39,11 @@ def main() -> int:
     parser.add_argument("--stream-model", default=CONFIGURED, help="Qwen3Guard-Stream hub id or directory")
     args = parser.parse_args()
 
-    # OPENAI_BASE_URL and OPENAI_API_KEY are read by OpenAI() itself.
-    client = guard_openai(OpenAI(), on_unsafe=args.on_unsafe, holdback_tokens=args.holdback,
-                          stream_guard=args.stream_model, gen_guard=args.gen_model)
     finish = None
     try:
+        # OPENAI_BASE_URL and OPENAI_API_KEY are read by OpenAI() itself.
+        client = guard_openai(OpenAI(), on_unsafe=args.on_unsafe, holdback_tokens=args.holdback,
+                              stream_guard=args.stream_model, gen_guard=args.gen_model)
         stream = client.chat.completions.create(
             model=args.model, messages=[{"role": "user", "content": args.prompt}], stream=True)
         with stream:
@@ -56,7 +56,7 @@ def main() -> int:
         print(f"\n[blocked {err.verdict.role}: {err.verdict.risk.value} ({categories}); "
               f"delivered {len(err.delivered)} characters before the stop]")
         return 1
-    except (GuardUnavailableError, openai.APIConnectionError, openai.APIStatusError, ValueError) as err:
+    except (GuardUnavailableError, openai.OpenAIError, ValueError) as err:  # OpenAIError: no API key, no server, ...
         print(f"openai_stream.py: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     verdict = stream.verdicts.get(0) or stream.prompt_verdict

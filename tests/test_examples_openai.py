@@ -66,3 +66,13 @@ def test_example_says_in_one_line_when_the_server_or_a_model_cannot_be_reached(g
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("openai_stream.py: error: Connection error")
+
+
+def test_example_without_an_api_key_says_so_in_one_line(gen_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "openai_stream.py"), PLANTED_SAFE_PROMPT],
+                            env={**env, "PYTHONPATH": str(ROOT), "QWEN3GUARD_GEN_MODEL": str(gen_dir),
+                                 "QWEN3GUARD_STREAM_MODEL": str(stream_checkpoint("planted"))},
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "OPENAI_API_KEY" in result.stderr

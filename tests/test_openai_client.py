@@ -23,7 +23,7 @@ from openai_fake_upstream import (
 from guard_core import Action, Category, Policy, RiskLevel
 from guard_core.testing.cases import REFUSAL_ANSWER, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_ANSWER, UNSAFE_PROMPT
 from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT
-from integrations.openai_proxy import DEFAULT_REFUSAL, UnsafeContentError
+from integrations.openai_proxy import DEFAULT_REFUSAL, UnsafeContentError, guard_openai
 
 USER = [{"role": "user", "content": PLANTED_SAFE_PROMPT}]
 
@@ -347,3 +347,9 @@ def test_openais_stream_helper_and_parse_are_guarded_too(upstream, bare, guard):
         model="fake-model", messages=[{"role": "user", "content": UNSAFE_PROMPT}])
     assert refused.choices[0].message.parsed is None and refused.choices[0].finish_reason == "content_filter"
     assert len(upstream.exchanges) == before
+
+
+@pytest.mark.parametrize("client", ["sk-test", None, object()])
+def test_guard_openai_takes_only_an_openai_client(client):
+    with pytest.raises(TypeError, match="wraps an openai.OpenAI or openai.AsyncOpenAI client"):
+        guard_openai(client)

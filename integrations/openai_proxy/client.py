@@ -292,6 +292,8 @@ def guard_openai(
     ``UnsafeContentError`` (closing upstream); ``"rewrite"`` answers with ``refusal_message`` and
     ``finish_reason="content_filter"``. ``moderator`` replaces every guard option at once.
     """
+    if not isinstance(client, (OpenAI, AsyncOpenAI)):
+        raise TypeError(f"guard_openai wraps an openai.OpenAI or openai.AsyncOpenAI client, got {type(client).__name__}")
     core = moderator or Moderator(gen_guard=gen_guard, stream_guard=stream_guard, policy=policy, prompt_policy=prompt_policy,
                                   prompt_check=prompt_check, holdback_tokens=holdback_tokens, refusal=refusal_message,
                                   review=review, source="openai.client")
