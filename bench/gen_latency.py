@@ -2,10 +2,11 @@
 
 The weights are random (no hub here), which does not matter for timing: the cost of a forward
 pass depends on the shape only. So that ``GenGuard.moderate`` takes the path it takes with the
-real model (one scoring pass, then for a response the continuation up to the refusal line)
-instead of the unparseable fallback, the attention and MLP outputs are zeroed (the matmuls still
-run) and the untied ``lm_head`` is planted so each token predicts the next token of a fixed
-answer of the real answer's length. Figures, all ratios measured in one run:
+real model instead of the unparseable fallback, a forward hook plants the real answer's tokens:
+at every position whose context ends with a start of ``Safety: Safe\nCategories: None\nRefusal:
+No``, the next token of that answer gets the top logit (the full matmuls, ``lm_head`` included,
+still run). The bench's response is a safe, non-refusing answer, the common case. Figures, all
+ratios measured in one run:
 
 - ``prefix_cache_speedup``: ``moderate`` of a ~20-token prompt plus a ~60-token response, prefix
   cache off / on (``_prompt`` and ``_response`` for each alone);
@@ -29,7 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config
 
 from guard_core import GenGuard, RiskLevel
-from guard_core.gen_template import render_pieces
+from guard_core.gen_template import SAFE_RESPONSE_ANSWER, render_pieces
 from guard_core.loading import pick_device, pick_dtype
 from guard_core.messages import normalize_messages
 from guard_core.testing import build_qwen3_tokenizer
@@ -43,14 +44,11 @@ RESPONSE = (
     "Then read Rubicon by Tom Holland, which tells the fall of the Republic like a thriller, and "
     "finish with The Twelve Caesars by Suetonius for the emperors in the words of a Roman writer."
 )
-#: The planted answer, one token each: the prompt's last token, then ``Safety: Safe`` and a tail
-#: as long as the real ``\nCategories: None\nRefusal: No`` (9 decoded tokens), ending at EOS.
-ANSWER_CHAIN = ("\n\n", "Safety", ":", " Safe", "\n", "Categories", " -", " None", "Ref", "usal", " No", ".")
 BATCH = 32
 
 
 def real_shape_config(layers: int) -> Qwen3Config:
-    """Qwen3Guard-Gen-0.6B's architecture (hidden 1024, 16 heads, 8 KV heads, vocab 151936), lm_head untied for planting."""
+    """Qwen3Guard-Gen-0.6B's architecture (hidden 1024, 16 heads, 8 KV heads, vocab 151936)."""
     return Qwen3Config(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers,
         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
@@ -58,24 +56,37 @@ def real_shape_config(layers: int) -> Qwen3Config:
     )
 
 
-@torch.no_grad()
-def plant_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
-    """Make greedy decoding write ``ANSWER_CHAIN`` after the prompt, whatever the context.
+class PlantedAnswer:
+    """A forward hook that makes greedy decoding write ``SAFE_RESPONSE_ANSWER`` after any prompt.
 
-    With the attention and MLP outputs zero, the last hidden state is the normed embedding of
-    the current token, so setting the next token's ``lm_head`` row along it makes a bigram model.
+    For each position whose logits are kept, the context's longest suffix that starts the answer
+    names the answer's next token, which gets the top logit. Decoding steps see one new token, so
+    the last tokens of every row are kept between calls that continue a cache.
     """
-    for layer in model.model.layers:
-        layer.self_attn.o_proj.weight.zero_()
-        layer.mlp.down_proj.weight.zero_()
-    ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(piece)) for piece in ANSWER_CHAIN]
-    if any(len(i) != 1 for i in ids):
-        raise SystemExit(f"every answer piece must be one token, got {ids}")
-    chain = [i[0] for i in ids] + [tokenizer.convert_tokens_to_ids(IM_END)]
-    embeddings = model.model.embed_tokens.weight
-    for current, following in zip(chain, chain[1:]):
-        hidden = model.model.norm(embeddings[current])
-        model.lm_head.weight[following] = 2.0 * hidden / hidden.norm()
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+        self.chain = tokenizer.encode(SAFE_RESPONSE_ANSWER) + [tokenizer.convert_tokens_to_ids(IM_END)]
+        self.tails: list[list[int]] = []
+        model.register_forward_hook(self._plant, with_kwargs=True)
+
+    def _next(self, context: list[int]) -> int:
+        for k in range(min(len(context), len(self.chain) - 1), 0, -1):
+            if context[-k:] == self.chain[:k]:
+                return self.chain[k]
+        return self.chain[0]
+
+    def _plant(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        ids = (args[0] if args else kwargs["input_ids"]).tolist()
+        cache = kwargs.get("cache")
+        continues = cache is not None and cache.get_seq_length() > len(ids[0]) and len(self.tails) == len(ids)
+        histories = [(self.tails[row] if continues else []) + tokens for row, tokens in enumerate(ids)]
+        logits = output.logits
+        kept = logits.shape[1]
+        for row, history in enumerate(histories):
+            for j in range(kept):
+                context = history[: len(history) - kept + j + 1]
+                logits[row, j, self._next(context)] = logits[row, j].max() + 10.0
+        self.tails = [history[-len(self.chain) :] for history in histories]
 
 
 def best_of(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -168,7 +179,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(real_shape_config(layers), dtype=dtype).to(device).eval()
     tokenizer = build_qwen3_tokenizer(GEN_CHAT_TEMPLATE)
-    plant_answer(model, tokenizer)
+    PlantedAnswer(model, tokenizer)
     result: dict[str, object] = {"bench": "gen_latency", "device": device.type, "dtype": str(dtype).removeprefix("torch."),
                                  "layers": layers, "real_layers": 28, "threads": torch.get_num_threads()}
     with torch.inference_mode():

@@ -2,11 +2,15 @@
 
 Scoring takes one forward pass per conversation: the moderation prompt plus the forced answer
 prefix ``Safety:``; the logits at the next position give P(Safe / Controversial / Unsafe)
-directly, which both feeds policy thresholds and is the greedy label. Only when more is needed
-(categories of a non-safe verdict, the refusal line in response mode) does decoding continue,
-from the same KV cache, and only until that line is complete. If the model would not have
-written ``Safety:`` first, or its best next token is not a label, the conversation falls back to
-plain greedy ``generate()`` so the verdict always equals what upstream's loop would produce.
+directly, which both feeds policy thresholds and is the greedy label. In response mode the same
+pass also carries the answer most responses get, ``Safe / Categories: None / Refusal: No``, as a
+draft: greedy decoding is read off the draft's logits for as long as the model agrees with it
+(speculative decoding checked against the model itself), so a safe response, refusal or not,
+needs no decoding step at all. Only when more is needed (categories of a non-safe verdict, an
+answer that leaves the draft early) does decoding continue, from the same KV cache, and only
+until that line is complete. If the model would not have written ``Safety:`` first, or its best
+next token is not a label, the conversation falls back to plain greedy ``generate()`` so the
+verdict always equals what upstream's loop would produce.
 
 Every prompt of a mode starts with the same ~200-270 tokens of instructions. Their keys and
 values are computed once per loaded model and mode and copied into each call's cache, so a call
@@ -32,7 +36,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, Pr
 from transformers.generation import StoppingCriteria, StoppingCriteriaList
 
 from .gen_parser import REFUSAL_PATTERN, parse_answer
-from .gen_template import ANSWER_PREFIX, instruction_pieces, render_pieces
+from .gen_template import ANSWER_PREFIX, SAFE_RESPONSE_ANSWER, instruction_pieces, render_pieces
 from .batcher import Coalescer
 from .loading import inspect_checkpoint, model_name, pick_device, pick_dtype, require_complete_weights, resolve_model_source
 from .messages import Message, MessageLike, normalize_batch, normalize_messages
@@ -142,6 +146,7 @@ class GenGuard:
         if len(set(self._label_ids)) != len(_LABELS):
             raise ValueError("the tokenizer does not give the three safety labels distinct first tokens")
         self._stop_ids = [self.tokens.special_id(IM_END), self.tokens.special_id(ENDOFTEXT)]
+        self._response_draft = self._draft(SAFE_RESPONSE_ANSWER)
         self._pad_id = self._stop_ids[1]
         self._prefixes: dict[bool, _Prefix] = self._cacheable_prefixes() if prefix_cache else {}
         self._check_chat_template()
@@ -235,10 +240,10 @@ class GenGuard:
         return _Job(ids, response, prefix)
 
     def _batches(self, jobs: list[_Job]) -> Iterator[list[_Job]]:
-        """Jobs that share a prefix (or have none), shortest first and ``batch_size`` at a time, so rows pad least."""
-        groups: dict[_Prefix | None, list[_Job]] = {}
+        """Jobs of one mode that share a prefix (or have none), shortest first and ``batch_size`` at a time, so rows pad least."""
+        groups: dict[tuple[_Prefix | None, bool], list[_Job]] = {}
         for job in jobs:
-            groups.setdefault(job.prefix, []).append(job)
+            groups.setdefault((job.prefix, job.response), []).append(job)
         for group in groups.values():
             group.sort(key=lambda j: len(j.ids))
             for start in range(0, len(group), self.batch_size):
@@ -267,44 +272,79 @@ class GenGuard:
     def _run(self, jobs: list[_Job]) -> None:
         """Score a padded batch in one pass, then finish only the answers that need more lines.
 
-        All jobs share one prefix (or none): its keys/values come from the cache and only the rest
-        of each prompt, plus the forced ``Safety:``, goes through the model.
+        All jobs share one mode and one prefix (or none): its keys/values come from the cache and
+        only the rest of each prompt, plus the forced ``Safety:`` (and in response mode the draft),
+        goes through the model.
         """
         prefix, answer = jobs[0].prefix, self._answer_ids
+        draft = self._response_draft if jobs[0].response else []
         head = prefix.ids if prefix else []
-        ids, mask = self._batch_tensors(head, [job.ids[len(head) :] + answer for job in jobs])
+        ids, mask = self._batch_tensors(head, [job.ids[len(head) :] + answer + draft for job in jobs])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._prefix_cache(prefix, len(jobs)) if prefix else None
         out = self.model(input_ids=ids[:, len(head) :], attention_mask=mask, position_ids=positions[:, len(head) :],
-                         cache=cache, use_cache=True, logits_to_keep=len(answer) + 1)
+                         cache=cache, use_cache=True, logits_to_keep=len(answer) + len(draft) + 1)
         logits = out.logits.float()
         greedy = logits.argmax(-1)
         first_label_ids = torch.tensor(self._label_ids, device=logits.device)
-        label_probs = torch.softmax(logits[:, -1, first_label_ids], dim=-1)
-        prefix_ok = (greedy[:, :-1] == torch.tensor(answer, device=greedy.device)).all(-1)
+        label_probs = torch.softmax(logits[:, len(answer), first_label_ids], dim=-1)
+        prefix_ok = (greedy[:, : len(answer)] == torch.tensor(answer, device=greedy.device)).all(-1)
         continue_rows, fallback_rows = [], []
+        firsts = greedy[:, len(answer)].tolist()
         for row, job in enumerate(jobs):
-            best = int(greedy[row, -1])
-            if not prefix_ok[row] or best not in first_label_ids.tolist():
+            best = firsts[row]
+            if not prefix_ok[row] or best not in self._label_ids:
                 fallback_rows.append(row)
                 continue
-            label = _LABELS[first_label_ids.tolist().index(best)]
+            label = _LABELS[self._label_ids.index(best)]
             job.probabilities = {lvl: float(p) for lvl, p in zip(_LABELS, label_probs[row].tolist())}
             job.answer = f"{ANSWER_PREFIX} {label.value}"
+            if draft and self._finish_from_draft(job, greedy[row, len(answer) :].tolist(), draft):
+                continue
             if job.response or label is not RiskLevel.SAFE:
                 continue_rows.append(row)
         if continue_rows:
-            self._continue(jobs, continue_rows, out.cache, ids, mask)
+            out.cache.crop(-len(draft))
+            width = ids.shape[1] - len(draft)
+            self._continue(jobs, continue_rows, firsts, out.cache, ids[:, :width], mask[:, :width])
         for row in fallback_rows:
             self._generate_plain(jobs[row])
 
-    def _continue(self, jobs: list[_Job], rows: list[int], cache: Any, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def _finish_from_draft(self, job: _Job, predicted: list[int], draft: list[int]) -> bool:
+        """Complete ``job``'s answer from the draft pass if greedy decoding ends inside what it shows.
+
+        ``predicted[i]`` is the model's greedy token after ``draft[:i]``: while its picks equal the
+        draft, the next pick is known too, so the tokens greedy decoding writes are read off until
+        the first disagreement (that token included). The answer is taken only if it is complete
+        by then, by the same stop rules as ``_continue`` (an end token, or the last needed line).
+        """
+        written: list[int] = []
+        for i, token in enumerate(predicted):
+            if token in self._stop_ids:
+                break
+            written.append(token)
+            if _answer_complete(self.tokenizer.decode(written[1:], skip_special_tokens=True), job.response):
+                break
+            if i == len(draft) or token != draft[i]:
+                return False
+        job.answer = ANSWER_PREFIX + self.tokenizer.decode(written, skip_special_tokens=True)
+        return True
+
+    def _draft(self, answer: str) -> list[int]:
+        """The ids ``answer`` adds after the forced ``Safety:``, or none where its tokens would not join there."""
+        ids = self.tokens.encode_text(answer)
+        if ids[: len(self._answer_ids)] != self._answer_ids or ids[len(self._answer_ids)] not in self._label_ids:
+            return []
+        return ids[len(self._answer_ids) :]
+
+    def _continue(self, jobs: list[_Job], rows: list[int], firsts: list[int], cache: Any, ids: torch.Tensor,
+                  mask: torch.Tensor) -> None:
         """Greedy-decode the rest of the answer after the label token, reusing the prompt's KV cache.
 
-        Only the label's first token is appended (labels differ in length: `` Cont`` + ``rovers``
-        + ``ial``); the model writes the rest itself, exactly as plain greedy decoding would.
+        Only each row's greedy first token is appended (labels differ in length: `` Cont`` +
+        ``rovers`` + ``ial``); the model writes the rest itself, exactly as plain greedy decoding
+        would. Rows not in ``rows`` ride along in the batch and are left as they are.
         """
-        firsts = [self._label_ids[_LABELS.index(self._label_of(job))] for job in jobs]
         full_ids = torch.cat([ids, torch.tensor(firsts, device=ids.device)[:, None]], dim=1)
         full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         start = full_ids.shape[1]
@@ -316,10 +356,6 @@ class GenGuard:
         for r in rows:
             tail = self.tokenizer.decode([firsts[r], *generated[r, start:].tolist()], skip_special_tokens=True)
             jobs[r].answer = ANSWER_PREFIX + tail
-
-    @staticmethod
-    def _label_of(job: _Job) -> RiskLevel:
-        return RiskLevel(job.answer.removeprefix(f"{ANSWER_PREFIX} ")) if job.answer else RiskLevel.SAFE
 
     def _generate_plain(self, job: _Job) -> None:
         """Upstream's path (greedy ``generate()`` from the prompt), for answers the fast path cannot read."""

@@ -60,6 +60,8 @@ _RESPONSE_TAIL = (
 
 #: The text the model writes before its label; the one-pass scorer forces it and reads the next token.
 ANSWER_PREFIX = "Safety:"
+#: The answer most responses get; ``GenGuard`` checks it as a draft in its scoring pass.
+SAFE_RESPONSE_ANSWER = "Safety: Safe\nCategories: None\nRefusal: No"
 
 
 def conversation_pieces(messages: Sequence[Message]) -> list[Piece]:

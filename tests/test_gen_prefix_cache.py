@@ -12,10 +12,20 @@ import torch
 
 import guard_core.gen as gen_module
 from guard_core import GenGuard, Verdict
-from guard_core.gen_template import instruction_pieces, render_pieces
+from guard_core.gen_template import (
+    SAFE_RESPONSE_ANSWER,
+    instruction_pieces,
+    render_pieces,
+)
 from guard_core.messages import normalize_messages
 from guard_core.testing import GEN_CASES, UNPARSEABLE_CASE
-from guard_core.testing.cases import CONTROVERSIAL_PROMPT, REFUSAL_ANSWER, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_PROMPT
+from guard_core.testing.cases import (
+    CONTROVERSIAL_PROMPT,
+    REFUSAL_ANSWER,
+    SAFE_ANSWER,
+    SAFE_PROMPT,
+    UNSAFE_PROMPT,
+)
 from guard_core.tokenization import Piece
 from guard_core.windows import plan_windows
 
@@ -80,6 +90,21 @@ def _ids(guard: GenGuard, messages: list[dict[str, str]]) -> list[int]:
 
 def _answer_len(guard: GenGuard) -> int:
     return len(guard.tokens.encode_text("Safety:"))
+
+
+def _draft_len(guard: GenGuard) -> int:
+    """Tokens of the safe response answer that response mode checks after the forced ``Safety:``."""
+    return len(guard.tokens.encode_text(SAFE_RESPONSE_ANSWER)) - _answer_len(guard)
+
+
+def _plain_greedy(guard: GenGuard, messages: list[dict[str, str]]) -> str:
+    """Upstream's loop: greedy ``generate()`` over the whole prompt, every token decoded."""
+    ids = torch.tensor([_ids(guard, messages)])
+    stops = guard.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    with torch.inference_mode():
+        out = guard.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                                   eos_token_id=stops, pad_token_id=stops[1])
+    return guard.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_cached_verdicts_equal_uncached_on_every_test_conversation(gen_guard: GenGuard, uncached: GenGuard) -> None:
@@ -191,7 +216,8 @@ def test_a_prefix_whose_seam_differs_is_refused_with_one_log_line(
     response = [{"role": "user", "content": SAFE_PROMPT}, {"role": "assistant", "content": SAFE_ANSWER}]
     guard.moderate(response)
     response_prefix = len(guard.tokens.encode_pieces(instruction_pieces(True)))
-    assert log.take()[0] == (1, len(_ids(guard, response)) - response_prefix + _answer_len(guard)), "response mode stays cached"
+    rest = len(_ids(guard, response)) - response_prefix + _answer_len(guard) + _draft_len(guard)
+    assert log.take()[0] == (1, rest), "response mode stays cached"
 
 
 def test_a_conversation_that_changes_the_seam_turns_the_cache_off_for_its_mode(
@@ -211,3 +237,36 @@ def test_a_conversation_that_changes_the_seam_turns_the_cache_off_for_its_mode(
     assert len(refusals) == 1 and "prompt mode" in refusals[0] and "a conversation changed" in refusals[0]
     for got, want in zip(verdicts, uncached.moderate_batch([SAFE, assistant_first, SAFE])):
         assert_same_verdict(got, want)
+
+
+def test_answers_read_from_the_response_draft_equal_plain_greedy_generation(gen_guard: GenGuard, uncached: GenGuard) -> None:
+    """Every answer, drafted or decoded, is the start of what upstream's greedy loop writes, up to its last needed line."""
+    for messages, cached, full in zip(CONVERSATIONS, gen_guard.moderate_batch(CONVERSATIONS), uncached.moderate_batch(CONVERSATIONS)):
+        plain = _plain_greedy(uncached, messages)
+        assert plain.startswith(cached.raw_output) and plain.startswith(full.raw_output), (messages, plain)
+    for case in (c for c in GEN_CASES if len(c.messages) == 2):
+        assert gen_guard.moderate(case.as_messages).raw_output == case.output
+
+
+@pytest.mark.parametrize("case", [c for c in GEN_CASES if len(c.messages) == 2 and c.risk.value == "Safe"],
+                         ids=lambda c: c.output.rsplit(" ", 1)[-1])
+def test_a_safe_response_refusal_or_not_is_judged_in_one_forward(gen_dir: Path, forward_log: list[ForwardLog], case) -> None:
+    guard = GenGuard.from_pretrained(str(gen_dir))
+    guard.moderate(case.as_messages)
+    log = ForwardLog(guard)
+    forward_log.append(log)
+    verdict = guard.moderate(case.as_messages)
+    assert verdict.raw_output == case.output
+    prefix = len(guard.tokens.encode_pieces(instruction_pieces(True)))
+    rest = len(_ids(guard, case.as_messages)) - prefix + _answer_len(guard) + _draft_len(guard)
+    assert log.take() == [(1, rest)], "the verdict, categories and refusal line all come from the scoring pass"
+
+
+def test_a_response_that_leaves_the_draft_is_decoded_on_from_its_label(gen_guard: GenGuard, forward_log: list[ForwardLog]) -> None:
+    case = next(c for c in GEN_CASES if len(c.messages) == 2 and c.risk.value == "Unsafe")
+    log = ForwardLog(gen_guard)
+    forward_log.append(log)
+    assert gen_guard.moderate(case.as_messages).raw_output == case.output
+    shapes = log.take()
+    assert len(shapes) > 2 and all(shape == (1, 1) for shape in shapes[2:]), "decoding goes on one token per step"
+    assert shapes[1] == (1, 1), "after the draft is cropped, decoding starts at the label token"
