@@ -83,6 +83,16 @@ def test_broken_gzip_json_and_non_object_rows_are_one_line_errors_with_the_file(
         assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value), name
 
 
+@pytest.mark.parametrize("missing", [None, "", "  "], ids=["null", "empty", "blank"])
+def test_a_row_without_a_label_is_an_error_not_a_safe_row(tmp_path: Path, missing: str | None) -> None:
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"text": "one", "label": "unsafe"}) + "\n" + json.dumps({"text": "two", "label": missing}) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(ValueError, match=r"row 1: column 'label' is empty; a row without a label cannot be scored") as caught:
+        load_set(file_spec(path, text_col="text", label_col="label"))
+    assert "\n" not in str(caught.value)
+
+
 # ---- predictions follow the content of a row ----------------------------------------------------
 
 

@@ -247,6 +247,13 @@ class QueueContract:
         assert [i.id for i in queue.list(since=third.astimezone(timezone(timedelta(hours=-5))))] == ids[2:]
         assert queue.list(since=datetime.now(timezone.utc) + timedelta(days=1)) == []
 
+    def test_since_at_the_ends_of_the_datetime_range_is_a_bound_not_an_overflow(self, queue: ReviewQueue) -> None:
+        ids = [queue.submit(controversial(), source="test", conversation=ask(f"q{i}")) for i in range(2)]
+        latest = datetime.max.replace(tzinfo=timezone(timedelta(hours=-5)))  # past year 9999 once in UTC
+        earliest = datetime.min.replace(tzinfo=timezone(timedelta(hours=14)))  # before year 1 once in UTC
+        assert queue.list(since=latest) == [] and queue.stats(since=latest) == []
+        assert [i.id for i in queue.list(since=earliest)] == ids
+
     def test_export_writes_jsonl_and_csv(self, queue: ReviewQueue) -> None:
         ids = [queue.submit(controversial(), source="test", conversation=ask(f"q{i}"), request_id=f"r{i}") for i in range(3)]
         queue.resolve(ids[0], "approve", note="ok, fine")

@@ -76,7 +76,8 @@ class LabelRule:
 
     ``column`` values are compared case-insensitively as strings; a value in ``positive`` is yes,
     one in ``negative`` no, anything else is an error (a typo in a mapping must not silently
-    count as safe). With ``negative`` empty every non-positive value is no. ``flags`` reads
+    count as safe). With ``negative`` empty every non-positive value is no; an empty or null
+    value is an error either way (a missing label is not a "no"). ``flags`` reads
     several 0/1 columns, yes when any is 1 (missing columns are unknown, not 0). ``constant`` is
     for sets where every row has the same label.
     """
@@ -94,6 +95,9 @@ class LabelRule:
             return any(_text(row.get(f)) in ("1", "true") for f in self.flags)
         assert self.column is not None
         value = _text(_require(row, self.column, where))
+        if not value:
+            raise ValueError(f"{where}: column {self.column!r} is empty; a row without a label cannot be scored, "
+                             "so label it or leave it out of the file")
         if value in self.positive:
             return True
         if not self.negative or value in self.negative:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Literal, Mapping
 
 from ..messages import Message, MessageLike, normalize_messages
@@ -58,7 +58,11 @@ def require_aware(value: datetime, name: str) -> datetime:
         raise TypeError(f"{name} must be a datetime, got {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware, e.g. datetime.now(timezone.utc), got {value.isoformat()}")
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:  # within a day of datetime's range ends: in UTC the instant lies past that end
+        end = datetime.max if value.utcoffset() < timedelta(0) else datetime.min  # type: ignore[operator]
+        return end.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
