@@ -316,14 +316,16 @@ class GenGuard:
         ``predicted[i]`` is the model's greedy token after ``draft[:i]``: while its picks equal the
         draft, the next pick is known too, so the tokens greedy decoding writes are read off until
         the first disagreement (that token included). The answer is taken only if it is complete
-        by then, by the same stop rules as ``_continue`` (an end token, or the last needed line).
+        by then, by the same stop rules as ``_continue`` (an end token, the last needed line, or
+        ``max_new_tokens`` after the label's first token).
         """
         written: list[int] = []
         for i, token in enumerate(predicted):
             if token in self._stop_ids:
                 break
             written.append(token)
-            if _answer_complete(self.tokenizer.decode(written[1:], skip_special_tokens=True), job.response):
+            after_label = self.tokenizer.decode(written[1:], skip_special_tokens=True)
+            if len(written) > self.max_new_tokens or _answer_complete(after_label, job.response):
                 break
             if i == len(draft) or token != draft[i]:
                 return False

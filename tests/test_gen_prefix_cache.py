@@ -270,3 +270,10 @@ def test_a_response_that_leaves_the_draft_is_decoded_on_from_its_label(gen_guard
     shapes = log.take()
     assert len(shapes) > 2 and all(shape == (1, 1) for shape in shapes[2:]), "decoding goes on one token per step"
     assert shapes[1] == (1, 1), "after the draft is cropped, decoding starts at the label token"
+
+
+def test_max_new_tokens_bounds_an_answer_read_from_the_draft_as_it_bounds_decoding(gen_dir: Path) -> None:
+    case = next(c for c in GEN_CASES if c.output.endswith("Refusal: No") and c.risk.value == "Safe")
+    guard = GenGuard.from_pretrained(str(gen_dir), max_new_tokens=3)
+    ids = guard.tokens.encode_text(case.output)
+    assert guard.moderate(case.as_messages).raw_output == guard.tokenizer.decode(ids[: _answer_len(guard) + 1 + 3])
