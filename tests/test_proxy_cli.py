@@ -89,3 +89,32 @@ def test_a_model_that_cannot_load_is_one_line_without_transformers_output(gen_di
                             env={**env, "PYTHONPATH": str(ROOT)}, timeout=300, cwd=ROOT, check=False)
     assert_one_line_error(result.returncode, result.stderr, "does not hold the weights of a Qwen3Guard-Gen model")
     assert "LOAD REPORT" not in result.stderr and "Loading weights" not in result.stderr
+
+
+def test_the_port_is_held_from_the_check_on_so_a_second_proxy_cannot_take_it_during_loading(
+        gen_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from guard_core.testing.stream_fixture import stream_checkpoint
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("QWEN3GUARD_UPSTREAM", "QWEN3GUARD_GEN_URL")}
+    argv = ["--upstream", UPSTREAM, "--port", str(port), "--gen-model", str(gen_dir), "--stream-model", str(stream_checkpoint("planted"))]
+    first = subprocess.Popen([sys.executable, "-m", "integrations.openai_proxy", *argv], stderr=subprocess.PIPE, text=True,
+                             env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    try:
+        while first.poll() is None:  # the first proxy listens as soon as its flags are checked
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=30).close()
+                break
+            except OSError:
+                continue
+        code = main(["--upstream", UPSTREAM, "--port", str(port), *_no_model(tmp_path)])
+        line = assert_one_line_error(code, capsys.readouterr().err, "")
+        assert line == f"qwen3guard-proxy: error: port {port} on 127.0.0.1 is in use; pick another with --port"
+        assert first.stderr is not None
+        announced = next((line for line in first.stderr if line.startswith("qwen3guard-proxy: ")), "")
+        assert announced == f"qwen3guard-proxy: serving http://127.0.0.1:{port}/v1 in front of {UPSTREAM}\n"
+    finally:
+        first.terminate()
+        first.wait(60)

@@ -6,7 +6,7 @@ Configuration is the library's (``guard_core.config``): ``QWEN3GUARD_UPSTREAM`` 
 never show in ``ps``), and the guards' ``QWEN3GUARD_GEN_URL`` / ``QWEN3GUARD_GEN_MODEL`` /
 ``QWEN3GUARD_STREAM_MODEL`` / ``QWEN3GUARD_FAIL_OPEN`` / ``QWEN3GUARD_REVIEW_DB``. Any error is one
 line on stderr and exit status 2; the flags, the upstream URL and the listening address are
-checked before the models load.
+checked before the models load, and the port is bound then.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import socket
 import sys
+from argparse import Namespace
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -55,21 +56,29 @@ def _check_upstream(url: str, where: str) -> str:
     return url.strip()
 
 
-def _check_address(host: str, port: int) -> None:
-    """Fail now, not after the models load, when ``host:port`` cannot be listened on."""
+def _listen(host: str, port: int) -> socket.socket:
+    """The socket the proxy serves on, bound now, before the models load.
+
+    Listening here rather than in uvicorn means a busy port is one line before minutes of model
+    loading, and no other process can take the port in between (connections made while the
+    models load wait in the backlog).
+    """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
         raise ValueError(f"--host {host!r} cannot be resolved ({exc})") from None
     family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ValueError(f"port {port} on {host} is in use; pick another with --port") from None
-            raise ValueError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        listener.bind(address)
+        listener.listen(2048)  # as uvicorn listens; a port is only exclusive once listened on
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is in use; pick another with --port") from None
+        raise ValueError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
+    return listener
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,10 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--upstream (or {UPSTREAM_ENV}) is required")
         check_model_path(args.gen_model, "--gen-model ")
         check_model_path(args.stream_model, "--stream-model ")
-        _check_address(args.host, args.port)
+        listener = _listen(args.host, args.port)
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    with listener:
+        return _serve(args, settings, upstream, listener)
+
+
+def _serve(args: Namespace, settings: Settings, upstream: str, listener: socket.socket) -> int:
+    """Load the guards and serve on ``listener`` until interrupted; returns the exit status."""
     import uvicorn
 
     try:
@@ -102,10 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LOAD_ERRORS as exc:
         print(f"{PROG}: error: {one_line(exc, None)}", file=sys.stderr)
         return EXIT_ERROR
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    except SystemExit as exc:  # uvicorn exits 3 when it cannot start (the port taken since it was checked)
-        return 0 if exc.code in (0, None) else EXIT_ERROR
+    host, port = listener.getsockname()[:2]
+    print(f"{PROG}: serving http://{f'[{host}]' if ':' in host else host}:{port}/v1 in front of {upstream}", file=sys.stderr,
+          flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
     return 0
 
 
