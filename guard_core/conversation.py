@@ -110,11 +110,18 @@ def from_messages(messages: Iterable[Any]) -> Conversation:
     return _fold(turns)
 
 
-def from_responses_input(input: Any, instructions: str | None = None) -> Conversation:
-    """The guard's view of a Responses API request (``input`` and ``instructions``)."""
+def from_responses_input(input: Any, instructions: str | None = None, prompt: Any = None) -> Conversation:
+    """The guard's view of a Responses API request (``input``, ``instructions`` and a reusable ``prompt``).
+
+    The variables of a reusable prompt are filled into a template the guard never sees, so each
+    one is judged on its own as untrusted context; a request may then have no ``input``.
+    """
     turns: list[tuple[str, str]] = []
     if instructions:
         turns.append(("system", content_to_text(instructions, where="instructions")))
+    turns += [("tool", text) for text in _prompt_variables(prompt)]
+    if input is None and prompt is not None:
+        input = []
     if isinstance(input, str):
         turns.append(("user", content_to_text(input, where="input")))
     elif input is None or isinstance(input, (bytes, Mapping)) or not isinstance(input, Iterable):
@@ -195,6 +202,18 @@ def _assistant_text(message: Mapping[str, Any], where: str) -> str:
     if isinstance(message.get("refusal"), str):
         pieces.append(message["refusal"])
     return check_text("\n".join(p for p in pieces if p), where=where)
+
+
+def _prompt_variables(prompt: Any) -> list[str]:
+    """The texts of a reusable prompt's ``variables`` (strings or input text parts; images and files are refused)."""
+    if prompt is None:
+        return []
+    prompt = _plain(prompt)
+    variables = prompt.get("variables") if isinstance(prompt, Mapping) else None
+    if not isinstance(prompt, Mapping) or not isinstance(variables, (Mapping, type(None))):
+        raise ValueError("prompt must be an object with an 'id' and optional 'variables' object")
+    return [content_to_text(value if isinstance(value, str) else [_plain(value)], where=f"prompt variable {name!r}")
+            for name, value in (variables or {}).items()]
 
 
 def _tool_output_text(output: Any, where: str) -> str:

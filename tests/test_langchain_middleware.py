@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from langchain.agents import create_agent
 from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
-from langchain_core.tools import tool
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
@@ -287,3 +287,39 @@ def test_from_pretrained_takes_a_server_url_and_a_directory(gen_server: Any) -> 
 def test_bad_options_are_refused(stream_guard: StreamGuard, options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         QwenGuardMiddleware(None, **{"stream_guard": stream_guard, **options})
+
+
+# Every way input and tool results reach the model is judged
+
+
+@tool
+def fetch_as_command(name: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Command:
+    """Fetch a document by name, handing it over as a Command that updates the state."""
+    return Command(update={"messages": [ToolMessage(DOCUMENTS[name], tool_call_id=tool_call_id)]})
+
+
+@pytest.mark.parametrize("exit_behavior", ["end", "replace"])
+def test_a_tool_result_inside_a_command_is_judged_like_a_returned_one(gen_guard: GenGuard, exit_behavior: str) -> None:
+    scripted = ScriptedChatModel(script={SAFE_PROMPT: [ai("", ("fetch_as_command", {"name": "injected"})), ai("Done.")]})
+    agent = create_agent(scripted, [fetch_as_command], middleware=[QwenGuardMiddleware(gen_guard, None, exit_behavior=exit_behavior)])
+    messages = agent.invoke({"messages": [HumanMessage(SAFE_PROMPT)]})["messages"]
+    result = next(m for m in messages if isinstance(m, ToolMessage))
+    assert JAILBREAK_PROMPT not in str(result.content) and result.response_metadata["qwen3guard"]["action"] == "block"
+    assert all(JAILBREAK_PROMPT not in str(call) for call in scripted.calls[1:]), "the model never read the injection"
+
+
+@pytest.mark.parametrize("tail", [[AIMessage("Sure,")], [SystemMessage("Be helpful.")]], ids=["prefill", "late-system"])
+def test_new_input_is_judged_whatever_its_last_turn(stream_guard: StreamGuard, tail: list[Any]) -> None:
+    scripted = ScriptedChatModel(script={PLANTED_UNSAFE_PROMPT: [ai("Okay, fine.")] * 2})
+    agent = create_agent(scripted, [], middleware=[QwenGuardMiddleware(None, stream_guard)])
+    messages = agent.invoke({"messages": [HumanMessage(PLANTED_UNSAFE_PROMPT), *tail]})["messages"]
+    assert scripted.calls == [] and messages[-1].content == DEFAULT_REFUSAL
+
+
+def test_tool_results_the_caller_supplies_are_judged_before_the_model_reads_them(gen_guard: GenGuard) -> None:
+    scripted = ScriptedChatModel(script={SAFE_PROMPT: [ai("Okay.")]})
+    agent = create_agent(scripted, [fetch_document], middleware=[QwenGuardMiddleware(gen_guard, None)])
+    history = [HumanMessage(SAFE_PROMPT), AIMessage("", tool_calls=[{"name": "fetch_document", "args": {"name": "x"}, "id": "c1"}]),
+               ToolMessage(JAILBREAK_PROMPT, tool_call_id="c1")]
+    messages = agent.invoke({"messages": history})["messages"]
+    assert scripted.calls == [] and messages[-1].content == DEFAULT_REFUSAL

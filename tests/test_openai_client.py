@@ -353,3 +353,75 @@ def test_openais_stream_helper_and_parse_are_guarded_too(upstream, bare, guard):
 def test_guard_openai_takes_only_an_openai_client(client):
     with pytest.raises(TypeError, match="wraps an openai.OpenAI or openai.AsyncOpenAI client"):
         guard_openai(client)
+
+
+# What the SDK sends is what the guard judges
+
+
+UNSAFE_USER = [{"role": "user", "content": UNSAFE_PROMPT}]
+
+
+@pytest.mark.parametrize(("endpoint", "kwargs", "extra"), [
+    ("chat", {"messages": USER}, {"messages": UNSAFE_USER}),
+    ("responses", {"input": PLANTED_SAFE_PROMPT}, {"input": UNSAFE_PROMPT}),
+    ("responses", {"input": PLANTED_SAFE_PROMPT}, {"instructions": UNSAFE_PROMPT}),
+], ids=["chat-messages", "responses-input", "responses-instructions"])
+def test_extra_body_is_judged_as_the_body_the_sdk_sends(upstream, bare, guard, endpoint, kwargs, extra):
+    before = len(upstream.exchanges)
+    resource = guard(bare).chat.completions if endpoint == "chat" else guard(bare).responses
+    with pytest.raises(UnsafeContentError):
+        resource.create(model="fake-model", stream=True, extra_body=extra, **kwargs)
+    assert len(upstream.exchanges) == before
+
+
+def test_extra_body_cannot_raise_n_past_the_cap_or_change_how_the_reply_is_read(upstream, bare, guard):
+    before = len(upstream.exchanges)
+    with pytest.raises(ValueError, match="'n' must be an integer from 1 to 8"):
+        stream_chat(guard(bare), messages=USER, extra_body={"n": 12})
+    with pytest.raises(ValueError, match="pass 'stream' to create"):
+        guard(bare).chat.completions.create(model="fake-model", messages=USER, extra_body={"stream": True})
+    assert len(upstream.exchanges) == before
+
+
+def test_a_generator_of_messages_reaches_upstream_whole(upstream, bare, guard):
+    upstream.push(Script(events=chat_events(SAFE_PIECES)))
+    list(stream_chat(guard(bare), messages=(m for m in USER)))
+    assert upstream.exchanges[-1].body["messages"] == USER
+
+
+def test_beta_chat_and_responses_are_guarded_and_retrieve_refuses(upstream, bare, guard):
+    before = len(upstream.exchanges)
+    client = guard(bare)
+    with pytest.raises(UnsafeContentError):
+        client.beta.chat.completions.create(model="fake-model", messages=UNSAFE_USER, stream=True)
+    with pytest.raises(UnsafeContentError):
+        client.beta.responses.create(model="fake-model", input=UNSAFE_PROMPT, stream=True)
+    for responses in (client.responses, client.beta.responses):
+        with pytest.raises(NotImplementedError, match="retrieve it with the unguarded client"):
+            responses.retrieve("resp_123", stream=True)
+    with pytest.raises(ValueError, match="'background' responses are fetched later"):
+        client.responses.create(model="fake-model", input=PLANTED_SAFE_PROMPT, background=True)
+    assert len(upstream.exchanges) == before
+
+
+def test_reusable_prompt_variables_are_judged(upstream, bare, guard):
+    before = len(upstream.exchanges)
+    with pytest.raises(UnsafeContentError):
+        guard(bare).responses.create(model="fake-model", prompt={"id": "pmpt_1", "variables": {"question": UNSAFE_PROMPT}},
+                                     stream=True)
+    with pytest.raises(ValueError, match="prompt variable 'photo'.*only text parts"):
+        guard(bare).responses.create(model="fake-model", input=PLANTED_SAFE_PROMPT, stream=True, prompt={
+            "id": "pmpt_1", "variables": {"photo": {"type": "input_image", "image_url": "https://x/y.png"}}})
+    assert len(upstream.exchanges) == before
+    upstream.push(Script(events=responses_events(SAFE_PIECES)))
+    list(guard(bare).responses.create(model="fake-model", prompt={"id": "pmpt_1", "variables": {"q": PLANTED_SAFE_PROMPT}},
+                                      stream=True))
+    assert upstream.exchanges[-1].body["prompt"]["variables"] == {"q": PLANTED_SAFE_PROMPT}
+
+
+def test_a_refused_responses_stream_is_one_response_for_the_sdk(bare, guard):
+    stream = guard(bare, on_unsafe="rewrite").responses.create(model="fake-model", input=UNSAFE_PROMPT, stream=True)
+    events = list(stream)
+    ids = {e.response.id for e in events if e.type in ("response.created", "response.incomplete")}
+    assert [e.type for e in events][0] == "response.created" and events[-1].type == "response.incomplete"
+    assert len(ids) == 1, "response.created and response.incomplete name the same response"

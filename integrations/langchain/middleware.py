@@ -19,15 +19,17 @@ from uuid import uuid4
 from langchain.agents.middleware.types import (AgentMiddleware, AgentState, ContextT, ExtendedModelResponse,
                                                ModelRequest, ModelResponse, PrivateStateAttr, ResponseT,
                                                ToolCallRequest, hook_config)
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage, message_chunk_to_message
+from langchain_core.messages import (AIMessage, AnyMessage, HumanMessage, ToolMessage, convert_to_messages,
+                                     message_chunk_to_message)
 from langgraph.runtime import Runtime
 from langgraph.types import Command, interrupt
 
 from guard_core import CONFIGURED, DEFAULT_REFUSAL, METADATA_KEY, GuardViolation, Moderator, Policy
 from guard_core.config import DEFAULT_CONSECUTIVE
+from guard_core.messages import content_to_text
 from guard_core.steps import Flow, arun, run
 
-from ._agent_stream import GuardedChatModel, ModelTurn, ToolResultScrubber, tool_text, withheld
+from ._agent_stream import GuardedChatModel, ModelTurn, ToolResultScrubber, withheld
 from ._core import event_step
 from ._convert import messages_to_conversation
 
@@ -94,20 +96,26 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         return await arun(self._input_flow(state["messages"]))
 
     def _input_flow(self, messages: Sequence[AnyMessage]) -> Flow[dict[str, Any] | None]:
-        results = takewhile(lambda m: isinstance(m, ToolMessage), reversed(messages))
+        """Mid-run (only tool results this middleware judged since the model's last answer) there is
+        nothing new to judge; otherwise the input is new, whatever its last turn (a user turn, a
+        prefill, a late system message, tool results the caller supplied), and the whole
+        conversation is judged by the one conversation rule."""
+        results = list(takewhile(lambda m: isinstance(m, ToolMessage), reversed(messages)))
         blocked = [verdict for m in results if (verdict := m.response_metadata.get(METADATA_KEY, {})).get("action") == "block"]
         if blocked and self.exit_behavior == "end":
             return self._end([], blocked[0])
-        last = messages[-1] if messages else None
-        if not (self.apply_to_input and isinstance(last, HumanMessage)):
+        mid_run = bool(results) and all(METADATA_KEY in m.response_metadata for m in results)
+        if not (self.apply_to_input and messages) or mid_run:
             return None
-        decision = (yield from self.moderator.prompt_flow(messages_to_conversation(
-            [m for m in messages if not isinstance(m, ToolMessage)]))).decision
+        decision = (yield from self.moderator.prompt_flow(messages_to_conversation(messages))).decision
         if decision is None:
             return None
         yield event_step(decision)
         if decision.blocked and self.exit_behavior == "error":
             raise GuardViolation(decision.verdict)
+        last = next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
+        if last is None:
+            return self._end([], decision.to_dict()) if decision.blocked else None
         content = withheld(decision).content if decision.blocked and self.exit_behavior == "replace" else last.content
         turn = last.model_copy(update={"content": content, "response_metadata": _noted(last, decision.to_dict())})
         return self._end([turn], decision.to_dict()) if decision.blocked else {"messages": [turn]}
@@ -179,15 +187,36 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         return await arun(self._tool_flow(result)) if self.apply_to_tool_results else result
 
     def _tool_flow(self, result: Any) -> Flow[Any]:
-        if not isinstance(result, ToolMessage) or not tool_text(result).strip():
-            return result  # a Command (the tool steers the graph) or an empty result
-        decision = (yield from self.moderator.context_flow([tool_text(result)]))[0]
+        if isinstance(result, Command):
+            return (yield from self._command_flow(result))
+        return (yield from self._result_flow(result)) if isinstance(result, ToolMessage) else result
+
+    def _command_flow(self, command: Command) -> Flow[Command]:
+        """A tool that steers the graph: every message its ``Command`` adds to the state is judged as its result."""
+        update = command.update
+        if not isinstance(update, Mapping) or not update.get("messages"):
+            return command
+        messages = update["messages"]
+        judged = []
+        for message in convert_to_messages(messages if isinstance(messages, list) else [messages]):
+            judged.append((yield from self._result_flow(message)))
+        return replace(command, update={**update, "messages": judged})
+
+    def _result_flow(self, message: AnyMessage) -> Flow[AnyMessage]:
+        """One message a tool hands the model, judged as untrusted context: noted, or withheld (``error``: raised)."""
+        text = content_to_text(message.content, where="tool result")
+        if not text.strip():
+            return message
+        decision = (yield from self.moderator.context_flow([text]))[0]
         yield event_step(decision)
         if not decision.blocked:
-            return result.model_copy(update={"response_metadata": _noted(result, decision.to_dict())})
+            return message.model_copy(update={"response_metadata": _noted(message, decision.to_dict())})
         if self.exit_behavior == "error":
             raise GuardViolation(decision.verdict)
-        return withheld(decision, result.tool_call_id, result.name, result.id)
+        notice = withheld(decision, getattr(message, "tool_call_id", ""), message.name, message.id)
+        if isinstance(message, ToolMessage):
+            return notice
+        return message.model_copy(update={"content": notice.content, "response_metadata": notice.response_metadata})
 
 
 def _noted(message: AnyMessage, verdict: dict[str, Any]) -> dict[str, Any]:

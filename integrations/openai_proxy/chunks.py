@@ -364,6 +364,7 @@ def responses_refusal_events(base: Response | None, *, item_id: str, output_inde
     """
     item_opened = opened if item_opened is None else item_opened
     part_opened = item_opened if part_opened is None else part_opened
+    base = base if base is not None else incomplete_response(None, [], note, model=model)  # one id for every event
     full = delivered + text
     where = {"item_id": item_id, "output_index": output_index, "content_index": content_index}
     part = content_part(full, kind)

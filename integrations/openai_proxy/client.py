@@ -4,8 +4,9 @@ The wrapped client is a copy of the given one whose class is a subclass of the o
 (``GuardedOpenAI(OpenAI)``, built per client class), so ``isinstance`` checks, every resource the
 guard does not touch, and ``with_options()`` / ``copy()`` (which rebuild through ``__class__``)
 keep working, the latter keeping the guard. Only ``create`` and ``parse`` of ``chat.completions``
-and ``responses`` are replaced (openai's ``stream()`` helpers call ``create``); their raw-response
-wrappers refuse to run, since they hand back bytes the guard cannot judge. Each call is one flow
+and ``responses`` (and their ``beta`` twins) are replaced (openai's ``stream()`` helpers call
+``create``); their raw-response wrappers and ``responses.retrieve`` refuse to run, since they hand
+back bytes or stored answers the guard cannot judge. Each call is one flow
 (``exchange``) run blocking or awaited, so the sync and async clients decide identically.
 
 Streams come back as ``GuardedStream`` / ``AsyncGuardedStream``, subclasses of openai's
@@ -16,7 +17,7 @@ guard (``streaming``) that always closes the upstream response and the guard ses
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, TypeVar
@@ -25,6 +26,9 @@ import httpx2
 from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
 from openai.resources.chat import AsyncChat, Chat
 from openai.resources.chat.completions import AsyncCompletions, Completions
+from openai.resources.beta import AsyncBeta, Beta
+from openai.resources.beta.responses import AsyncResponses as AsyncBetaResponses
+from openai.resources.beta.responses import Responses as BetaResponses
 from openai.resources.responses import AsyncResponses, Responses
 
 from guard_core import CONFIGURED, DEFAULT_REFUSAL, Decision, Moderator, Policy, Verdict
@@ -142,7 +146,11 @@ def _flow(guard: OpenAIGuard, endpoint: Endpoint, kwargs: dict[str, Any], send: 
     if any(str(k).lower() == _RAW_HEADER for k in headers):
         raise NotImplementedError("with_raw_response / with_streaming_response return raw HTTP bodies that Qwen3Guard "
                                   "cannot moderate; call create() on the guarded client, or use the unguarded client")
-    request = Request.parse(endpoint, kwargs, guard.max_choices)
+    extra = kwargs.get("extra_body")
+    if isinstance(extra, Mapping) and "stream" in extra:
+        raise ValueError("pass 'stream' to create() itself, not in extra_body: the client reads the reply by that argument")
+    # The SDK sends extra_body merged over the arguments: the guard judges that body, as sent.
+    request = Request.parse(endpoint, {**kwargs, **extra} if isinstance(extra, Mapping) else kwargs, guard.max_choices)
     prompt, refusal = yield from prompt_flow(guard, request, parsed=parsed)
     if refusal is not None:
         return _Streamed(None, None, refusal, prompt.decision) if request.stream else refusal
@@ -157,6 +165,12 @@ def _flow(guard: OpenAIGuard, endpoint: Endpoint, kwargs: dict[str, Any], send: 
     return _Streamed(upstream, items, [], prompt.decision)
 
 
+def _replayable(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with one-shot iterables (a generator of messages or input items) read into lists,
+    so the guard and upstream both see every item (the SDK accepts any iterable there)."""
+    return {k: list(v) if k in ("messages", "input") and isinstance(v, Iterator) else v for k, v in kwargs.items()}
+
+
 def _unreachable() -> Any:
     raise AssertionError("a blocking client never awaits, and an async one never blocks")
 
@@ -166,6 +180,7 @@ def _guarded_call(endpoint: Endpoint, method: Callable[..., Any], *, parsed: boo
 
     @functools.wraps(method)
     def guarded(self: Any, **kwargs: Any) -> Any:
+        kwargs = _replayable(kwargs)
         step = Step(lambda: method(self, **kwargs), _unreachable)
         out = run(_flow(self._client._qwen3guard, endpoint, kwargs, step, parsed))
         if isinstance(out, _Streamed):
@@ -180,6 +195,7 @@ def _aguarded_call(endpoint: Endpoint, method: Callable[..., Any], *, parsed: bo
 
     @functools.wraps(method)
     async def guarded(self: Any, **kwargs: Any) -> Any:
+        kwargs = _replayable(kwargs)
         step = Step(_unreachable, lambda: method(self, **kwargs))
         out = await arun(_flow(self._client._qwen3guard, endpoint, kwargs, step, parsed))
         if isinstance(out, _Streamed):
@@ -195,10 +211,21 @@ def _sse_response(client: OpenAI | AsyncOpenAI, endpoint: Endpoint) -> httpx2.Re
     return httpx2.Response(200, headers={"content-type": "text/event-stream"}, request=request)
 
 
+def _unjudged_retrieve(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """Refused: a stored response comes back without the request it answers, so it cannot be moderated."""
+    raise NotImplementedError("responses.retrieve() returns a stored answer Qwen3Guard cannot moderate without its "
+                              "request; retrieve it with the unguarded client, or use create()")
+
+
 def _resource(base: type, endpoint: Endpoint, wrap: Callable[..., Callable[..., Any]]) -> type:
-    """``base`` (a completions or responses resource) with ``create`` and ``parse`` guarded."""
-    members = {"create": wrap(endpoint, base.create), "parse": wrap(endpoint, base.parse, parsed=endpoint == "chat"),
-               "__doc__": f"``{base.__name__}`` with ``create`` and ``parse`` moderated by Qwen3Guard."}
+    """``base`` (a completions or responses resource, GA or beta) with ``create`` and ``parse`` guarded
+    and, for responses, ``retrieve`` refused."""
+    members: dict[str, Any] = {"create": wrap(endpoint, base.create),
+                               "__doc__": f"``{base.__name__}`` with ``create`` and ``parse`` moderated by Qwen3Guard."}
+    if hasattr(base, "parse"):
+        members["parse"] = wrap(endpoint, base.parse, parsed=endpoint == "chat")
+    if hasattr(base, "retrieve"):
+        members["retrieve"] = _unjudged_retrieve
     return type(f"Guarded{base.__name__}", (base,), members)
 
 
@@ -206,6 +233,8 @@ _GuardedCompletions = _resource(Completions, "chat", _guarded_call)
 _AsyncGuardedCompletions = _resource(AsyncCompletions, "chat", _aguarded_call)
 _GuardedResponses = _resource(Responses, "responses", _guarded_call)
 _AsyncGuardedResponses = _resource(AsyncResponses, "responses", _aguarded_call)
+_GuardedBetaResponses = _resource(BetaResponses, "responses", _guarded_call)
+_AsyncGuardedBetaResponses = _resource(AsyncBetaResponses, "responses", _aguarded_call)
 
 
 def _chat(base: type, completions: type) -> type:
@@ -218,6 +247,21 @@ def _chat(base: type, completions: type) -> type:
 
 _CHATS = {False: _chat(Chat, _GuardedCompletions), True: _chat(AsyncChat, _AsyncGuardedCompletions)}
 _RESPONSES = {False: _GuardedResponses, True: _AsyncGuardedResponses}
+
+
+def _beta(base: type, is_async: bool, responses: type) -> type:
+    def chat(self: Any) -> Any:
+        """Chat with moderated completions (the same resource as ``client.chat``)."""
+        return _CHATS[is_async](self._client)
+
+    def guarded_responses(self: Any) -> Any:
+        """The beta Responses API, moderated."""
+        return responses(self._client)
+
+    return type(f"Guarded{base.__name__}", (base,), {"chat": cached_property(chat), "responses": cached_property(guarded_responses)})
+
+
+_BETAS = {False: _beta(Beta, False, _GuardedBetaResponses), True: _beta(AsyncBeta, True, _AsyncGuardedBetaResponses)}
 
 
 def _guarded_namespace(cls: type) -> dict[str, Any]:
@@ -236,6 +280,10 @@ def _guarded_namespace(cls: type) -> dict[str, Any]:
         """The moderated Responses API."""
         return _RESPONSES[is_async](self)
 
+    def beta(self: Any) -> Any:
+        """openai's beta resources, with their chat completions and responses moderated."""
+        return _BETAS[is_async](self)
+
     def guard(self: Any) -> OpenAIGuard:
         """The guard (core moderator, on_unsafe, choice cap) this client applies."""
         return self._qwen3guard  # type: ignore[no-any-return]
@@ -247,7 +295,8 @@ def _guarded_namespace(cls: type) -> dict[str, Any]:
         return new
 
     return {"__module__": __name__, "__doc__": cls.__doc__, "_unguarded": cls, "chat": cached_property(chat),
-            "responses": cached_property(responses), "guard": property(guard), "copy": copy, "with_options": copy}
+            "responses": cached_property(responses), "beta": cached_property(beta), "guard": property(guard), "copy": copy,
+            "with_options": copy}
 
 
 _CLASSES: dict[type, type] = {}

@@ -76,7 +76,10 @@ class Request:
             instructions = body.get("instructions")
             if instructions is not None and not isinstance(instructions, str):
                 raise ValueError(f"'instructions' must be a string, got {type(instructions).__name__}")
-            conversation = from_responses_input(body.get("input"), instructions)
+            if body.get("background"):
+                raise ValueError("'background' responses are fetched later with retrieve(), which Qwen3Guard cannot "
+                                 "moderate; send the request without 'background'")
+            conversation = from_responses_input(body.get("input"), instructions, body.get("prompt"))
         return cls(endpoint, conversation, bool(stream), n or 1, model if isinstance(model, str) else "")
 
 

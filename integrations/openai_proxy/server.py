@@ -27,6 +27,7 @@ from openai.types.responses import ResponseStreamEvent
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -45,7 +46,27 @@ GUARD_MODES = {"finish": "rewrite", "error": "abort"}
 REVIEW_HEADER = "x-qwen3guard-review"
 
 log = logging.getLogger(__name__)
-_SSE_END = re.compile(rb"\r?\n\r?\n")
+#: A blank line, which ends an event: two line ends, each CRLF, LF or a CR not followed by LF.
+_SSE_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
+#: Headers that describe one hop, or that the proxy sets itself; every other header passes both ways.
+_HOP_HEADERS = frozenset({
+    "host", "connection", "keep-alive", "proxy-authorization", "proxy-authenticate", "proxy-connection", "te", "trailer",
+    "transfer-encoding", "upgrade", "content-length", "content-encoding", "content-type", "accept-encoding", "authorization",
+    "date", "server",
+})
+
+
+async def _ended(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The upstream's bytes, then a blank line: it ends a last event the body stopped without one (after a
+    complete stream it is an empty event, skipped)."""
+    async for piece in pieces:
+        yield piece
+    yield b"\n\n"
+
+
+def _passed(headers: Any) -> dict[str, str]:
+    """The end-to-end headers of a request or reply (OpenAI-Organization, Idempotency-Key, x-request-id, rate limits, ...)."""
+    return {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
 _PATHS: dict[Endpoint, tuple[str, str]] = {"chat": ("chat/completions", "messages"), "responses": ("responses", "input")}
 
 
@@ -137,7 +158,8 @@ def create_app(
             raise _HTTPError(401, "invalid or missing proxy API key", "invalid_api_key")
 
     def upstream_headers(request: HTTPRequest) -> dict[str, str]:
-        headers = {"content-type": "application/json", "accept": request.headers.get("accept", "application/json")}
+        headers = {**_passed(request.headers), "content-type": "application/json",
+                   "accept": request.headers.get("accept", "application/json")}
         if upstream_api_key:
             headers["authorization"] = f"Bearer {upstream_api_key}"
         elif keys is None and "authorization" in request.headers:
@@ -148,10 +170,13 @@ def create_app(
         length = request.headers.get("content-length", "")
         raw = bytearray()
         if not (length.isdigit() and int(length) > max_body_bytes):
-            async for piece in request.stream():
-                raw += piece
-                if len(raw) > max_body_bytes:
-                    break
+            try:
+                async for piece in request.stream():
+                    raw += piece
+                    if len(raw) > max_body_bytes:
+                        break
+            except ClientDisconnect:
+                raise _HTTPError(400, "the client hung up before its request body arrived", "client_disconnected") from None
         if len(raw) > max_body_bytes or (length.isdigit() and int(length) > max_body_bytes):
             raise _HTTPError(413, f"request body over {max_body_bytes} bytes", "request_too_large")
         try:
@@ -196,7 +221,8 @@ def create_app(
                     return JSONResponse(_dump(refusal), headers=headers)
                 done = [b"data: [DONE]\n\n"] if endpoint == "chat" else []
                 return StreamingResponse(iter([*map(_sse, refusal), *done]), media_type="text/event-stream", headers=headers)
-            upstream_request = client.build_request("POST", base + _PATHS[endpoint][0], content=raw, headers=upstream_headers(http))
+            upstream_request = client.build_request("POST", base + _PATHS[endpoint][0], params=http.query_params, content=raw,
+                                                    headers=upstream_headers(http))
             if not request.stream:
                 return await whole(request, upstream_request, prompt.decision)
             items = stream_items(guard, request, prompt.gate, prompt.decision)
@@ -205,19 +231,25 @@ def create_app(
             except _HTTPError as exc:
                 items.close()
                 return exc.response()
-            if reply.status_code != 200:
+            if reply.status_code != 200 or not reply.headers.get("content-type", "").startswith("text/event-stream"):
                 content = await reply.aread()
                 await reply.aclose()
                 items.close()
-                return Response(content, reply.status_code, media_type=reply.headers.get("content-type"))
-            return StreamingResponse(relay(endpoint, items, reply), media_type="text/event-stream", headers=headers)
+                if reply.status_code == 200:
+                    return _HTTPError(502, "the upstream answered a stream request with something that is not an event "
+                                      "stream; nothing unjudged was sent", "upstream_invalid").response()
+                return Response(content, reply.status_code, media_type=reply.headers.get("content-type"),
+                                headers=_passed(reply.headers))
+            return StreamingResponse(relay(endpoint, items, reply), media_type="text/event-stream",
+                                     headers={**_passed(reply.headers), **headers})
         return handle
 
     async def whole(request: Request, upstream_request: httpx.Request, prompt: Any) -> Response:
         try:
             reply = await send(upstream_request, stream=False)
             if reply.status_code != 200:
-                return Response(reply.content, reply.status_code, media_type=reply.headers.get("content-type"))
+                return Response(reply.content, reply.status_code, media_type=reply.headers.get("content-type"),
+                                headers=_passed(reply.headers))
             try:
                 data = json.loads(reply.content)  # what is judged is re-serialised, so a key twice cannot slip by
             except (ValueError, RecursionError):
@@ -233,7 +265,7 @@ def create_app(
         body = checked.model_extra.get(METADATA_KEY, {}) if checked.model_extra else {}
         decisions = [body.get("response"), *(c.get("response") for c in body.get("choices", ()))]
         ids = review_ids(prompt) + [d["review_id"] for d in decisions if d and d.get("review_id")]
-        return JSONResponse(_dump(checked), headers=_review_header(ids))
+        return JSONResponse(_dump(checked), headers={**_passed(reply.headers), **_review_header(ids)})
 
     async def relay(endpoint: Endpoint, items: GuardedItems, reply: httpx.Response) -> AsyncIterator[bytes]:
         """Upstream SSE through the guard; closes upstream and the guard sessions however it ends."""
@@ -247,7 +279,7 @@ def create_app(
         tail: list[bytes] = []
         buffer = b""
         try:
-            async for piece in reply.aiter_bytes():
+            async for piece in _ended(reply.aiter_bytes()):
                 buffer += piece
                 while not items.done and (match := _SSE_END.search(buffer)) is not None:
                     block, buffer = buffer[: match.end()], buffer[match.end():]
@@ -290,10 +322,12 @@ def create_app(
     async def models(request: HTTPRequest) -> Response:
         try:
             authorize(request)
-            reply = await send(client.build_request("GET", base + "models", headers=upstream_headers(request)), stream=False)
+            reply = await send(client.build_request("GET", base + "models", params=request.query_params,
+                                                    headers=upstream_headers(request)), stream=False)
         except _HTTPError as exc:
             return exc.response()
-        return Response(reply.content, reply.status_code, media_type=reply.headers.get("content-type"))
+        return Response(reply.content, reply.status_code, media_type=reply.headers.get("content-type"),
+                        headers=_passed(reply.headers))
 
     async def healthz(request: HTTPRequest) -> Response:
         await asyncio.to_thread(core.load)
