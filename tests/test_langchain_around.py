@@ -169,3 +169,19 @@ def test_a_prompt_template_input_is_judged_with_every_text_it_holds(gen_guard: A
         f"{SAFE_PROMPT}\n\nearlier turn\n\nearlier answer"]
     with pytest.raises(ValueError, match="no text to moderate"):
         guard_in.invoke({"k": 3})
+
+
+def test_a_blocked_prompt_is_replaced_by_text_when_the_chain_answers_text(stream_guard: StreamGuard) -> None:
+    chain = chain_answering(PLANTED_SAFE_TEXT) | StrOutputParser()
+    guarded = QwenGuardRunnable.around(chain, stream_guard=stream_guard, on_violation="replace")
+    question = {"question": PLANTED_UNSAFE_PROMPT}
+    assert (guarded | (lambda text: text.upper())).invoke(question) == DEFAULT_REFUSAL.upper()
+    assert list(guarded.stream(question)) == [DEFAULT_REFUSAL]
+    assert guarded.batch([question, question]) == [DEFAULT_REFUSAL, DEFAULT_REFUSAL]
+    messages = QwenGuardRunnable.around(chain_answering(PLANTED_SAFE_TEXT), stream_guard=stream_guard, on_violation="replace")
+    assert isinstance(messages.invoke(question), AIMessage), "a chat model's refusal stays a message"
+
+
+def test_a_misspelt_option_is_an_error_not_a_silent_default(stream_guard: StreamGuard) -> None:
+    with pytest.raises(ValueError, match="on_violations"):
+        QwenGuardRunnable(stream_guard=stream_guard, on_violations="replace")

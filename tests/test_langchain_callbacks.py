@@ -247,3 +247,12 @@ def collect(stream: Any) -> tuple[list[str], BaseException | None]:
 
 async def acollect(stream: Any) -> tuple[list[str], BaseException | None]:
     return await langchain_helpers.acollect(stream, lambda chunk: chunk.content)
+
+
+def test_media_in_a_whole_answer_is_refused_by_the_callback(stream_guard: StreamGuard) -> None:
+    from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    chat = FakeMessagesListChatModel(responses=[AIMessage(content=[{"type": "text", "text": "Here it is."}, image])])
+    with pytest.raises(ValueError, match="media block"):
+        chat.invoke(PLANTED_SAFE_PROMPT, config={"callbacks": [QwenGuardCallbackHandler(stream_guard)]})

@@ -233,3 +233,17 @@ def test_verdicts_show_up_in_astream_events(stream_guard: StreamGuard) -> None:
     (event,) = asyncio.run(events())
     assert event["name"] == GUARD_EVENT
     assert event["data"]["role"] == "response" and event["data"]["risk"] == "Safe" and event["data"]["action"] == "allow"
+
+
+IMAGE_BLOCK = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+
+
+def test_media_in_the_models_answer_is_refused_not_passed_on_unjudged(stream_guard: StreamGuard) -> None:
+    guard = QwenGuardRunnable(stream_guard=stream_guard)
+    with pytest.raises(ValueError, match=r"media block \('image_url'\)"):
+        guard.invoke(AIMessage(content=[{"type": "text", "text": PLANTED_SAFE_TEXT}, IMAGE_BLOCK]))
+    chunks = iter([AIMessageChunk(content=PLANTED_SAFE_TEXT), AIMessageChunk(content=[IMAGE_BLOCK])])
+    with pytest.raises(ValueError, match="media block"):
+        list(guard.transform(chunks))
+    tool_use = AIMessage(content=[{"type": "text", "text": PLANTED_SAFE_TEXT}, {"type": "tool_use", "id": "t1", "name": "f", "input": {}}])
+    assert guard.invoke(tool_use).content == tool_use.content, "non-media blocks (tool use, reasoning) pass as before"

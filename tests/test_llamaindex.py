@@ -318,3 +318,8 @@ def test_guards_given_by_directory_or_by_the_environment(gen_dir: Path, index: V
     assert str(response) == SAFE_ANSWER
     assert sorted(texts_of(response.source_nodes)) == sorted([SAFE_PROMPT, FRANCE])
     assert response.metadata["qwen3guard"]["prompt"]["model"] == post.moderator.gen_guard.model_id
+
+
+def test_a_misspelt_postprocessor_option_is_an_error_not_a_silent_default(gen_guard: GenGuard) -> None:
+    with pytest.raises(ValueError, match="blocked_node"):
+        QwenGuardNodePostprocessor(gen_guard, blocked_node="redact")

@@ -103,18 +103,37 @@ def _messages(value: Any) -> list[BaseMessage] | None:
     return None
 
 
+#: Content blocks a model may answer with that carry media the guard cannot read.
+_MEDIA_BLOCKS = frozenset({"image", "image_url", "input_image", "audio", "input_audio", "video", "file", "input_file"})
+
+
 def chunk_text(chunk: Any) -> str:
-    """The text a streamed chunk adds to the response (``""`` for tool-call or metadata chunks)."""
+    """The text a streamed chunk adds to the response (``""`` for tool-call or metadata chunks).
+
+    Media blocks in a model's answer raise ``ValueError``, as they do in input: Qwen3Guard reads
+    text only, and passing them on would show the user something never judged.
+    """
     if isinstance(chunk, str):
         return chunk
     if isinstance(chunk, (BaseMessage, ChatGenerationChunk, GenerationChunk)):
+        _refuse_media(getattr(getattr(chunk, "message", chunk), "content", ""))
         return chunk.text
     raise ValueError(f"cannot moderate a stream of {type(chunk).__name__}; expected strings or message chunks")
+
+
+def _refuse_media(content: Any) -> None:
+    """``ValueError`` for a media block in a model's answer (see ``chunk_text``)."""
+    blocks = content if isinstance(content, list) else []
+    media = next((b["type"] for b in blocks if isinstance(b, dict) and b.get("type") in _MEDIA_BLOCKS), None)
+    if media is not None:
+        raise ValueError(f"the model's answer has a media block ({media!r}); Qwen3Guard judges text only and will "
+                         "not pass it on unjudged (guard a text-only model, or moderate the media separately)")
 
 
 def token_text(token: str | list[str | dict[str, Any]]) -> str:
     """The text of an ``on_llm_new_token`` token, which is a list of content blocks for v1 models."""
     if isinstance(token, str):
         return token
+    _refuse_media(token)
     return "".join(b if isinstance(b, str) else b.get("text", "") for b in token
                    if isinstance(b, str) or b.get("type") == "text")

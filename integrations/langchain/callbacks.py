@@ -27,7 +27,7 @@ from guard_core.conversation import Conversation, from_text
 from guard_core.gate import StreamGate
 from guard_core.steps import Flow, Step, arun, run
 
-from ._convert import messages_to_conversation, token_text
+from ._convert import chunk_text, messages_to_conversation, token_text
 from ._core import GUARD_EVENT
 
 
@@ -119,7 +119,7 @@ class _GuardHandlerBase(BaseCallbackHandler):
                 decisions.append((yield from self.moderator.stream_decision_flow(
                     state.gate, state.conversation, str(run_id), record_review=not self.confirm_with_gen)))
             if not state.streamed or self.confirm_with_gen:
-                texts = [g.text for g in response.generations[0]] if response.generations else []
+                texts = [chunk_text(getattr(g, "message", g.text)) for g in response.generations[0]] if response.generations else []
                 engine = "gen" if self.confirm_with_gen else None
                 decisions += yield from self.moderator.answers_flow(state.conversation, texts, str(run_id), engine)
             for decision in filter(None, decisions):

@@ -61,7 +61,7 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
     chain: SkipValidation[Any] = None
     moderator: Optional[InstanceOf[Moderator]] = None
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     @model_validator(mode="after")
     def _build(self) -> Self:
@@ -187,9 +187,18 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
         answer). A block ends the call (raise, or the refusal as the answer); ``"pass"`` goes on."""
         conversation = to_conversation(value, input_key=self.input_key)
         result = yield from self.moderator.prompt_flow(conversation, rid, streamed)
-        answer = yield from self._outcome(AIMessageChunk(content="") if streamed else AIMessage(content=""), result.decision, config)
+        answer = yield from self._outcome(self._empty_answer(streamed), result.decision, config)
         stopped = result.decision is not None and result.decision.blocked and self.on_violation != "pass"
         return (conversation, None, answer) if stopped else (conversation, result.gate, None)
+
+    def _empty_answer(self, streamed: bool) -> Any:
+        """An empty answer of the chain's output type (text for a chain ending in a string parser,
+        else a message), so a refusal in its place keeps the type the next step expects."""
+        try:
+            text = self.chain.OutputType is str
+        except (TypeError, ValueError, AttributeError):  # a runnable whose output type cannot be inferred
+            text = False
+        return "" if text else AIMessageChunk(content="") if streamed else AIMessage(content="")
 
     def _open(self, value: Any, config: RunnableConfig, run_manager: Any) -> Flow[tuple[StreamRelay[Any] | None, Any]]:
         """The relay for one streamed answer, or (around a chain whose input is blocked) None and the refusal."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Literal, Sequence
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
@@ -53,6 +53,8 @@ class QwenGuardNodePostprocessor(BaseNodePostprocessor):
     metadata_mode: MetadataMode = Field(default=MetadataMode.LLM, description="Node content moderated (LLM: what it reads).")
 
     _moderator: Moderator = PrivateAttr()
+    #: A misspelt option is an error, not a silently kept default.
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     def __init__(self, guard: Any = None, *, moderator: Moderator | None = None, policy: Policy | None = None,
                  review: Any = None, cache_size: int | None = None, **data: Any) -> None:
