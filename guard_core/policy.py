@@ -117,6 +117,8 @@ class Policy:
 
     def model_level(self, verdict: Verdict) -> RiskLevel:
         """The level after the probability threshold, before strict/loose folding."""
+        if not isinstance(verdict, Verdict):
+            raise TypeError(f"a Policy decides on a guard_core.Verdict, got {type(verdict).__name__}")
         if verdict.error is not None:
             return self.on_error if verdict.error_kind == "unavailable" else RiskLevel.UNSAFE
         probs = verdict.probabilities

@@ -42,6 +42,9 @@ def _join_pair(match: re.Match[str]) -> str:
     return chr(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
 
 
+_NUL_IN_DELTA = "response delta contains NUL bytes (binary data?), which Qwen3Guard does not judge; the delta was not taken"
+
+
 class TextDeltas:
     """Turns a response's deltas into valid text, in call order.
 
@@ -52,6 +55,7 @@ class TextDeltas:
       ``"\\ude00"``, as JSON escapes arrive) or kept as two code points is joined into its
       character; any other surrogate raises ``ValueError``: it is not a character, and no
       tokenizer (nor the reader of the answer) can use it.
+    - NUL is refused in either kind, as in every text the guard reads (``messages.check_text``).
     - Mixing kinds must not reorder text, so a ``str`` delta while bytes of an unfinished
       character are pending raises ``ValueError`` (send the rest of the character first), and so
       does a ``bytes`` delta while the first half of a surrogate pair is pending.
@@ -68,6 +72,8 @@ class TextDeltas:
     def decode(self, delta: str | bytes | bytearray | memoryview) -> str:
         """The text ``delta`` completes (possibly ``""`` while a character is still cut)."""
         if isinstance(delta, (bytes, bytearray, memoryview)):
+            if 0 in delta:
+                raise ValueError(_NUL_IN_DELTA)
             if self._high:
                 self._drop_high("a bytes delta cannot complete it")
             return self._utf8.decode(bytes(delta))
@@ -75,6 +81,8 @@ class TextDeltas:
             raise TypeError(f"a response delta must be str or UTF-8 bytes, got {type(delta).__name__}")
         if not delta:
             return ""
+        if "\x00" in delta:
+            raise ValueError(_NUL_IN_DELTA)
         pending = self._utf8.getstate()[0]
         if pending:
             raise ValueError(

@@ -84,3 +84,10 @@ def test_values_are_taken_by_their_names_too() -> None:
     policy = Policy(mode="loose", on_error="Safe", actions={"Controversial": "review"}, category_actions={"Violent": "flag"})
     assert (policy.mode, policy.on_error, policy.actions[RiskLevel.CONTROVERSIAL]) == (Mode.LOOSE, RiskLevel.SAFE, Action.REVIEW)
     assert policy.category_actions == {Category.VIOLENT: Action.FLAG}
+
+
+@pytest.mark.parametrize("given", [None, {"risk": "Unsafe"}, "Unsafe"], ids=["none", "dict", "str"])
+def test_deciding_on_something_that_is_not_a_verdict_is_a_type_error(given: object) -> None:
+    for decide in (Policy().blocks, Policy().action_for, Policy().effective_level):
+        with pytest.raises(TypeError, match="a Policy decides on a guard_core.Verdict, got"):
+            decide(given)  # type: ignore[arg-type]

@@ -105,11 +105,21 @@ def test_invalid_utf8_bytes_read_as_replacement_characters(guard: StreamGuard, d
         assert _judged(s, got) == (text, _ids(guard, text)) and s.text() == text
 
 
-def test_nul_and_control_characters_are_ordinary_text(guard: StreamGuard) -> None:
-    text = "a\x00b\x07c\x1b[31m red \u200b\ufeff end"
+def test_control_characters_are_ordinary_text(guard: StreamGuard) -> None:
+    text = "a\x01b\x07c\x1b[31m red \u200b\ufeff end"
     with guard.session(USER) as s:
         got = [t for ch in text for t in s.feed(ch)] + s.finish()
         assert _judged(s, got) == (text, _ids(guard, text))
+
+
+@pytest.mark.parametrize("delta", ["b\x00c", b"b\x00c"], ids=["str", "bytes"])
+def test_nul_is_refused_as_in_every_text_the_guard_reads_and_the_session_goes_on(guard: StreamGuard, delta: str | bytes) -> None:
+    with guard.session(USER) as s:
+        got = s.feed("a ")
+        with pytest.raises(ValueError, match="contains NUL bytes"):
+            s.feed(delta)
+        got += s.feed("b c") + s.finish()
+        assert _judged(s, got)[0] == s.text() == "a b c"
 
 
 @pytest.mark.parametrize("delta", [5, None, 1.5, ["text"], {"content": "x"}])
