@@ -173,6 +173,15 @@ def _eval_argv(tmp_path: Path, *extra: str, gen: str | None = None) -> list[str]
             "--gen", gen or str(tmp_path / "no-such-model"), *extra]
 
 
+def test_label_values_the_defaults_do_not_name_are_an_error_until_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "toxic.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": g}) + "\n" for t, g in [("a", "toxic"), ("b", "benign")]),
+                    encoding="utf-8")
+    argv = ["--file", str(data), "--text-col", "text", "--label-col", "label", "--no-progress", "--gen", str(tmp_path / "no-model")]
+    _one_line(capsys, main(argv), "column 'label' has value 'toxic', which is neither positive (unsafe) nor negative (safe)")
+    assert [i.unsafe for i in load_set(file_spec(data, text_col="text", label_col="label", positive=["toxic"])).items] == [True, False]
+
+
 def _one_line(capsys: pytest.CaptureFixture[str], code: int, fragment: str) -> None:
     from cli_checks import assert_one_line_error
 

@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--positive", action="append", metavar="VALUE",
                       help="label value(s) meaning unsafe, case-insensitive (repeatable; default 'unsafe')")
     data.add_argument("--negative", action="append", metavar="VALUE",
-                      help="label value(s) meaning safe; when given, any other value is an error")
+                      help="label value(s) meaning safe; when given, any other value is an error (default: 'safe' "
+                           "when --positive is not given either, else every value that is not positive)")
     data.add_argument("--refusal-col", help="--file column holding a refusal label")
     data.add_argument("--refusal-positive", action="append", metavar="VALUE",
                       help="refusal value(s) meaning refused (default 'refusal')")
@@ -149,7 +150,7 @@ def _specs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[tu
             parser.error("--span-cols takes two column names: START,END")
         specs.append((file_spec(
             args.file, text_col=args.text_col, label_col=args.label_col, positive=_split(args.positive) or ["unsafe"],
-            negative=_split(args.negative) or [], response_col=args.response_col, refusal_col=args.refusal_col,
+            negative=_split(args.negative) or ([] if args.positive else ["safe"]), response_col=args.response_col, refusal_col=args.refusal_col,
             refusal_positive=_split(args.refusal_positive) or ["refusal"], category_col=args.category_col,
             span_cols=(span[0], span[1]) if span else None, name=args.name), None))
     elif any(getattr(args, a) for a in ("text_col", "label_col", "response_col", "refusal_col", "span_cols")):
