@@ -425,3 +425,21 @@ def test_a_refused_responses_stream_is_one_response_for_the_sdk(bare, guard):
     ids = {e.response.id for e in events if e.type in ("response.created", "response.incomplete")}
     assert [e.type for e in events][0] == "response.created" and events[-1].type == "response.incomplete"
     assert len(ids) == 1, "response.created and response.incomplete name the same response"
+
+
+def test_responses_parse_refusals_stay_parsed_responses(upstream, bare, guard):
+    from openai.types.responses import ParsedResponse
+    from pydantic import BaseModel
+
+    from integrations.openai_proxy import chunks
+
+    class Answer(BaseModel):
+        answer: str
+
+    refused = guard(bare, on_unsafe="rewrite").responses.parse(model="fake-model", input=UNSAFE_PROMPT, text_format=Answer)
+    assert isinstance(refused, ParsedResponse) and refused.output_parsed is None
+    assert refused.incomplete_details.reason == "content_filter" and refused.output_text == DEFAULT_REFUSAL
+    upstream.push(Script(body=responses_body('{"answer": "fine"}')))
+    parsed = bare.responses.parse(model="fake-model", input=PLANTED_SAFE_PROMPT, text_format=Answer)
+    cut = chunks.refused_response(parsed, DEFAULT_REFUSAL, {})
+    assert type(cut) is type(parsed) and cut.output_parsed is None and cut.output_text == DEFAULT_REFUSAL

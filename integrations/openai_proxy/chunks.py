@@ -24,7 +24,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletio
 from openai.types.chat.chat_completion import Choice as CompletionChoice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
-from openai.types.responses import Response, ResponseStreamEvent
+from openai.types.responses import ParsedResponse, Response, ResponseStreamEvent
 from pydantic import BaseModel
 
 from guard_core import METADATA_KEY
@@ -333,15 +333,24 @@ def content_part(text: str, kind: PartKind = "output_text") -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def incomplete_response(base: Response | None, output: list[Any], note: dict[str, Any], *, model: str = "") -> Response:
-    """``base`` (or a fresh response) ended as incomplete for ``content_filter`` with ``output``."""
+def incomplete_response(base: Response | None, output: list[Any], note: dict[str, Any], *, model: str = "",
+                        parsed: bool = False) -> Response:
+    """``base`` (or a fresh response) ended as incomplete for ``content_filter`` with ``output``.
+
+    It keeps ``base``'s type: a ``ParsedResponse`` from ``responses.parse`` (or ``parsed`` with no
+    base) stays one, its text parts with ``parsed=None``, so ``output_parsed`` reads None.
+    """
     data: dict[str, Any] = base.model_dump(exclude_unset=True) if base is not None else {
         "id": new_id("resp"), "object": "response", "created_at": time.time(), "model": model,
         "parallel_tool_calls": False, "tool_choice": "auto", "tools": [],
     }
-    data.update(status="incomplete", incomplete_details={"reason": CONTENT_FILTER}, output=[_plain(o) for o in output],
-                **{METADATA_KEY: note})
-    return sdk_object(Response, data)  # type: ignore[no-any-return]
+    kind = type(base) if base is not None else ParsedResponse if parsed else Response
+    items = [_plain(o) for o in output]
+    if issubclass(kind, ParsedResponse):
+        items = [{**o, "content": [{"parsed": None, **c} if c.get("type") == "output_text" else c for c in o.get("content") or []]}
+                 if isinstance(o, dict) and o.get("type") == "message" else o for o in items]
+    data.update(status="incomplete", incomplete_details={"reason": CONTENT_FILTER}, output=items, **{METADATA_KEY: note})
+    return sdk_object(kind, data)  # type: ignore[no-any-return]
 
 
 def refused_response(response: Response, text: str, note: dict[str, Any]) -> Response:

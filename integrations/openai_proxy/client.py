@@ -223,7 +223,7 @@ def _resource(base: type, endpoint: Endpoint, wrap: Callable[..., Callable[..., 
     members: dict[str, Any] = {"create": wrap(endpoint, base.create),
                                "__doc__": f"``{base.__name__}`` with ``create`` and ``parse`` moderated by Qwen3Guard."}
     if hasattr(base, "parse"):
-        members["parse"] = wrap(endpoint, base.parse, parsed=endpoint == "chat")
+        members["parse"] = wrap(endpoint, base.parse, parsed=True)
     if hasattr(base, "retrieve"):
         members["retrieve"] = _unjudged_retrieve
     return type(f"Guarded{base.__name__}", (base,), members)

@@ -106,7 +106,7 @@ def refusal_for_prompt(guard: OpenAIGuard, request: Request, decision: Decision,
     if request.stream:
         return chunks.responses_refusal_events(None, item_id=item["id"], output_index=0, content_index=0, delivered="",
                                                text=text, prior=[], sequence=0, note=body, model=model, opened=False)
-    return chunks.incomplete_response(None, [item], body, model=model)
+    return chunks.incomplete_response(None, [item], body, model=model, parsed=parsed)
 
 
 def prompt_flow(guard: OpenAIGuard, request: Request, *, parsed: bool = False) -> Flow[tuple[PromptResult, Any]]:
