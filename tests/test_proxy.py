@@ -207,7 +207,8 @@ def test_main_wires_env_and_flags_into_the_app(monkeypatch, gen_dir, upstream):
     from integrations.openai_proxy import __main__ as cli
 
     served: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: served.update(
+        app=server.config.app, address=sockets[0].getsockname()[:2]))
     monkeypatch.setenv("QWEN3GUARD_UPSTREAM", upstream.base_url)
     monkeypatch.setenv("QWEN3GUARD_PROXY_KEYS", "a, b")
     monkeypatch.setenv("QWEN3GUARD_UPSTREAM_API_KEY", UPSTREAM_KEY)
@@ -216,7 +217,7 @@ def test_main_wires_env_and_flags_into_the_app(monkeypatch, gen_dir, upstream):
         port = probe.getsockname()[1]
     argv = ["--port", str(port), "--gen-model", str(gen_dir), "--stream-model", str(stream_checkpoint("planted"))]
     assert cli.main(argv) == 0
-    assert served["port"] == port and served["host"] == "127.0.0.1"
+    assert served["address"] == ("127.0.0.1", port)
     monkeypatch.delenv("QWEN3GUARD_UPSTREAM")
     with pytest.raises(SystemExit):
         cli.main([])

@@ -58,7 +58,9 @@ def test_malformed_json_of_any_kind_is_a_400(upstream, proxy) -> None:
     before = len(upstream.exchanges)
     deep = b'{"model": "m", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     surrogate = b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}'
-    for raw, code in ((deep, "invalid_json"), (surrogate, "invalid_request"), (b"{not json", "invalid_json"), (b"[1]", "invalid_request")):
+    nan = b'{"model": "m", "temperature": NaN, "messages": [{"role": "user", "content": "hi"}]}'
+    for raw, code in ((deep, "invalid_json"), (surrogate, "invalid_request"), (b"{not json", "invalid_json"), (b"[1]", "invalid_request"),
+                      (nan, "invalid_json")):
         reply = post(proxy + "/chat/completions", content=raw)
         assert is_openai_error(reply, 400, code), raw[:40]
     assert "lone surrogate" in post(proxy + "/chat/completions", content=surrogate).json()["error"]["message"]
@@ -66,8 +68,15 @@ def test_malformed_json_of_any_kind_is_a_400(upstream, proxy) -> None:
 
 
 def test_unknown_paths_and_methods_answer_json(proxy) -> None:
-    assert is_openai_error(httpx.get(proxy + "/nothing-here"), 404)
-    assert is_openai_error(httpx.get(proxy + "/chat/completions"), 405)
+    assert is_openai_error(httpx.get(proxy + "/nothing-here"), 404, "not_found")
+    wrong_method = httpx.get(proxy + "/chat/completions")
+    assert is_openai_error(wrong_method, 405, "method_not_allowed") and wrong_method.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(("upstream_url", "error"), [("ftp://x/v1", ValueError), ("not a url", ValueError), (8001, TypeError)])
+def test_create_app_checks_the_upstream_url_as_the_command_does(upstream_url, error) -> None:
+    with pytest.raises(error, match="URL"):
+        create_app(upstream_url)
 
 
 def test_an_injected_tool_result_blocks_the_request(upstream, proxy) -> None:

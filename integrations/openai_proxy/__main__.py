@@ -16,14 +16,13 @@ import socket
 import sys
 from argparse import Namespace
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 from guard_core import CONFIGURED, Moderator, Settings
 from guard_core.cli import LOAD_ERRORS, Parser, bounded_int, check_model_path, one_line, quiet_model_loading
 from guard_core.config import UPSTREAM_ENV
 
 from .exchange import DEFAULT_MAX_CHOICES
-from .server import GUARD_MODES, create_app
+from .server import GUARD_MODES, check_upstream_url, create_app
 
 PROG = "qwen3guard-proxy"
 EXIT_ERROR = 2
@@ -42,18 +41,6 @@ def _parser() -> Parser:
     parser.add_argument("--max-choices", type=bounded_int(1), default=DEFAULT_MAX_CHOICES,
                         help=f"the largest 'n' a request may ask for (default {DEFAULT_MAX_CHOICES})")
     return parser
-
-
-def _check_upstream(url: str, where: str) -> str:
-    """An ``http(s)://host[:port]/...`` base URL, else ``ValueError`` (every request would otherwise 502)."""
-    parts = urlsplit(url.strip())
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
-    except ValueError:
-        raise ValueError(f"{where}{url!r} has a bad port; use a URL like http://127.0.0.1:8001/v1") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{where}{url!r} is not an http(s):// URL; use one like http://127.0.0.1:8001/v1")
-    return url.strip()
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -88,9 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         if args.upstream is not None:
-            upstream = _check_upstream(args.upstream, "--upstream ")
+            upstream = check_upstream_url(args.upstream, "--upstream ")
         elif settings.upstream is not None:
-            upstream = _check_upstream(settings.upstream, f"{UPSTREAM_ENV}=")
+            upstream = check_upstream_url(settings.upstream, f"{UPSTREAM_ENV}=")
         else:
             parser.error(f"--upstream (or {UPSTREAM_ENV}) is required")
         check_model_path(args.gen_model, "--gen-model ")

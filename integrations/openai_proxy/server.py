@@ -20,6 +20,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 from openai.types.chat import ChatCompletionChunk
@@ -115,12 +116,31 @@ def _loads(raw: bytes | bytearray) -> Any:
     """JSON with each key at most once per object: the proxy forwards the very bytes it judged, and parsers
     disagree on which of two equal keys wins (Python's json the last, others the first), so such a body
     would be judged on one value and answered on the other."""
-    return json.loads(raw, object_pairs_hook=_unique)
+    return json.loads(raw, object_pairs_hook=_unique, parse_constant=_not_json)
+
+
+def _not_json(constant: str) -> Any:
+    """``NaN`` / ``Infinity`` are Python's extensions, not JSON: upstream parsers refuse them."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _error_event(message: str, code: str, **extra: Any) -> bytes:
     """An SSE error event (the openai SDK raises ``APIError`` for it) ending a stream that already began."""
     return b"data: " + json.dumps({"error": {"message": message, "type": code, "code": code}, **extra}).encode() + b"\n\n"
+
+
+def check_upstream_url(url: str, where: str = "upstream ") -> str:
+    """An ``http(s)://host[:port]/...`` base URL, else ``ValueError`` (every request would otherwise 502)."""
+    if not isinstance(url, str):
+        raise TypeError(f"{where}must be a URL string, got {type(url).__name__}")
+    parts = urlsplit(url.strip())
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        raise ValueError(f"{where}{url!r} has a bad port; use a URL like http://127.0.0.1:8001/v1") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{where}{url!r} is not an http(s):// URL; use one like http://127.0.0.1:8001/v1")
+    return url.strip()
 
 
 def create_app(
@@ -143,6 +163,7 @@ def create_app(
     is sent upstream instead of the client's key (without it and without ``api_keys`` the client's
     ``Authorization`` is passed on). ``max_choices`` caps ``n``.
     """
+    upstream = check_upstream_url(upstream)
     if on_unsafe not in GUARD_MODES:
         raise ValueError(f"on_unsafe must be 'finish' or 'error', got {on_unsafe!r}")
     core = moderator or Moderator(gen_guard=CONFIGURED, stream_guard=CONFIGURED, source="openai.proxy")
@@ -339,7 +360,10 @@ def create_app(
                             status_code=200 if reachable else 503)
 
     async def not_found(request: HTTPRequest, exc: HTTPException) -> Response:
-        return _HTTPError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", "not_found").response()
+        code = "method_not_allowed" if exc.status_code == 405 else "not_found"
+        answer = _HTTPError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code).response()
+        answer.headers.update(exc.headers or {})  # a 405 says which methods the path takes (Allow)
+        return answer
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
