@@ -323,3 +323,10 @@ def test_tool_results_the_caller_supplies_are_judged_before_the_model_reads_them
                ToolMessage(JAILBREAK_PROMPT, tool_call_id="c1")]
     messages = agent.invoke({"messages": history})["messages"]
     assert scripted.calls == [] and messages[-1].content == DEFAULT_REFUSAL
+
+
+def test_with_tool_results_off_the_input_check_leaves_them_to_the_app(gen_guard: GenGuard) -> None:
+    scripted = ScriptedChatModel(script={SAFE_PROMPT: [ai("", ("fetch_document", {"name": "injected"})), ai("Done.")]})
+    agent = create_agent(scripted, [fetch_document], middleware=[QwenGuardMiddleware(gen_guard, None, apply_to_tool_results=False)])
+    messages = agent.invoke({"messages": [HumanMessage(SAFE_PROMPT)]})["messages"]
+    assert len(scripted.calls) == 2 and JAILBREAK_PROMPT in str(scripted.calls[1]) and messages[-1].content == "Done."

@@ -104,10 +104,13 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         blocked = [verdict for m in results if (verdict := m.response_metadata.get(METADATA_KEY, {})).get("action") == "block"]
         if blocked and self.exit_behavior == "end":
             return self._end([], blocked[0])
-        mid_run = bool(results) and all(METADATA_KEY in m.response_metadata for m in results)
+        judged_here = self.apply_to_tool_results  # else tool results are the app's to trust, and stay out of the check
+        mid_run = bool(results) and (not judged_here or all(METADATA_KEY in m.response_metadata or not m.text.strip()
+                                                            for m in results))
         if not (self.apply_to_input and messages) or mid_run:
             return None
-        decision = (yield from self.moderator.prompt_flow(messages_to_conversation(messages))).decision
+        seen = messages if judged_here else [m for m in messages if not isinstance(m, ToolMessage)]
+        decision = (yield from self.moderator.prompt_flow(messages_to_conversation(seen))).decision
         if decision is None:
             return None
         yield event_step(decision)
