@@ -82,6 +82,9 @@ def test_query_strings_and_end_to_end_headers_pass_both_ways(proxied: tuple[RawU
     upstream.answers.append((200, {"content-type": "application/json", "x-request-id": "req_m"}, b'{"object": "list", "data": []}'))
     reply = httpx.get(url + "/models?limit=1&after=x")
     assert upstream.seen[-1][0] == "/v1/models?limit=1&after=x" and reply.headers["x-request-id"] == "req_m"
+    upstream.answers.append((200, {"content-type": "application/json"}, b'{"id": "org/model-1", "object": "model"}'))
+    reply = httpx.get(url + "/models/org/model-1")
+    assert upstream.seen[-1][0] == "/v1/models/org/model-1" and reply.json()["id"] == "org/model-1"
     upstream.answers.append((200, {"content-type": "text/event-stream", "x-request-id": "req_s"}, sse(chat_events(SAFE_PIECES))))
     with httpx.stream("POST", url + "/chat/completions", json={"model": "m", "messages": USER, "stream": True}) as streamed:
         assert streamed.headers["x-request-id"] == "req_s"

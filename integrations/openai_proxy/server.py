@@ -341,9 +341,11 @@ def create_app(
             items.close()
 
     async def models(request: HTTPRequest) -> Response:
+        """``GET /v1/models`` and ``/v1/models/{id}``, passed through (they carry no content to judge)."""
+        path = request.url.path.removeprefix("/v1/")  # as the client sent it: hub ids hold a slash
         try:
             authorize(request)
-            reply = await send(client.build_request("GET", base + "models", params=request.query_params,
+            reply = await send(client.build_request("GET", base + path, params=request.query_params,
                                                     headers=upstream_headers(request)), stream=False)
         except _HTTPError as exc:
             return exc.response()
@@ -374,6 +376,7 @@ def create_app(
         Route("/v1/chat/completions", handler("chat"), methods=["POST"]),
         Route("/v1/responses", handler("responses"), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
