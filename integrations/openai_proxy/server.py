@@ -55,6 +55,7 @@ _HOP_HEADERS = frozenset({
     "transfer-encoding", "upgrade", "content-length", "content-encoding", "content-type", "accept-encoding", "authorization",
     "date", "server",
 })
+_PATHS: dict[Endpoint, tuple[str, str]] = {"chat": ("chat/completions", "messages"), "responses": ("responses", "input")}
 
 
 async def _ended(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -68,7 +69,6 @@ async def _ended(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 def _passed(headers: Any) -> dict[str, str]:
     """The end-to-end headers of a request or reply (OpenAI-Organization, Idempotency-Key, x-request-id, rate limits, ...)."""
     return {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
-_PATHS: dict[Endpoint, tuple[str, str]] = {"chat": ("chat/completions", "messages"), "responses": ("responses", "input")}
 
 
 class _HTTPError(Exception):
