@@ -305,7 +305,7 @@ def test_a_tool_result_inside_a_command_is_judged_like_a_returned_one(gen_guard:
     messages = agent.invoke({"messages": [HumanMessage(SAFE_PROMPT)]})["messages"]
     result = next(m for m in messages if isinstance(m, ToolMessage))
     assert JAILBREAK_PROMPT not in str(result.content) and result.response_metadata["qwen3guard"]["action"] == "block"
-    assert all(JAILBREAK_PROMPT not in str(call) for call in scripted.calls[1:]), "the model never read the injection"
+    assert all(JAILBREAK_PROMPT not in str(m.content) for m in messages), "no message the model reads holds the injection"
 
 
 @pytest.mark.parametrize("tail", [[AIMessage("Sure,")], [SystemMessage("Be helpful.")]], ids=["prefill", "late-system"])
@@ -329,4 +329,6 @@ def test_with_tool_results_off_the_input_check_leaves_them_to_the_app(gen_guard:
     scripted = ScriptedChatModel(script={SAFE_PROMPT: [ai("", ("fetch_document", {"name": "injected"})), ai("Done.")]})
     agent = create_agent(scripted, [fetch_document], middleware=[QwenGuardMiddleware(gen_guard, None, apply_to_tool_results=False)])
     messages = agent.invoke({"messages": [HumanMessage(SAFE_PROMPT)]})["messages"]
-    assert len(scripted.calls) == 2 and JAILBREAK_PROMPT in str(scripted.calls[1]) and messages[-1].content == "Done."
+    result = next(m for m in messages if isinstance(m, ToolMessage))
+    assert result.content == JAILBREAK_PROMPT and "qwen3guard" not in result.response_metadata
+    assert len(scripted.calls) == 2 and messages[-1].content == "Done."
