@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -74,24 +73,20 @@ def test_shutdown_finishes_the_step_in_flight_and_refuses_new_tokens() -> None:
 async def test_async_callers_never_block_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each step waits until the loop has run again after it started: a blocked loop would hang it."""
     guard = stream_guard("planted")
-    ticks = 0
+    ticked = threading.Event()  # set by the event loop on every turn
     step = guard.scheduler._step
 
     def step_needing_the_loop(batch):
-        seen = ticks
-        deadline = time.monotonic() + HANG_S
-        while ticks == seen:
-            assert time.monotonic() < deadline, "the event loop did not run while a Stream step was in flight"
-            time.sleep(0.0005)
+        ticked.clear()
+        assert ticked.wait(HANG_S), "the event loop did not run while a Stream step was in flight"
         return step(batch)
 
     monkeypatch.setattr(guard.scheduler, "_step", step_needing_the_loop)
     finished = asyncio.Event()
 
     async def ticker() -> None:
-        nonlocal ticks
         while not finished.is_set():
-            ticks += 1
+            ticked.set()
             await asyncio.sleep(0.0005)
 
     async def moderate(i: int) -> str:
