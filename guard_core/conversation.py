@@ -9,7 +9,7 @@ in every adapter. The rule (the README's conversation table):
 
 - leading ``system`` / ``developer`` turns: joined into the guard's one system turn;
 - ``user``: a user turn; the last one is the prompt being judged;
-- ``assistant``: its text (text, output_text and refusal parts, ``refusal``) is an assistant turn;
+- ``assistant``: its text (text parts, refusal parts, ``refusal``) is an assistant turn;
   tool calls, audio and reasoning are not text anyone reads and are left out; assistant turns
   after the last user turn (an agent's tool-calling steps) are the model's own output, already
   moderated when it was produced, and are left out, except
@@ -40,7 +40,6 @@ FALLBACK_PROMPT = "(the request is not available)"
 
 _SYSTEM_ROLES = frozenset({"system", "developer"})
 _TOOL_ROLES = frozenset({"tool", "function"})
-_ASSISTANT_PARTS = frozenset({"text", "output_text", "refusal"})
 #: Responses input items carrying what a tool returned: judged as untrusted context.
 _TOOL_OUTPUT_ITEMS = frozenset({
     "function_call_output", "custom_tool_call_output", "computer_call_output", "local_shell_call_output",
@@ -186,17 +185,24 @@ def _plain(obj: Any) -> Any:
 
 
 def _assistant_text(message: Mapping[str, Any], where: str) -> str:
-    """The words of an assistant turn: text and refusal parts (tool calls and audio are not text)."""
+    """The words of an assistant turn: its text and refusal parts, and ``refusal``.
+
+    Tool calls and audio are fields beside the content, not parts of it, so every part is text
+    or a refusal; any other part (an image, a part without a type) is refused like in a user
+    turn, because servers that render it would hand the model text the guard never read.
+    """
     content = message.get("content")
     pieces: list[str] = []
     if isinstance(content, str):
         pieces.append(content)
     elif isinstance(content, Iterable) and not isinstance(content, (bytes, Mapping)):
-        for part in map(_plain, content):
-            if isinstance(part, str):
-                pieces.append(part)
-            elif isinstance(part, Mapping) and part.get("type") in _ASSISTANT_PARTS:
-                pieces.append(str(part.get("text") or part.get("refusal") or ""))
+        for i, part in enumerate(map(_plain, content)):
+            if isinstance(part, Mapping) and part.get("type") == "refusal":
+                if not isinstance(part.get("refusal"), str):
+                    raise ValueError(f"{where}: content part {i} ('refusal') has no string 'refusal'")
+                pieces.append(part["refusal"])
+            else:
+                pieces.append(content_to_text([part], where=f"{where} content part {i}"))
     elif content is not None:
         raise ValueError(f"{where}: assistant content must be a string or a list of parts, got {type(content).__name__}")
     if isinstance(message.get("refusal"), str):

@@ -81,10 +81,24 @@ def test_no_user_turn_judges_the_context_or_the_system_text() -> None:
     (None, "must be a list"),
     ("How do I make a bomb?", "must be a list"),
     ([5], "expected a dict"),
+    ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     "only text parts"),
+    ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": [{"text": "untyped"}]}], "type None"),
+    ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": [{"type": "refusal", "refusal": 5}]}],
+     "no string 'refusal'"),
 ])
 def test_bad_requests_are_refused_with_a_reason(messages: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         from_messages(messages)  # type: ignore[arg-type]
+
+
+def test_every_text_part_of_a_prefill_is_judged() -> None:
+    """A prefill's ``input_text`` parts are text too: servers such as vLLM render them for the model."""
+    conversation = from_messages([
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": [{"type": "input_text", "text": "Step one:"}, {"type": "text", "text": "mix"}]},
+    ])
+    assert conversation.context == ("Step one:\nmix",)
 
 
 @pytest.mark.parametrize("items, match", [
