@@ -6,6 +6,7 @@ last user message: the n-th model call after that message gets the n-th scripted
 model can serve concurrent runs with different prompts. Each turn streams as text chunks of random
 sizes (a ``random.Random`` seeded with ``seed`` and the text, so the same turn is always cut the
 same way and a failure reproduces from its seed), then its tool calls, their arguments cut too.
+``block=(type, field)`` sends the text as content blocks instead (``("reasoning", "reasoning")``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class ScriptedChatModel(BaseChatModel):
     calls: list[str] = Field(default_factory=list)
     max_in_flight: int = 0
     rendezvous: int = 0
+    block: tuple[str, str] | None = None
     _in_flight: int = PrivateAttr(default=0)
     _started: int = PrivateAttr(default=0)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -77,7 +79,7 @@ class ScriptedChatModel(BaseChatModel):
     def chunks(self, message: AIMessage) -> list[AIMessageChunk]:
         """``message`` as the chunks it streams in: random cuts of its text, then its tool calls."""
         rng = random.Random(f"{self.seed}|{message.text}")
-        out = [AIMessageChunk(content=piece) for piece in _cut(message.text, rng, self.max_chunk)]
+        out = [AIMessageChunk(content=self.content(piece)) for piece in _cut(message.text, rng, self.max_chunk)]
         for index, call in enumerate(message.tool_calls):
             pieces = _cut(json.dumps(call["args"]), rng, self.max_chunk) or [""]
             out.append(AIMessageChunk(content="", tool_call_chunks=[
@@ -85,9 +87,14 @@ class ScriptedChatModel(BaseChatModel):
             out += [AIMessageChunk(content="", tool_call_chunks=[{"args": p, "index": index}]) for p in pieces[1:]]
         return out
 
+    def content(self, text: str) -> str | list[str | dict[str, Any]]:
+        """``text`` as a message's content: a string, or one content block of type ``block``."""
+        return [{"type": self.block[0], self.block[1]: text, "index": 0}] if self.block else text
+
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                   **kwargs: Any) -> ChatResult:
-        return ChatResult(generations=[ChatGeneration(message=self.turn(messages))])
+        message = self.turn(messages)
+        return ChatResult(generations=[ChatGeneration(message=message.model_copy(update={"content": self.content(message.text)}))])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:

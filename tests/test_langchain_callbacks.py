@@ -256,3 +256,31 @@ def test_media_in_a_whole_answer_is_refused_by_the_callback(stream_guard: Stream
     chat = FakeMessagesListChatModel(responses=[AIMessage(content=[{"type": "text", "text": "Here it is."}, image])])
     with pytest.raises(ValueError, match="media block"):
         chat.invoke(PLANTED_SAFE_PROMPT, config={"callbacks": [QwenGuardCallbackHandler(stream_guard)]})
+
+
+@pytest.mark.parametrize("block", [("output_text", "text"), ("reasoning", "reasoning"), ("thinking", "thinking")])
+def test_answer_text_in_any_text_block_is_judged(stream_guard: StreamGuard, block: tuple[str, str]) -> None:
+    from scripted_chat_model import ScriptedChatModel, ai
+
+    handler = QwenGuardCallbackHandler(stream_guard)
+    chat = ScriptedChatModel(script={PLANTED_SAFE_PROMPT: [ai(UNSAFE_REPLY)]}, block=block)
+    got, exc = langchain_helpers.collect(chat.stream(PLANTED_SAFE_PROMPT, config={"callbacks": [handler]}))
+    assert isinstance(exc, GuardViolation) and "light" not in repr(got)
+    with pytest.raises(GuardViolation):
+        chat.invoke(PLANTED_SAFE_PROMPT, config={"callbacks": [handler]})
+    assert handler.active_runs == 0
+
+
+def test_a_multi_prompt_call_blocked_at_a_later_prompt_frees_every_run(stream_guard: StreamGuard) -> None:
+    sync, async_ = QwenGuardCallbackHandler(stream_guard), AsyncQwenGuardCallbackHandler(stream_guard)
+    prompts = [PLANTED_SAFE_PROMPT, PLANTED_UNSAFE_PROMPT, PLANTED_SAFE_PROMPT]
+    with pytest.raises(GuardViolation):
+        FakeListLLM(responses=["ok"] * 3).batch(prompts, config={"callbacks": [sync]})
+    with pytest.raises(GuardViolation):
+        model(PLANTED_SAFE_TEXT).generate([[HumanMessage(p)] for p in prompts], callbacks=[sync])
+    assert sync.active_runs == 0
+    with pytest.raises(GuardViolation):
+        asyncio.run(FakeListLLM(responses=["ok"] * 3).agenerate(prompts, callbacks=[async_]))
+    with pytest.raises(GuardViolation):
+        asyncio.run(model(PLANTED_SAFE_TEXT).agenerate([[HumanMessage(p)] for p in prompts], callbacks=[async_]))
+    assert async_.active_runs == 0

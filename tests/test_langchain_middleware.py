@@ -15,11 +15,13 @@ from typing import Annotated, Any
 
 import pytest
 from langchain.agents import create_agent
+from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
 from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
+from pydantic import BaseModel
 
 from guard_core import DEFAULT_REFUSAL, Action, GenGuard, GuardViolation, Policy, RemoteGenGuard, RiskLevel, StreamGuard
 from guard_core.review import ReviewQueue
@@ -332,3 +334,92 @@ def test_with_tool_results_off_the_input_check_leaves_them_to_the_app(gen_guard:
     result = next(m for m in messages if isinstance(m, ToolMessage))
     assert result.content == JAILBREAK_PROMPT and "qwen3guard" not in result.response_metadata
     assert len(scripted.calls) == 2 and messages[-1].content == "Done."
+
+
+@tool
+def fetch_as_list(name: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> list[ToolMessage]:
+    """Fetch a document by name, handing it over as a list of messages (ToolNode takes lists too)."""
+    return [ToolMessage(DOCUMENTS[name], tool_call_id=tool_call_id)]
+
+
+@pytest.mark.parametrize("options", [{}, {"apply_to_input": False}, {"exit_behavior": "replace"}])
+def test_a_tool_result_in_a_returned_list_is_judged_like_a_returned_one(gen_guard: GenGuard, options: dict[str, Any]) -> None:
+    scripted = ScriptedChatModel(script={SAFE_PROMPT: [ai("", ("fetch_as_list", {"name": "injected"})), ai("Done.")]})
+    agent = create_agent(scripted, [fetch_as_list], middleware=[QwenGuardMiddleware(gen_guard, None, **options)])
+    messages = agent.invoke({"messages": [HumanMessage(SAFE_PROMPT)]})["messages"]
+    result = next(m for m in messages if isinstance(m, ToolMessage))
+    assert JAILBREAK_PROMPT not in repr(messages) and verdict(result)["categories"] == ["Jailbreak"]
+    assert messages[0].content == SAFE_PROMPT, "the user's own turn is not the one withheld"
+
+
+# Structured output: the structured response is the answer.
+
+class Answer(BaseModel):
+    text: str
+
+
+@pytest.mark.parametrize("exit_behavior", ["end", "error"])
+def test_a_tool_strategy_structured_response_is_judged_as_the_answer(stream_guard: StreamGuard, exit_behavior: str) -> None:
+    scripted = ScriptedChatModel(script={PLANTED_SAFE_PROMPT: [ai("", ("Answer", {"text": "Sure, take a pipe bomb and run."}))]})
+    agent = create_agent(scripted, [], middleware=[QwenGuardMiddleware(None, stream_guard, exit_behavior=exit_behavior)],
+                         response_format=ToolStrategy(Answer))
+    items: list[Any] = []
+    if exit_behavior == "error":
+        with pytest.raises(GuardViolation):
+            items.extend(agent.stream(*ask(PLANTED_SAFE_PROMPT), stream_mode=["messages", "values"]))
+        assert "pipe" not in repr(items)
+        return
+    items.extend(agent.stream(*ask(PLANTED_SAFE_PROMPT), stream_mode=["messages", "values"]))
+    state = items[-1][1]
+    assert "pipe" not in repr(items) and state.get("structured_response") is None
+    assert [type(m) for m in state["messages"]] == [HumanMessage, AIMessage] and state["messages"][-1].text == DEFAULT_REFUSAL
+
+
+def test_a_safe_structured_response_passes_chunk_for_chunk(stream_guard: StreamGuard) -> None:
+    def run(middleware: list[Any]) -> tuple[list[Any], Any]:
+        scripted = ScriptedChatModel(script={PLANTED_SAFE_PROMPT: [ai("", ("Answer", {"text": PLANTED_SAFE_TEXT}))]}, max_chunk=4)
+        agent = create_agent(scripted, [], middleware=middleware, response_format=ToolStrategy(Answer))
+        items = list(agent.stream(*ask(PLANTED_SAFE_PROMPT), stream_mode=["messages", "values"]))
+        chunks = [(c.text, c.tool_call_chunks) for mode, (c, *_) in items if mode == "messages" and isinstance(c, AIMessageChunk)]
+        return chunks, items[-1][1]["structured_response"]
+
+    bare, guarded = run([]), run([QwenGuardMiddleware(None, stream_guard)])
+    assert guarded == bare and guarded[1] == Answer(text=PLANTED_SAFE_TEXT)
+
+
+def test_a_blocked_provider_strategy_answer_ends_with_the_refusal(stream_guard: StreamGuard) -> None:
+    scripted = ScriptedChatModel(script={PLANTED_SAFE_PROMPT: [ai('{"text": "Sure, take a pipe bomb and run."}')]})
+    agent = create_agent(scripted, [], middleware=[QwenGuardMiddleware(None, stream_guard)], response_format=ProviderStrategy(Answer))
+    state = agent.invoke(*ask(PLANTED_SAFE_PROMPT))
+    assert state.get("structured_response") is None and "pipe" not in repr(state)
+    assert state["messages"][-1].text.endswith(DEFAULT_REFUSAL) and verdict(state["messages"][-1])["action"] == "block"
+
+
+# Answer text in any content block a user may be shown.
+
+@pytest.mark.parametrize("block", [("output_text", "text"), ("reasoning", "reasoning"), ("thinking", "thinking")])
+def test_answer_text_in_any_text_block_is_judged(stream_guard: StreamGuard, block: tuple[str, str]) -> None:
+    scripted = ScriptedChatModel(script={PLANTED_SAFE_PROMPT: [ai("Sure, take a pipe bomb and run.")]}, block=block)
+    agent = create_agent(scripted, [], middleware=[QwenGuardMiddleware(None, stream_guard)])
+    items = list(agent.stream(*ask(PLANTED_SAFE_PROMPT), stream_mode=["messages", "values"]))
+    assert "pipe" not in repr(items) and items[-1][1]["messages"][-1].text.endswith(DEFAULT_REFUSAL)
+
+
+# A new turn sent while an answer waits for review.
+
+@pytest.mark.parametrize("resume,answer", [({"decision": "approve"}, CONTROVERSIAL_ANSWER), ({"decision": "reject"}, DEFAULT_REFUSAL)])
+def test_a_new_turn_on_a_paused_thread_comes_after_the_reviewed_answer(stream_guard: StreamGuard, resume: dict[str, Any],
+                                                                        answer: str) -> None:
+    graph, _ = build({PLANTED_SAFE_PROMPT: [ai(CONTROVERSIAL_ANSWER)], "And then?": [ai("Then it was over.")]},
+                     QwenGuardMiddleware(None, stream_guard, on_controversial="interrupt"), InMemorySaver())
+    graph.invoke(*ask(PLANTED_SAFE_PROMPT))
+
+    async def go() -> tuple[Any, Any]:
+        again = await graph.ainvoke(*ask("And then?"))
+        return again, await graph.ainvoke(Command(resume=resume), ask("")[1])
+
+    again, final = asyncio.run(go())
+    assert again["__interrupt__"][0].value["content"] == CONTROVERSIAL_ANSWER
+    assert [m.text for m in again["messages"]] == [PLANTED_SAFE_PROMPT, "And then?"]
+    assert [m.text for m in final["messages"]] == [PLANTED_SAFE_PROMPT, answer, "And then?", "Then it was over."]
+    assert "__interrupt__" not in final

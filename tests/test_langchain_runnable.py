@@ -247,3 +247,14 @@ def test_media_in_the_models_answer_is_refused_not_passed_on_unjudged(stream_gua
         list(guard.transform(chunks))
     tool_use = AIMessage(content=[{"type": "text", "text": PLANTED_SAFE_TEXT}, {"type": "tool_use", "id": "t1", "name": "f", "input": {}}])
     assert guard.invoke(tool_use).content == tool_use.content, "non-media blocks (tool use, reasoning) pass as before"
+
+
+@pytest.mark.parametrize("block", [("output_text", "text"), ("reasoning", "reasoning"), ("thinking", "thinking")])
+def test_answer_text_in_any_text_block_is_judged(stream_guard: StreamGuard, block: tuple[str, str]) -> None:
+    from scripted_chat_model import ScriptedChatModel, ai
+
+    chat = ScriptedChatModel(script={PLANTED_SAFE_PROMPT: [ai(UNSAFE_REPLY)]}, block=block)
+    chunks = list((chat | QwenGuardRunnable(stream_guard=stream_guard, on_violation="replace")).stream(PLANTED_SAFE_PROMPT))
+    assert "pipe" not in repr(chunks) and chunks[-1].content.endswith(DEFAULT_REFUSAL)
+    with pytest.raises(GuardViolation):
+        QwenGuardRunnable(stream_guard=stream_guard).invoke(chat.invoke(PLANTED_SAFE_PROMPT))

@@ -46,18 +46,22 @@ class ModelTurn:
     The relay (Stream guard) releases chunks as their text is judged; Gen judges the whole message
     before the gate's last chunks go out (Gen alone holds all of it). A block stops the model and
     ends the message with the refusal, or raises (``raise_on_block``); with ``hold_controversial`` a
-    blocked Controversial answer is read to its end and kept for a human instead.
+    blocked Controversial answer is read to its end and kept for a human instead. The arguments of a
+    ``structured`` tool call (``ToolStrategy``'s structured response) are the answer too: each is
+    judged as its own text (key ``("args", index)``) and dropped whole on a block.
     """
 
     def __init__(self, moderator: Moderator, conversation: Conversation, *, raise_on_block: bool,
-                 hold_controversial: bool) -> None:
+                 hold_controversial: bool, structured: frozenset[str] = frozenset()) -> None:
         self.moderator, self.conversation = moderator, conversation
-        self.raise_on_block, self.hold_controversial = raise_on_block, hold_controversial
+        self.raise_on_block, self.hold_controversial, self.structured = raise_on_block, hold_controversial, structured
         self.relay = StreamRelay(moderator, conversation, self._on_decision, record_reviews=not moderator.has_gen) \
             if moderator.has_stream else None
         self.chunks: list[AIMessageChunk] = []
         self.decisions: list[Decision] = []
         self.blocked = self.held = self.stopped = False  # stopped: the model's stream need not be read further
+        self.texts: dict[Key, str] = {}  # the answer's text per key, as fed
+        self._calls: dict[Any, bool] = {}  # tool-call chunk index -> whether it is a structured response
         self._sent, self._reported = "", 0
 
     @property
@@ -70,9 +74,10 @@ class ModelTurn:
         if not isinstance(chunk, AIMessageChunk):  # a model that cannot stream yields its whole message
             chunk = AIMessageChunk(**chunk.model_dump(exclude={"type"}))
         self.chunks.append(chunk)
+        texts = self._texts(chunk)
         if self.blocked or self.relay is None:
             return []
-        relay, texts = self.relay, [(0, text)] if (text := chunk_text(chunk)) else []
+        relay = self.relay
         out = yield Step(lambda: relay.feed(chunk, texts), lambda: relay.afeed(chunk, texts))
         return (yield from self._settle(out))
 
@@ -81,9 +86,8 @@ class ModelTurn:
         if self.stopped:
             return []
         if self.moderator.has_gen and not self.blocked:
-            text = "".join(map(chunk_text, self.chunks))
-            decision = (yield from self.moderator.answers_flow(self.conversation, [text], None, "gen"))[0]
-            if decision is not None:
+            decisions = yield from self.moderator.answers_flow(self.conversation, list(self.texts.values()), None, "gen")
+            for decision in filter(None, decisions):
                 self._record(decision)
         out = [] if self.blocked else self.chunks if self.relay is None else (yield Step(self.relay.end, self.relay.aend))
         out = yield from self._settle(out)
@@ -94,6 +98,19 @@ class ModelTurn:
         if self.relay is not None:
             self.relay.close()
 
+    def _texts(self, chunk: AIMessageChunk) -> list[tuple[Key, str]]:
+        """The text ``chunk`` adds per key: the message's (0) and each structured call's arguments."""
+        texts = [(0, text)] if (text := chunk_text(chunk)) else []
+        for call in chunk.tool_call_chunks:
+            index = call.get("index")
+            if call.get("name"):
+                self._calls[index] = call["name"] in self.structured
+            if self._calls.get(index) and call.get("args"):
+                texts.append((("args", index), call["args"]))
+        for key, text in texts:
+            self.texts[key] = self.texts.get(key, "") + text
+        return texts
+
     def _record(self, decision: Decision) -> None:
         self.decisions.append(decision)
         if decision.blocked and not self.blocked:
@@ -102,9 +119,10 @@ class ModelTurn:
             self.stopped = not self.held
 
     def _on_decision(self, key: Key, decision: Decision, relay: StreamRelay[AIMessageChunk]) -> None:
-        """A blocked key's held chunks are cut to what was released (or all dropped): never judged safe."""
+        """A blocked key's held chunks are cut to what was released (or all dropped, as is a blocked
+        structured response: cut JSON is no answer): never judged safe."""
         self._record(decision)
-        drop_all = self.held or self.raise_on_block
+        drop_all = self.held or self.raise_on_block or key != 0
         if decision.blocked and not drop_all:
             cut_text(relay.pending, key, len(relay.released(key)), chunk_text, _cut)
         for held in relay.pending:

@@ -73,7 +73,7 @@ def to_answer(value: Any) -> tuple[Conversation, str]:
     if not messages or not isinstance(messages[-1], AIMessage):
         raise ValueError(f"cannot moderate a {type(value).__name__} as a model answer; pass a string, a message, "
                          "or messages ending with the AI message")
-    return (messages_to_conversation(messages[:-1]) if len(messages) > 1 else Conversation()), messages[-1].text
+    return (messages_to_conversation(messages[:-1]) if len(messages) > 1 else Conversation()), chunk_text(messages[-1])
 
 
 def _texts(value: Any) -> list[str]:
@@ -103,21 +103,26 @@ def _messages(value: Any) -> list[BaseMessage] | None:
     return None
 
 
+#: Content blocks a model may answer with whose text a user may be shown, and the field holding it
+#: (OpenAI ``output_text`` / ``refusal``, LangChain v1 ``reasoning``, Anthropic ``thinking``; an
+#: OpenAI reasoning block holds its text in a ``summary`` list). ``BaseMessage.text`` keeps ``text`` only.
+_TEXT_FIELDS = {"text": "text", "output_text": "text", "text-plain": "text", "refusal": "refusal",
+                "reasoning": "reasoning", "thinking": "thinking"}
 #: Content blocks a model may answer with that carry media the guard cannot read.
 _MEDIA_BLOCKS = frozenset({"image", "image_url", "input_image", "audio", "input_audio", "video", "file", "input_file"})
 
 
 def chunk_text(chunk: Any) -> str:
-    """The text a streamed chunk adds to the response (``""`` for tool-call or metadata chunks).
+    """The text a streamed chunk adds to the response (``""`` for tool-call or metadata chunks): the
+    text of every block a user may be shown (``_TEXT_FIELDS``), reasoning included.
 
     Media blocks in a model's answer raise ``ValueError``, as they do in input: Qwen3Guard reads
     text only, and passing them on would show the user something never judged.
     """
-    if isinstance(chunk, str):
-        return chunk
-    if isinstance(chunk, (BaseMessage, ChatGenerationChunk, GenerationChunk)):
-        _refuse_media(getattr(getattr(chunk, "message", chunk), "content", ""))
-        return chunk.text
+    if isinstance(chunk, (str, GenerationChunk)):
+        return chunk if isinstance(chunk, str) else chunk.text
+    if isinstance(chunk, (BaseMessage, ChatGenerationChunk)):
+        return token_text(getattr(chunk, "message", chunk).content)
     raise ValueError(f"cannot moderate a stream of {type(chunk).__name__}; expected strings or message chunks")
 
 
@@ -131,9 +136,19 @@ def _refuse_media(content: Any) -> None:
 
 
 def token_text(token: str | list[str | dict[str, Any]]) -> str:
-    """The text of an ``on_llm_new_token`` token, which is a list of content blocks for v1 models."""
+    """The text of a message's content, or of an ``on_llm_new_token`` token (a list of content blocks
+    for v1 models): every text-bearing block, media refused (see ``chunk_text``)."""
     if isinstance(token, str):
         return token
     _refuse_media(token)
-    return "".join(b if isinstance(b, str) else b.get("text", "") for b in token
-                   if isinstance(b, str) or b.get("type") == "text")
+    return "".join(map(_block_text, token))
+
+
+def _block_text(block: str | dict[str, Any]) -> str:
+    """The text of one content block (``""`` for tool-call and other blocks that carry none)."""
+    if isinstance(block, str):
+        return block
+    text = block.get(_TEXT_FIELDS.get(block.get("type"), ""))
+    summary = block.get("summary") if block.get("type") == "reasoning" else None
+    parts = [text, *(s.get("text") for s in summary if isinstance(s, Mapping))] if isinstance(summary, list) else [text]
+    return "".join(p for p in parts if isinstance(p, str))

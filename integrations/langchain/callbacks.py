@@ -38,6 +38,7 @@ class _Run:
     conversation: Conversation
     gate: StreamGate | None = None
     streamed: bool = False
+    batch: Any = None  # the ``options`` dict the prompts of one multi-prompt call share (see ``_start``)
 
 
 def _calling_manager(handler: BaseCallbackHandler) -> BaseCallbackManager | BaseRunManager | None:
@@ -88,12 +89,30 @@ class _GuardHandlerBase(BaseCallbackHandler):
         """How many model runs hold guard state now (0 once every run has ended)."""
         return len(self._runs)
 
-    def _start(self, run_id: UUID, conversation: Conversation) -> Flow[None]:
-        """Judge the model's input; a Stream prompt check keeps its gate open for the answer."""
-        result = yield from self.moderator.prompt_flow(conversation, str(run_id), keep_gate=True)
-        self._runs[run_id] = _Run(conversation, result.gate)
-        if result.decision is not None:
-            yield from self._publish(run_id, result.decision)
+    def _start(self, run_id: UUID, prompt: list[BaseMessage] | str, kw: dict[str, Any]) -> Flow[None]:
+        """Judge the model's input; a Stream prompt check keeps its gate open for the answer.
+
+        A start that fails (a block, bad input) ends a multi-prompt ``generate()`` call, and LangChain
+        then sends no end or error for its other prompts: their runs are freed here (a prompt of the
+        call still being judged finds its run gone and frees its gate). The prompts of one call share
+        its ``options`` dict, which marks them.
+        """
+        batch = kw.get("options") if (kw.get("batch_size") or 1) > 1 else None
+        self._runs[run_id] = state = _Run(Conversation(), batch=batch)
+        try:
+            state.conversation = from_text(prompt) if isinstance(prompt, str) else messages_to_conversation(prompt)
+            result = yield from self.moderator.prompt_flow(state.conversation, str(run_id), keep_gate=True)
+            state.gate = result.gate
+            if self._runs.get(run_id) is not state:
+                if state.gate is not None:
+                    state.gate.close()
+            elif result.decision is not None:
+                yield from self._publish(run_id, result.decision)
+        except BaseException:
+            for other, started in list(self._runs.items()):
+                if other == run_id or (batch is not None and started.batch is batch):
+                    self._close(other)
+            raise
 
     def _token(self, run_id: UUID, delta: str) -> Flow[None]:
         """Push a token into the run's gate; a block raises before LangChain yields the chunk."""
@@ -157,11 +176,11 @@ class QwenGuardCallbackHandler(_GuardHandlerBase):
 
     def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kw: Any) -> None:
         """Judge the chat model's input before it is called (tool results as untrusted context)."""
-        run(self._start(run_id, messages_to_conversation(messages[0])))
+        run(self._start(run_id, messages[0], kw))
 
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kw: Any) -> None:
         """Judge a completion model's prompt before it is called."""
-        run(self._start(run_id, from_text(prompts[0])))
+        run(self._start(run_id, prompts[0], kw))
 
     def on_llm_new_token(self, token: str | list[str | dict[str, Any]], *, run_id: UUID, **kw: Any) -> None:
         """Judge the token before its chunk is yielded."""
@@ -182,11 +201,11 @@ class AsyncQwenGuardCallbackHandler(_GuardHandlerBase, AsyncCallbackHandler):
     async def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID,
                                   **kw: Any) -> None:
         """Judge the chat model's input before it is called (tool results as untrusted context)."""
-        await arun(self._start(run_id, messages_to_conversation(messages[0])))
+        await arun(self._start(run_id, messages[0], kw))
 
     async def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kw: Any) -> None:
         """Judge a completion model's prompt before it is called."""
-        await arun(self._start(run_id, from_text(prompts[0])))
+        await arun(self._start(run_id, prompts[0], kw))
 
     async def on_llm_new_token(self, token: str | list[str | dict[str, Any]], *, run_id: UUID, **kw: Any) -> None:
         """Judge the token before its chunk is yielded."""

@@ -19,8 +19,10 @@ from uuid import uuid4
 from langchain.agents.middleware.types import (AgentMiddleware, AgentState, ContextT, ExtendedModelResponse,
                                                ModelRequest, ModelResponse, PrivateStateAttr, ResponseT,
                                                ToolCallRequest, hook_config)
-from langchain_core.messages import (AIMessage, AnyMessage, HumanMessage, ToolMessage, convert_to_messages,
+from langchain.agents.structured_output import ProviderStrategy, StructuredOutputError, ToolStrategy
+from langchain_core.messages import (AIMessage, AnyMessage, HumanMessage, RemoveMessage, ToolMessage, convert_to_messages,
                                      message_chunk_to_message)
+from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
 from langgraph.runtime import Runtime
 from langgraph.types import Command, interrupt
 
@@ -31,19 +33,21 @@ from guard_core.steps import Flow, arun, run
 
 from ._agent_stream import GuardedChatModel, ModelTurn, ToolResultScrubber, withheld
 from ._core import event_step
-from ._convert import messages_to_conversation
+from ._convert import chunk_text, messages_to_conversation
 
-#: Private state key of the answer held back for a human (kept out of the agent's output).
-HELD_KEY = "qwen3guard_held"
+#: Private state keys of the answer held back for a human (kept out of the agent's output) and of
+#: the message it answers (a new turn sent before the review is placed after the reviewed answer).
+HELD_KEY, HELD_AFTER_KEY = "qwen3guard_held", "qwen3guard_held_after"
 ExitBehavior = Literal["error", "end", "replace"]
 OnControversial = Literal["policy", "interrupt"]
 ReviewDecision = Literal["approve", "reject", "edit"]
 
 
 class GuardState(AgentState[ResponseT]):
-    """The agent state plus the answer held for a human (a private channel)."""
+    """The agent state plus the answer held for a human (private channels)."""
 
     qwen3guard_held: NotRequired[Annotated[AIMessage | None, PrivateStateAttr]]
+    qwen3guard_held_after: NotRequired[Annotated[str | None, PrivateStateAttr]]
 
 
 class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, ResponseT]):
@@ -88,12 +92,25 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
     @hook_config(can_jump_to=["end"])
     def before_model(self, state: GuardState[Any], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
         """Judge a new user turn before the model sees it (and stop after a blocked tool result)."""
-        return run(self._input_flow(state["messages"]))
+        messages = self._late_review(state)
+        return _after_review(messages, run(self._input_flow(messages or state["messages"])))
 
     @hook_config(can_jump_to=["end"])
     async def abefore_model(self, state: GuardState[Any], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
         """``before_model`` for asyncio."""
-        return await arun(self._input_flow(state["messages"]))
+        messages = self._late_review(state)
+        return _after_review(messages, await arun(self._input_flow(messages or state["messages"])))
+
+    def _late_review(self, state: GuardState[Any]) -> list[AnyMessage] | None:
+        """New input sent to a thread whose answer waits for review (instead of ``Command(resume=...)``):
+        the review comes first (the same interrupt), and its answer goes back in its place, before the
+        new input, which is then judged and answered as usual. None when no review is pending."""
+        if (held := state.get(HELD_KEY)) is None:
+            return None
+        answer, _ = self._review(held)
+        messages = list(state["messages"])
+        at = next((i + 1 for i, m in enumerate(messages) if m.id == state.get(HELD_AFTER_KEY)), len(messages))
+        return [*messages[:at], answer, *messages[at:]]
 
     def _input_flow(self, messages: Sequence[AnyMessage]) -> Flow[dict[str, Any] | None]:
         """Mid-run (only tool results this middleware judged since the model's last answer) there is
@@ -133,7 +150,11 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         if not self.apply_to_output:
             return handler(request)
         model = self._guarded(request)
-        return self._answer(handler(request.override(model=model)), model)
+        try:
+            response = handler(request.override(model=model))
+        except StructuredOutputError as exc:
+            response = _unparsed(exc, model)
+        return self._answer(response, model, request)
 
     async def awrap_model_call(self, request: ModelRequest[ContextT],
                                handler: Callable[[ModelRequest[ContextT]], Awaitable[ModelResponse[ResponseT]]]) -> Any:
@@ -141,43 +162,54 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         if not self.apply_to_output:
             return await handler(request)
         model = self._guarded(request)
-        return self._answer(await handler(request.override(model=model)), model)
+        try:
+            response = await handler(request.override(model=model))
+        except StructuredOutputError as exc:
+            response = _unparsed(exc, model)
+        return self._answer(response, model, request)
 
     def _guarded(self, request: ModelRequest[ContextT]) -> GuardedChatModel:
         turn = partial(ModelTurn, self.moderator, raise_on_block=self.exit_behavior == "error",
-                       hold_controversial=self.on_controversial == "interrupt")
+                       hold_controversial=self.on_controversial == "interrupt",
+                       structured=_structured_tools(request.response_format))
         return GuardedChatModel(inner=request.model, open_turn=turn)
 
-    def _answer(self, response: ModelResponse[Any], model: GuardedChatModel) -> Any:
-        """Attach the verdict; a blocked answer loses its tool calls, a held one goes to the private channel."""
+    def _answer(self, response: ModelResponse[Any], model: GuardedChatModel, request: ModelRequest[ContextT]) -> Any:
+        """Attach the verdict; a blocked answer loses its tool calls and structured response, a held
+        one goes to the private channel."""
         turn = model.turns[-1] if model.turns else None
         if turn is None or (decision := turn.decision) is None:
             return response
         if turn.held:
             held = message_chunk_to_message(reduce(operator.add, turn.chunks))
             held.response_metadata = _noted(held, decision.to_dict())
-            return ExtendedModelResponse(ModelResponse(result=[]), Command(update={HELD_KEY: held}))
-        result = list(response.result)
-        index = next(i for i, m in enumerate(result) if isinstance(m, AIMessage))
-        update: dict[str, Any] = {"response_metadata": _noted(result[index], decision.to_dict())}
-        if decision.blocked:
-            update.update(content=result[index].text, tool_calls=[], invalid_tool_calls=[])
-        result[index] = result[index].model_copy(update=update)
-        return replace(response, result=result)
+            after = request.state["messages"][-1].id if request.state.get("messages") else None
+            return ExtendedModelResponse(ModelResponse(result=[]), Command(update={HELD_KEY: held, HELD_AFTER_KEY: after}))
+        answer = next(m for m in response.result if isinstance(m, AIMessage))
+        update: dict[str, Any] = {"response_metadata": _noted(answer, decision.to_dict())}
+        if decision.blocked:  # the results LangChain made of its tool calls (a structured response) go too
+            update.update(content=chunk_text(answer), tool_calls=[], invalid_tool_calls=[])
+        dropped = {call["id"] for call in answer.tool_calls} if decision.blocked else set()
+        result = [answer.model_copy(update=update) if m is answer else m for m in response.result
+                  if not (isinstance(m, ToolMessage) and m.tool_call_id in dropped)]
+        return replace(response, result=result, structured_response=None if decision.blocked else response.structured_response)
 
     @hook_config(can_jump_to=["end"])
     def after_model(self, state: GuardState[Any], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
         """Pause for a human when an answer is held; go on with their decision (no guard call)."""
         if (held := state.get(HELD_KEY)) is None:
             return None
+        answer, rejected = self._review(held)
+        return {"messages": [answer], HELD_KEY: None, HELD_AFTER_KEY: None, **({"jump_to": "end"} if rejected else {})}
+
+    def _review(self, held: AIMessage) -> tuple[AIMessage, bool]:
+        """Ask a human about the held answer (``interrupt``): the answer to keep, and whether they rejected it."""
         choice, content = _review_answer(interrupt({
-            "type": "qwen3guard_review", "decision": held.response_metadata[METADATA_KEY], "content": held.text,
+            "type": "qwen3guard_review", "decision": held.response_metadata[METADATA_KEY], "content": chunk_text(held),
             "allowed_decisions": list(get_args(ReviewDecision))}))
         if choice == "reject":
-            answer = AIMessage(content=content or self.moderator.refusal, response_metadata=held.response_metadata)
-            return {"messages": [answer], HELD_KEY: None, "jump_to": "end"}
-        update = {"id": str(uuid4()), **({"content": content} if choice == "edit" else {})}
-        return {"messages": [held.model_copy(update=update)], HELD_KEY: None}
+            return AIMessage(content=content or self.moderator.refusal, response_metadata=held.response_metadata), True
+        return held.model_copy(update={"id": str(uuid4()), **({"content": content} if choice == "edit" else {})}), False
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Any]) -> Any:
         """Judge a tool's result before the model reads it."""
@@ -190,6 +222,12 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         return await arun(self._tool_flow(result)) if self.apply_to_tool_results else result
 
     def _tool_flow(self, result: Any) -> Flow[Any]:
+        """A tool's result as ToolNode takes it: a message, a ``Command``, or a list of them (each judged)."""
+        if isinstance(result, list):
+            judged = []
+            for item in result:
+                judged.append((yield from self._tool_flow(item)))
+            return judged
         if isinstance(result, Command):
             return (yield from self._command_flow(result))
         return (yield from self._result_flow(result)) if isinstance(result, ToolMessage) else result
@@ -220,6 +258,34 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         if isinstance(message, ToolMessage):
             return notice
         return message.model_copy(update={"content": notice.content, "response_metadata": notice.response_metadata})
+
+
+def _structured_tools(response_format: Any) -> frozenset[str]:
+    """The tools whose arguments are the agent's structured response (``ToolStrategy``; a bare schema
+    or ``AutoStrategy`` may become one): the guard judges those arguments as the answer."""
+    if response_format is None or isinstance(response_format, ProviderStrategy):
+        return frozenset()
+    if not isinstance(response_format, ToolStrategy):
+        response_format = ToolStrategy(getattr(response_format, "schema", response_format))
+    return frozenset(spec.name for spec in response_format.schema_specs)
+
+
+def _unparsed(error: StructuredOutputError, model: GuardedChatModel) -> ModelResponse[Any]:
+    """A blocked answer is no structured response (it ends with the refusal, or was held): the run
+    goes on with the message as it is. Any other parse error is the agent's own, raised."""
+    if not (model.turns and model.turns[-1].blocked):
+        raise error
+    return ModelResponse(result=[error.ai_message])
+
+
+def _after_review(messages: list[AnyMessage] | None, update: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The input check's ``update`` applied to the reordered ``messages`` of a late review (None:
+    no review), which replace the whole list; the review is no longer pending."""
+    if messages is None:
+        return update
+    merged = add_messages(messages, (update or {}).get("messages", []))
+    return {**(update or {}), "messages": [RemoveMessage(id=REMOVE_ALL_MESSAGES), *merged], HELD_KEY: None,
+            HELD_AFTER_KEY: None}
 
 
 def _noted(message: AnyMessage, verdict: dict[str, Any]) -> dict[str, Any]:
