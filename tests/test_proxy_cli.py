@@ -19,7 +19,7 @@ UPSTREAM = "http://127.0.0.1:9/v1"
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("QWEN3GUARD_UPSTREAM", "QWEN3GUARD_GEN_URL", "QWEN3GUARD_DEVICE"):
+    for name in ("QWEN3GUARD_UPSTREAM", "QWEN3GUARD_GEN_URL", "QWEN3GUARD_DEVICE", "QWEN3GUARD_PROXY_KEYS"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -52,8 +52,21 @@ def test_the_upstream_must_be_an_http_url(tmp_path: Path, capsys: pytest.Capture
     for url in ("notaurl", "ftp://host/v1", "http://", "http://host:99999/v1"):
         code = main(["--upstream", url, *_no_model(tmp_path)])
         assert_one_line_error(code, capsys.readouterr().err, f"qwen3guard-proxy: error: --upstream {url!r} ")
+    for url, fix in (("http://[::1/v1", "with an IPv6 address in brackets: http://[::1]:8001/v1"),
+                     ("http://127.0.0.1:8001\n/v1", "contains a control character (a line end or tab?); remove it")):
+        code = main(["--upstream", url, *_no_model(tmp_path)])
+        line = assert_one_line_error(code, capsys.readouterr().err, f"qwen3guard-proxy: error: --upstream {url!r} ")
+        assert fix in line
     monkeypatch.setenv("QWEN3GUARD_UPSTREAM", "notaurl")
     assert_one_line_error(main(_no_model(tmp_path)), capsys.readouterr().err, "QWEN3GUARD_UPSTREAM='notaurl' is not an http(s)://")
+
+
+@pytest.mark.parametrize("keys", [",", " ", "", " , "])
+def test_proxy_keys_that_hold_no_key_are_an_error_not_an_open_proxy(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch, keys: str) -> None:
+    monkeypatch.setenv("QWEN3GUARD_PROXY_KEYS", keys)
+    code = main(["--upstream", UPSTREAM, *_no_model(tmp_path)])
+    assert_one_line_error(code, capsys.readouterr().err, f"qwen3guard-proxy: error: QWEN3GUARD_PROXY_KEYS={keys!r} holds no key; ")
 
 
 def test_a_port_in_use_is_one_line_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,12 +12,12 @@ import httpx
 import pytest
 from asgi_server import serve_app
 from gen_server import GenServer, load_gen_model, unused_url
-from openai_fake_upstream import SAFE_PIECES, FakeUpstream, Script, chat_events, responses_body, responses_events
+from openai_fake_upstream import SAFE_PIECES, FakeUpstream, Script, chat_completion, chat_events, responses_body, responses_events
 
 from guard_core import Action, GenGuard, Moderator, Policy, RiskLevel
 from guard_core.review import ReviewQueue
 from guard_core.stream import StreamGuard
-from guard_core.testing.cases import CONTROVERSIAL_PROMPT, JAILBREAK_PROMPT, SAFE_PROMPT, UNSAFE_PROMPT
+from guard_core.testing.cases import CONTROVERSIAL_PROMPT, JAILBREAK_PROMPT, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_PROMPT
 from guard_core.testing.stream_fixture import stream_checkpoint
 from integrations.openai_proxy.server import REVIEW_HEADER, create_app
 
@@ -73,10 +73,19 @@ def test_unknown_paths_and_methods_answer_json(proxy) -> None:
     assert is_openai_error(wrong_method, 405, "method_not_allowed") and wrong_method.headers["allow"] == "POST"
 
 
-@pytest.mark.parametrize(("upstream_url", "error"), [("ftp://x/v1", ValueError), ("not a url", ValueError), (8001, TypeError)])
+@pytest.mark.parametrize(("upstream_url", "error"), [("ftp://x/v1", ValueError), ("not a url", ValueError), (8001, TypeError),
+                                                     ("http://127.0.0.1:8001\n/v1", ValueError), ("http://127.0.0.1:8001/\tv1", ValueError),
+                                                     ("http://[::1/v1", ValueError)])
 def test_create_app_checks_the_upstream_url_as_the_command_does(upstream_url, error) -> None:
     with pytest.raises(error, match="URL"):
         create_app(upstream_url)
+
+
+@pytest.mark.parametrize(("keys", "error"), [("team-a-key", TypeError), (b"team-a-key", TypeError), (set(), ValueError),
+                                             ({""}, ValueError), ({"a", "  "}, ValueError), ({5}, TypeError)])
+def test_api_keys_that_hold_no_real_key_are_refused_not_an_open_proxy(upstream, keys, error) -> None:
+    with pytest.raises(error, match="api_keys"):
+        create_app(upstream.base_url, api_keys=keys)
 
 
 def test_an_injected_tool_result_blocks_the_request(upstream, proxy) -> None:
@@ -87,6 +96,38 @@ def test_an_injected_tool_result_blocks_the_request(upstream, proxy) -> None:
     assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "content_filter"
     assert reply.json()["qwen3guard"]["prompt"]["context_index"] == 0
     assert len(upstream.exchanges) == before
+
+
+DEFINITIONS = {
+    "tools[].function.description": {"tools": [{"type": "function", "function": {"name": "f", "description": JAILBREAK_PROMPT}}]},
+    "a parameter's description": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string", "description": JAILBREAK_PROMPT}}}}}]},
+    "response_format json_schema": {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "a", "description": JAILBREAK_PROMPT, "schema": {"type": "object"}}}},
+}
+
+
+@pytest.mark.parametrize("extra", DEFINITIONS.values(), ids=DEFINITIONS.keys())
+def test_descriptions_in_tool_and_schema_definitions_are_judged_as_untrusted_context(upstream, proxy, extra) -> None:
+    before = len(upstream.exchanges)
+    reply = post(proxy + "/chat/completions", {"model": "m", "messages": USER, **extra})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "content_filter"
+    assert reply.json()["qwen3guard"]["prompt"]["context_index"] == 0
+    tools = [{"type": "function", "name": "f", "description": JAILBREAK_PROMPT, "parameters": {"type": "object"}}]
+    assert post(proxy + "/responses", {"model": "m", "input": SAFE_PROMPT, "tools": tools}).json()["status"] == "incomplete"
+    text = {"format": {"type": "json_schema", "name": "a", "description": JAILBREAK_PROMPT, "schema": {"type": "object"}}}
+    assert post(proxy + "/responses", {"model": "m", "input": SAFE_PROMPT, "text": text}).json()["status"] == "incomplete"
+    assert len(upstream.exchanges) == before
+    bad = {"tools": [{"type": "function", "function": {"name": "f", "description": "\ud800"}}]}
+    raw = json.dumps({"model": "m", "messages": USER, **bad}).encode()  # a lone surrogate only as a JSON escape
+    assert is_openai_error(post(proxy + "/chat/completions", content=raw), 400, "invalid_request")
+
+
+def test_safe_tool_descriptions_are_forwarded(upstream, proxy) -> None:
+    upstream.push(Script(body=chat_completion(SAFE_ANSWER)))
+    tools = [{"type": "function", "function": {"name": "f", "description": SAFE_PROMPT, "parameters": {"type": "object"}}}]
+    reply = post(proxy + "/chat/completions", {"model": "m", "messages": USER, "tools": tools})
+    assert reply.json()["qwen3guard"]["prompt"]["risk"] == "Safe" and upstream.exchanges[-1].body["tools"] == tools
 
 
 def test_a_down_or_garbled_upstream_is_a_502_and_an_older_one_passes(upstream, proxy, stream_guard, gen_guard) -> None:

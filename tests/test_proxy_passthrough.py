@@ -1,8 +1,10 @@
 """The proxy as a transparent hop: query strings and end-to-end headers both ways, and upstream bodies
-the SDK reads (CR-only SSE, a last event without its blank line) or that are not a stream at all."""
+the SDK reads (CR-only SSE, a last event without its blank line) or that are not a stream at all;
+and what it does not pass on: other upstream paths than the models', the proxy's own headers."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 from collections.abc import Iterator
@@ -82,9 +84,9 @@ def test_query_strings_and_end_to_end_headers_pass_both_ways(proxied: tuple[RawU
     upstream.answers.append((200, {"content-type": "application/json", "x-request-id": "req_m"}, b'{"object": "list", "data": []}'))
     reply = httpx.get(url + "/models?limit=1&after=x")
     assert upstream.seen[-1][0] == "/v1/models?limit=1&after=x" and reply.headers["x-request-id"] == "req_m"
-    upstream.answers.append((200, {"content-type": "application/json"}, b'{"id": "org/model-1", "object": "model"}'))
-    reply = httpx.get(url + "/models/org/model-1")
-    assert upstream.seen[-1][0] == "/v1/models/org/model-1" and reply.json()["id"] == "org/model-1"
+    upstream.answers.append((200, {"content-type": "application/json"}, b'{"id": "ft:gpt-4o:org::m1", "object": "model"}'))
+    reply = httpx.get(url + "/models/ft:gpt-4o:org::m1")
+    assert upstream.seen[-1][0] == "/v1/models/ft:gpt-4o:org::m1" and reply.json()["id"] == "ft:gpt-4o:org::m1"
     upstream.answers.append((200, {"content-type": "text/event-stream", "x-request-id": "req_s"}, sse(chat_events(SAFE_PIECES))))
     with httpx.stream("POST", url + "/chat/completions", json={"model": "m", "messages": USER, "stream": True}) as streamed:
         assert streamed.headers["x-request-id"] == "req_s"
@@ -110,4 +112,42 @@ def test_a_stream_request_answered_with_something_else_is_a_502(proxied: tuple[R
     upstream.answers.append((200, {"content-type": kind}, body))
     reply = httpx.post(url + "/chat/completions", json={"model": "m", "messages": USER, "stream": True}, timeout=60)
     assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_invalid"
+    assert SAFE_TEXT not in reply.text
+
+
+@pytest.mark.parametrize("path", ["/v1/models/%2e%2e/responses/resp_1", "/v1/models/%2E%2E/%2E%2E/admin", "/v1/models/..%2fresponses",
+                                  "/v1/models/..", "/v1/models/.", "/v1/models/org/model-1", "/v1/models/org%2Fmodel-1"])
+def test_only_the_models_and_one_model_id_are_forwarded(proxied: tuple[RawUpstream, str], path: str) -> None:
+    """A dot segment or a slash in the id would reach another upstream path (a stored response, a file), with the upstream key."""
+    upstream, url = proxied
+    before = len(upstream.seen)
+    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", path)  # sent as written: httpx would resolve the dot segments itself
+    reply = conn.getresponse()
+    assert reply.status == 404 and json.loads(reply.read())["error"]["code"] == "not_found"
+    conn.close()
+    assert len(upstream.seen) == before
+
+
+@pytest.mark.parametrize("status, kind, body", [(200, "application/json", json.dumps(chat_completion(SAFE_TEXT)).encode()),
+                                                (200, "text/event-stream", sse(chat_events(SAFE_PIECES))),
+                                                (429, "application/json", b'{"error": {"message": "slow down"}}')],
+                         ids=["whole", "stream", "error"])
+def test_the_upstream_cannot_set_the_proxys_own_headers(proxied: tuple[RawUpstream, str], status: int, kind: str, body: bytes) -> None:
+    upstream, url = proxied
+    upstream.answers.append((status, {"content-type": kind, "x-qwen3guard-review": "rev_spoofed", "x-qwen3guard-note": "x"}, body))
+    reply = httpx.post(url + "/chat/completions", json={"model": "m", "messages": USER, "stream": kind == "text/event-stream"},
+                       timeout=60)
+    assert reply.status_code == status and not [k for k in reply.headers if k.startswith("x-qwen3guard-")]
+
+
+@pytest.mark.parametrize("body", [json.dumps(chat_completion(SAFE_TEXT)).encode(), b"<html>captive portal</html>", b""],
+                         ids=["json", "html", "empty"])
+def test_an_event_stream_without_events_ends_with_an_error_event(proxied: tuple[RawUpstream, str], body: bytes) -> None:
+    upstream, url = proxied
+    upstream.answers.append((200, {"content-type": "text/event-stream"}, body))
+    reply = httpx.post(url + "/chat/completions", json={"model": "m", "messages": USER, "stream": True}, timeout=60)
+    events = [json.loads(line[5:]) for line in reply.text.splitlines() if line.startswith("data: {")]
+    assert reply.status_code == 200 and [e["error"]["code"] for e in events] == ["upstream_error"]
     assert SAFE_TEXT not in reply.text

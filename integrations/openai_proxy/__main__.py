@@ -3,7 +3,7 @@
 Configuration is the library's (``guard_core.config``): ``QWEN3GUARD_UPSTREAM`` (default for
 ``--upstream``), ``QWEN3GUARD_UPSTREAM_API_KEY`` (or ``OPENAI_API_KEY``) sent upstream,
 ``QWEN3GUARD_PROXY_KEYS`` (keys clients must present; read from the environment only, so they
-never show in ``ps``), and the guards' ``QWEN3GUARD_GEN_URL`` / ``QWEN3GUARD_GEN_MODEL`` /
+never show in ``ps``; set, it must hold a key), and the guards' ``QWEN3GUARD_GEN_URL`` / ``QWEN3GUARD_GEN_MODEL`` /
 ``QWEN3GUARD_STREAM_MODEL`` / ``QWEN3GUARD_FAIL_OPEN`` / ``QWEN3GUARD_REVIEW_DB``. Any error is one
 line on stderr and exit status 2; the flags, the upstream URL and the listening address are
 checked before the models load, and the port is bound then.
@@ -12,6 +12,7 @@ checked before the models load, and the port is bound then.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 from argparse import Namespace
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 from guard_core import CONFIGURED, Moderator, Settings
 from guard_core.cli import LOAD_ERRORS, Parser, bounded_int, check_model_path, one_line, quiet_model_loading
-from guard_core.config import UPSTREAM_ENV
+from guard_core.config import PROXY_KEYS_ENV, UPSTREAM_ENV
 
 from .exchange import DEFAULT_MAX_CHOICES
 from .server import GUARD_MODES, check_upstream_url, create_app
@@ -74,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
+        if PROXY_KEYS_ENV in os.environ and not settings.proxy_keys:  # "," or " " would otherwise run the proxy open
+            raise ValueError(f"{PROXY_KEYS_ENV}={os.environ[PROXY_KEYS_ENV]!r} holds no key; set it to the comma-separated "
+                             "keys clients must present, or unset it to run the proxy without keys")
         if args.upstream is not None:
             upstream = check_upstream_url(args.upstream, "--upstream ")
         elif settings.upstream is not None:

@@ -11,8 +11,9 @@ completion ``{"prompt": decision, "choices": [{"index": i, "response": decision}
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from openai import NotGiven, Omit
@@ -21,6 +22,7 @@ from openai.types.responses import Response
 
 from guard_core import Decision, Moderator
 from guard_core.conversation import Conversation, from_messages, from_responses_input
+from guard_core.messages import check_text
 from guard_core.moderator import PromptResult
 from guard_core.steps import Flow
 
@@ -80,7 +82,41 @@ class Request:
                 raise ValueError("'background' responses are fetched later with retrieve(), which Qwen3Guard cannot "
                                  "moderate; send the request without 'background'")
             conversation = from_responses_input(body.get("input"), instructions, body.get("prompt"))
+        definitions = _definition_texts(body)
+        if definitions:
+            conversation = replace(conversation, context=(*conversation.context, *definitions))
         return cls(endpoint, conversation, bool(stream), n or 1, model if isinstance(model, str) else "")
+
+
+def _definition_texts(body: Mapping[str, Any]) -> list[str]:
+    """The descriptions in a request's tool definitions and structured-output schema, one text per definition.
+
+    The client writes them and the model reads them (chat templates put them in its prompt), so like a
+    tool result they are untrusted context: an instruction injected there is judged. Chat has ``tools``,
+    legacy ``functions`` and ``response_format``; Responses has ``tools`` and ``text.format``. The walk
+    is iterative, since a schema can nest as deep as JSON allows.
+    """
+    definitions = [(f"{field}[{i}]", d) for field in ("tools", "functions") if isinstance(body.get(field), list)
+                   for i, d in enumerate(body[field])]
+    definitions += [(field, body.get(field)) for field in ("response_format", "text")]
+    texts = []
+    for where, definition in definitions:
+        found: list[str] = []
+        pending = deque([definition])
+        while pending:
+            node = pending.popleft()
+            if isinstance(node, Mapping):
+                for key, value in node.items():
+                    if key == "description" and isinstance(value, str):
+                        found.append(value)
+                    else:
+                        pending.append(value)
+            elif isinstance(node, list):
+                pending.extend(node)
+        text = check_text("\n".join(found), where=f"the descriptions in {where!r}")
+        if text.strip():
+            texts.append(text)
+    return texts
 
 
 def note(*, prompt: Decision | None = None, response: Decision | None = None, index: int | None = None) -> dict[str, Any]:

@@ -5,9 +5,10 @@ Upstream SSE events the guard hands back unchanged are forwarded as the very byt
 so a safe stream is byte-identical to the upstream one; objects the guard wrote or annotated are
 serialised with their decisions in ``qwen3guard``. Errors use OpenAI's error body: 400 for the
 client's mistakes (bad JSON, a key twice in one object, wrong types, unknown roles, a blocked
-prompt in ``error`` mode), 401, 404, 413, and 502 / 504 when the upstream is down, slow or answers
-something unreadable; mid-stream, an SSE error event ends the stream cleanly. Review items opened
-for a request are named in the ``x-qwen3guard-review`` header. Content and keys are never logged.
+prompt in ``error`` mode), 401, 404, 413, 500 (``guard_error``, not to be retried) when the guard
+itself fails, and 502 / 504 when the upstream is down, slow or answers something unreadable;
+mid-stream, an SSE error event ends the stream cleanly. Review items opened for a request are named
+in the ``x-qwen3guard-review`` header. Content and keys are never logged.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 from openai.types.chat import ChatCompletionChunk
@@ -34,6 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from guard_core import CONFIGURED, METADATA_KEY, Moderator
+from guard_core.cli import one_line
 from guard_core.steps import arun
 
 from . import chunks
@@ -45,6 +47,8 @@ ProxyOnUnsafe = Literal["finish", "error"]
 #: The ``on_unsafe`` of the guard behind each proxy ``on_unsafe``.
 GUARD_MODES = {"finish": "rewrite", "error": "abort"}
 REVIEW_HEADER = "x-qwen3guard-review"
+#: The proxy's own headers: one from upstream (or a client) would pass for the proxy's decision metadata.
+_OWN_HEADERS = "x-qwen3guard-"
 
 log = logging.getLogger(__name__)
 #: A blank line, which ends an event: two line ends, each CRLF, LF or a CR not followed by LF.
@@ -68,19 +72,29 @@ async def _ended(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 def _passed(headers: Any) -> dict[str, str]:
     """The end-to-end headers of a request or reply (OpenAI-Organization, Idempotency-Key, x-request-id, rate limits, ...)."""
-    return {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
+    return {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS and not k.lower().startswith(_OWN_HEADERS)}
 
 
 class _HTTPError(Exception):
     """An answer in OpenAI's error format, raised anywhere in a handler."""
 
-    def __init__(self, status: int, message: str, code: str, **extra: Any) -> None:
+    def __init__(self, status: int, message: str, code: str, *, kind: str | None = None, headers: dict[str, str] | None = None,
+                 **extra: Any) -> None:
         super().__init__(message)
-        self.status, self.code, self.extra = status, code, extra
+        self.status, self.code, self.extra, self.headers = status, code, extra, headers
+        self.kind = kind or ("invalid_request_error" if status < 500 else "upstream_error")
 
     def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 else "upstream_error"
-        return JSONResponse({"error": {"message": str(self), "type": kind, "code": self.code}, **self.extra}, status_code=self.status)
+        return JSONResponse({"error": {"message": str(self), "type": self.kind, "code": self.code}, **self.extra},
+                            status_code=self.status, headers=self.headers)
+
+
+def _guard_failed(exc: Exception, path: str) -> Response:
+    """A guard that raised (out of GPU memory, a bug) fails closed with a 500 the openai SDK does not retry:
+    each retry would call (and bill) the upstream again only to throw its answer away the same way."""
+    log.error("guarding /v1/%s failed: %s", path, one_line(exc, None))
+    return _HTTPError(500, f"the guard failed ({type(exc).__name__}); nothing unjudged was sent", "guard_error",
+                      kind="guard_error", headers={"x-should-retry": "false"}).response()
 
 
 def _dump(obj: BaseModel) -> dict[str, Any]:
@@ -96,26 +110,29 @@ def _sse(obj: BaseModel) -> bytes:
 
 
 class _DuplicateKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
+    """A key twice in one object, or two keys that differ only in case; ``str()`` names them."""
+
+    def __init__(self, first: str, key: str) -> None:
+        super().__init__(f"the key {key!r} more than once" if key == first else
+                         f"the keys {first!r} and {key!r}, which differ only in case,")
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) < len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(key)
-            seen.add(key)
-    return out
+    seen: dict[str, str] = {}
+    for key, _ in pairs:
+        folded = key.casefold()
+        if folded in seen:
+            raise _DuplicateKey(seen[folded], key)
+        seen[folded] = key
+    return dict(pairs)
 
 
 def _loads(raw: bytes | bytearray) -> Any:
     """JSON with each key at most once per object: the proxy forwards the very bytes it judged, and parsers
     disagree on which of two equal keys wins (Python's json the last, others the first), so such a body
-    would be judged on one value and answered on the other."""
+    would be judged on one value and answered on the other. Keys equal but for case count as equal: Go's
+    encoding/json (Ollama's OpenAI API) matches keys case-insensitively, so it reads ``Messages`` as
+    ``messages``."""
     return json.loads(raw, object_pairs_hook=_unique, parse_constant=_not_json)
 
 
@@ -130,17 +147,47 @@ def _error_event(message: str, code: str, **extra: Any) -> bytes:
 
 
 def check_upstream_url(url: str, where: str = "upstream ") -> str:
-    """An ``http(s)://host[:port]/...`` base URL, else ``ValueError`` (every request would otherwise 502)."""
+    """An ``http(s)://host[:port]/...`` base URL, else ``ValueError`` (every request would otherwise fail).
+
+    Control characters are refused before ``urlsplit``, which silently drops tabs and line ends and so
+    would check another URL than the one used.
+    """
     if not isinstance(url, str):
         raise TypeError(f"{where}must be a URL string, got {type(url).__name__}")
-    parts = urlsplit(url.strip())
+    stripped = url.strip()
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in stripped):
+        raise ValueError(f"{where}{url!r} contains a control character (a line end or tab?); remove it from the URL")
     try:
+        parts = urlsplit(stripped)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
-    except ValueError:
-        raise ValueError(f"{where}{url!r} has a bad port; use a URL like http://127.0.0.1:8001/v1") from None
+    except ValueError as exc:
+        raise ValueError(f"{where}{url!r} is not a valid URL ({exc}); use one like http://127.0.0.1:8001/v1, "
+                         "with an IPv6 address in brackets: http://[::1]:8001/v1") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{where}{url!r} is not an http(s):// URL; use one like http://127.0.0.1:8001/v1")
-    return url.strip()
+    try:
+        httpx.URL(stripped)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"{where}{url!r} is not a valid URL ({exc}); use one like http://127.0.0.1:8001/v1") from None
+    return stripped
+
+
+def _check_keys(api_keys: Iterable[str] | None) -> list[bytes] | None:
+    """The proxy keys as bytes, ``None`` for an open proxy; a setting that holds no real key is an error,
+    never an open proxy (a str would make each of its characters a key)."""
+    if api_keys is None:
+        return None
+    if isinstance(api_keys, (str, bytes)) or not isinstance(api_keys, Iterable):
+        raise TypeError(f"api_keys must be a set of key strings (api_keys={{'key'}}), or None, got {type(api_keys).__name__}")
+    keys = list(api_keys)
+    if not keys:
+        raise ValueError("api_keys is empty; give the keys clients must present, or api_keys=None for an open proxy")
+    for key in keys:
+        if not isinstance(key, str):
+            raise TypeError(f"api_keys must hold strings, got {type(key).__name__}")
+        if not key.strip():
+            raise ValueError(f"api_keys holds the blank key {key!r}; remove it")
+    return [k.encode() for k in keys]
 
 
 def create_app(
@@ -148,7 +195,7 @@ def create_app(
     *,
     moderator: Moderator | None = None,
     on_unsafe: ProxyOnUnsafe = "finish",
-    api_keys: set[str] | None = None,
+    api_keys: Iterable[str] | None = None,
     upstream_api_key: str | None = None,
     max_body_bytes: int = 1_000_000,
     max_messages: int = 256,
@@ -159,18 +206,19 @@ def create_app(
     ``moderator`` defaults to one configured by the environment (``guard_core.config``).
     ``on_unsafe="finish"`` ends blocked answers with a refusal and ``finish_reason="content_filter"``;
     ``"error"`` answers a blocked prompt with HTTP 400 and ends a blocked stream with an SSE error
-    event. ``api_keys``, when given, are the Bearer keys clients must present; ``upstream_api_key``
+    event. ``api_keys``, when given, are the Bearer keys clients must present (at least one, none blank; a
+    str or an empty set is an error, not an open proxy); ``upstream_api_key``
     is sent upstream instead of the client's key (without it and without ``api_keys`` the client's
     ``Authorization`` is passed on). ``max_choices`` caps ``n``.
     """
     upstream = check_upstream_url(upstream)
+    keys = _check_keys(api_keys)
     if on_unsafe not in GUARD_MODES:
         raise ValueError(f"on_unsafe must be 'finish' or 'error', got {on_unsafe!r}")
     core = moderator or Moderator(gen_guard=CONFIGURED, stream_guard=CONFIGURED, source="openai.proxy")
     guard = OpenAIGuard(core, on_unsafe=GUARD_MODES[on_unsafe], max_choices=max_choices)  # type: ignore[arg-type]
     base = upstream.rstrip("/") + "/"
     client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), limits=httpx.Limits(max_connections=None))
-    keys = [k.encode() for k in api_keys] if api_keys else None
 
     def authorize(request: HTTPRequest) -> None:
         given = request.headers.get("authorization", "")
@@ -203,8 +251,7 @@ def create_app(
         try:
             body = _loads(raw)
         except _DuplicateKey as exc:
-            raise _HTTPError(400, f"request body has the key {exc.key!r} more than once in one object; send each key once",
-                             "duplicate_key") from None
+            raise _HTTPError(400, f"request body has {exc} in one object; send each key once", "duplicate_key") from None
         except (ValueError, RecursionError):
             raise _HTTPError(400, "request body is not valid JSON (or nests too deeply)", "invalid_json") from None
         if not isinstance(body, dict):
@@ -236,6 +283,8 @@ def create_app(
             except UnsafeContentError as exc:
                 log.info("prompt blocked on /v1/%s: %s", _PATHS[endpoint][0], exc.verdict.risk.value)
                 return _HTTPError(400, str(exc), "content_filter", **{METADATA_KEY: note(prompt=exc.decision)}).response()
+            except Exception as exc:  # fail closed, as a JSON error, never a plain-text 500
+                return _guard_failed(exc, _PATHS[endpoint][0])
             headers = _review_header(review_ids(prompt.decision))
             if refusal is not None:
                 if not request.stream:
@@ -283,6 +332,8 @@ def create_app(
         except UnsafeContentError as exc:
             body = note(prompt=prompt, response=exc.decision, index=exc.choice_index)
             return _HTTPError(400, str(exc), "content_filter", **{METADATA_KEY: body}).response()
+        except Exception as exc:  # fail closed, as a JSON error, never a plain-text 500
+            return _guard_failed(exc, _PATHS[request.endpoint][0])
         body = checked.model_extra.get(METADATA_KEY, {}) if checked.model_extra else {}
         decisions = [body.get("response"), *(c.get("response") for c in body.get("choices", ()))]
         ids = review_ids(prompt) + [d["review_id"] for d in decisions if d and d.get("review_id")]
@@ -299,12 +350,14 @@ def create_app(
 
         tail: list[bytes] = []
         buffer = b""
+        got_data = False
         try:
             async for piece in _ended(reply.aiter_bytes()):
                 buffer += piece
                 while not items.done and (match := _SSE_END.search(buffer)) is not None:
                     block, buffer = buffer[: match.end()], buffer[match.end():]
                     data = b"\n".join(line[5:].lstrip() for line in block.splitlines() if line.startswith(b"data:"))
+                    got_data = got_data or bool(data)
                     if data == b"[DONE]":
                         tail.append(block)
                     elif data:
@@ -319,6 +372,9 @@ def create_app(
                             yield out
                 if items.done:
                     break
+            if not got_data:
+                raise MalformedReplyError("the upstream's event stream held no data events (an empty body, or JSON or HTML "
+                                          "sent as text/event-stream)")
             for out in encode(await items.aend()):
                 yield out
             for out in tail or ([b"data: [DONE]\n\n"] if endpoint == "chat" and items.done else []):
@@ -341,10 +397,18 @@ def create_app(
             items.close()
 
     async def models(request: HTTPRequest) -> Response:
-        """``GET /v1/models`` and ``/v1/models/{id}``, passed through (they carry no content to judge)."""
-        path = request.url.path.removeprefix("/v1/")  # as the client sent it: hub ids hold a slash
+        """``GET /v1/models`` and ``/v1/models/{id}``, passed through (they carry no content to judge).
+
+        Only those two: an id is one path segment (the route takes no ``/``, nor a ``%2F``, which arrives
+        decoded), and ``.`` / ``..`` (or ``%2e%2e``) are refused, since the URL sent upstream resolves dot
+        segments: the client's id would reach any upstream path, with the upstream key.
+        """
+        model = request.path_params.get("model")
         try:
+            if model in (".", ".."):
+                raise _HTTPError(404, f"GET {request.url.path}: Not Found", "not_found")
             authorize(request)
+            path = "models" if model is None else "models/" + quote(model, safe="!$&'()*+,;=:@")
             reply = await send(client.build_request("GET", base + path, params=request.query_params,
                                                     headers=upstream_headers(request)), stream=False)
         except _HTTPError as exc:
@@ -376,7 +440,7 @@ def create_app(
         Route("/v1/chat/completions", handler("chat"), methods=["POST"]),
         Route("/v1/responses", handler("responses"), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{model:path}", models, methods=["GET"]),
+        Route("/v1/models/{model}", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
@@ -387,7 +451,7 @@ def _upstream_payload(data: bytes) -> Any:
     try:
         return _loads(data)
     except _DuplicateKey as exc:
-        raise MalformedReplyError(f"the upstream sent a stream event with the key {exc.key!r} twice in one object") from None
+        raise MalformedReplyError(f"the upstream sent a stream event with {exc} in one object") from None
 
 
 def _review_header(ids: list[str]) -> dict[str, str]:
