@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -28,6 +29,8 @@ from .policy import Action, Mode, Policy
 from .types import GuardUnavailableError
 
 EXIT_ALLOWED, EXIT_BLOCKED, EXIT_ERROR = 0, 1, 2
+#: 128 + SIGPIPE: the status a shell reports for a filter whose reader closed the pipe (``yes | head``).
+EXIT_BROKEN_PIPE = 141
 #: What loading a model can raise besides our own errors (bad files, a device torch lacks).
 LOAD_ERRORS = (ValueError, TypeError, GuardUnavailableError, OSError, RuntimeError, ImportError, AssertionError)
 
@@ -162,6 +165,15 @@ def _check(text: str, where: str) -> str | None:
     return None
 
 
+def stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as a Unix filter killed by SIGPIPE.
+
+    stdout is pointed at /dev/null so the interpreter's last flush does not raise again.
+    """
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
+
+
 def _error(message: str) -> int:
     print(f"qwen3guard: error: {message}", file=sys.stderr)
     return EXIT_ERROR
@@ -204,19 +216,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         except LOAD_ERRORS as exc:
             return _error(one_line(exc))
     blocked = failed = False
-    for i, (number, _) in enumerate(texts):
-        line = {"line": number} if args.lines else {}
-        if i in problems:
-            print(json.dumps({**line, "error": problems[i]}))
-            print(f"qwen3guard: error: {problems[i]}", file=sys.stderr)
-            continue
-        verdict = verdicts[i]
-        action = policy.action_for(verdict)
-        blocked |= action is Action.BLOCK
-        print(json.dumps({**line, **verdict.to_dict(), "action": action.value}, ensure_ascii=False))
-        if verdict.error_kind == "unavailable" and action is Action.BLOCK:
-            failed = True
-            print(f"qwen3guard: error: {verdict.error}", file=sys.stderr)
+    try:
+        for i, (number, _) in enumerate(texts):
+            line = {"line": number} if args.lines else {}
+            if i in problems:
+                print(json.dumps({**line, "error": problems[i]}))
+                print(f"qwen3guard: error: {problems[i]}", file=sys.stderr)
+                continue
+            verdict = verdicts[i]
+            action = policy.action_for(verdict)
+            blocked |= action is Action.BLOCK
+            print(json.dumps({**line, **verdict.to_dict(), "action": action.value}, ensure_ascii=False))
+            if verdict.error_kind == "unavailable" and action is Action.BLOCK:
+                failed = True
+                print(f"qwen3guard: error: {verdict.error}", file=sys.stderr)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return stdout_closed()
     if problems or failed:
         return EXIT_ERROR
     return EXIT_BLOCKED if blocked else EXIT_ALLOWED

@@ -40,7 +40,7 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     (GEN_MODEL_ENV, "Gen model: hub id or local directory (local), or the served model name (remote)", DEFAULT_GEN_MODEL),
     (GEN_URL_ENV, "comma-separated vLLM / SGLang base URLs; when set, Gen runs remotely", "unset (local)"),
     (GEN_API_KEY_ENV, "bearer key for the Gen servers (never logged)", "unset"),
-    (GEN_TIMEOUT_ENV, "seconds per request to a Gen server", "30"),
+    (GEN_TIMEOUT_ENV, "seconds per request to a Gen server (at most 3600)", "30"),
     (STREAM_MODEL_ENV, "Stream model: hub id or local directory", DEFAULT_STREAM_MODEL),
     (DEVICE_ENV, "device for local models: cuda, cuda:N, mps or cpu", "best available"),
     (FAIL_OPEN_ENV, "1 lets content through while the guard is unavailable (never what it rejected)", "0 (fail closed)"),
@@ -124,15 +124,27 @@ def check_device(value: str | None, where: str = "device ") -> str | None:
     raise ValueError(f"{where}{value!r} is not one of cpu, mps, cuda, cuda:N")
 
 
+#: The longest request timeout accepted: a guard answer taking longer is an outage, and far larger
+#: values (``inf``, ``1e10``) overflow the socket layer on every call.
+MAX_TIMEOUT_S = 3600.0
+
+
 def positive_seconds(raw: str, name: str) -> float:
-    """A duration setting in seconds (> 0)."""
+    """A request timeout setting in seconds, checked like the argument (see ``check_timeout``)."""
     try:
         value = float(raw)
     except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise ValueError(f"{name}={raw!r} must be a positive number of seconds")
-    return value
+        raise ValueError(f"{name}={raw!r} must be a number of seconds") from None
+    return check_timeout(value, f"{name}={raw!r}")
+
+
+def check_timeout(value: object, what: str = "timeout") -> float:
+    """The one check of a request timeout (seconds, finite, > 0, at most ``MAX_TIMEOUT_S``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, got {type(value).__name__} {value!r}")
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise ValueError(f"{what} must be > 0 and <= {MAX_TIMEOUT_S:g} seconds, got {value!r}")
+    return float(value)
 
 
 def check_holdback_tokens(value: object) -> int:

@@ -18,7 +18,8 @@ No torch here: the gate needs only a session object, so adapters can import it c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 from .config import DEFAULT_CONSECUTIVE, check_holdback_tokens
 from .debounce import Debounce
@@ -58,6 +59,7 @@ class StreamGate:
         self._ends: list[int] = []
         self._blocked = False
         self._finished = False
+        self._interrupted = False
 
     @property
     def prompt_verdict(self) -> Verdict:
@@ -90,27 +92,40 @@ class StreamGate:
         """Feed a delta; return the text that may now be delivered (possibly ``""``)."""
         if not self._accepts(delta):
             return ""
-        return self._absorb(self.session.feed(delta), final=False)
+        with self._judging():
+            tokens = self.session.feed(delta)
+        return self._absorb(tokens, final=False)
 
     async def apush(self, delta: str | bytes) -> str:
         """``push`` for asyncio."""
         if not self._accepts(delta):
             return ""
-        return self._absorb(await self.session.afeed(delta), final=False)
+        with self._judging():
+            tokens = await self.session.afeed(delta)
+        return self._absorb(tokens, final=False)
 
     def finish(self) -> str:
-        """End of the response: the rest of the text if it is not blocked, else ``""``."""
+        """End of the response: the rest of the text if it is not blocked, else ``""``.
+
+        A refused call (a lone surrogate at the end) leaves the gate as it was, so it can be retried.
+        """
+        self._check_interrupted()
         if self._blocked or self._finished:
             return ""
+        with self._judging():
+            tokens = self.session.finish()
         self._finished = True
-        return self._absorb(self.session.finish(), final=True)
+        return self._absorb(tokens, final=True)
 
     async def afinish(self) -> str:
         """``finish`` for asyncio."""
+        self._check_interrupted()
         if self._blocked or self._finished:
             return ""
+        with self._judging():
+            tokens = await self.session.afinish()
         self._finished = True
-        return self._absorb(await self.session.afinish(), final=True)
+        return self._absorb(tokens, final=True)
 
     def close(self) -> None:
         """Free the guard session."""
@@ -129,9 +144,31 @@ class StreamGate:
     def _accepts(self, delta: str | bytes) -> bool:
         if not isinstance(delta, _DELTA_TYPES):
             raise TypeError(f"a response delta must be str or UTF-8 bytes, got {type(delta).__name__}")
+        self._check_interrupted()
         if self._finished:
             raise RuntimeError("the gate is finished")
         return not self._blocked
+
+    @contextmanager
+    def _judging(self) -> Iterator[None]:
+        """Mark the gate unusable when a session call is interrupted (a cancelled ``apush``).
+
+        The session then judges tokens the gate never sees; releasing text past them later
+        would let it out unjudged, so the gate refuses further use instead. A refused input
+        (``Exception``) changes nothing and keeps the gate usable.
+        """
+        try:
+            yield
+        except Exception:
+            raise
+        except BaseException:
+            self._interrupted = True
+            raise
+
+    def _check_interrupted(self) -> None:
+        if self._interrupted:
+            raise RuntimeError("a push or finish on this gate was cancelled before the guard judged its text, so the "
+                               "gate cannot release the rest safely; close it and moderate the response again")
 
     def _absorb(self, tokens: list[TokenVerdict], *, final: bool) -> str:
         for token in tokens:

@@ -67,8 +67,9 @@ class Policy:
       P(Unsafe) >= threshold (otherwise the likelier of Safe / Controversial), so operators can
       trade recall for precision without retraining.
     - ``category_actions``: per-category overrides applied to non-safe verdicts (e.g. allow
-      ``Politically Sensitive Topics``, always block ``Jailbreak``); the strictest matching
-      override wins.
+      ``Politically Sensitive Topics``, always block ``Jailbreak``). A category without an
+      override gets its level's action, and the strictest action of all the verdict's categories
+      wins, so allowing one category never lets another one through.
     - ``actions``: the action for each level; unspecified levels follow ``mode`` (Safe allows,
       Unsafe blocks, Controversial blocks in strict mode and is allowed in loose mode). Set
       ``{RiskLevel.CONTROVERSIAL: Action.FLAG}`` to let it through with the verdict attached, or
@@ -141,10 +142,11 @@ class Policy:
         level = self.model_level(verdict)
         if level is RiskLevel.SAFE:
             return self.actions[RiskLevel.SAFE]
-        overrides = [self.category_actions[c] for c in verdict.categories if c in self.category_actions]
-        if overrides:
-            return max(overrides, key=lambda action: action.rank)
-        return self.actions[level]
+        # Each category gets its override or, without one, the level's action: an override on one
+        # category (allow political topics) must not whitelist another one in the same verdict.
+        level_action = self.actions[level]
+        actions = [self.category_actions.get(c, level_action) for c in verdict.categories] or [level_action]
+        return max(actions, key=lambda action: action.rank)
 
     def blocks(self, verdict: Verdict) -> bool:
         """True when the verdict must stop the content."""

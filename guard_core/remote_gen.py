@@ -8,12 +8,15 @@ answer with the same ``parse_answer`` as the local path; verdicts therefore matc
 backend. When the server returns logprobs, the label token's top alternatives give P(Safe /
 Controversial / Unsafe), as the local one-pass scorer's logits do.
 
-Plain httpx (sync and async) talks to ``/v1/chat/completions`` directly: the request is one small
-JSON body, retries and failover must be under our control rather than a client library's, and
-the core stays free of the ``openai`` package.
+Plain httpx talks to ``/v1/chat/completions`` directly: the request is one small JSON body,
+retries and failover must be under our control rather than a client library's, and the core
+stays free of the ``openai`` package. Requests always run on asyncio, blocking calls on a private
+event loop thread: httpx's ``timeout`` bounds each network read, so a server dripping its answer
+byte by byte would hold a blocking request indefinitely, while a coroutine can be cut at any
+moment (``asyncio.wait_for``).
 
 Failure handling is in ``resilience``: every call is bounded (per-request timeout, attempts,
-optional deadline) and ends in a verdict. A guard that cannot be reached yields
+optional deadline for the whole call) and ends in a verdict. A guard that cannot be reached yields
 ``Verdict(error="guard unavailable: ...")`` with risk Unsafe (fail closed) or Safe when
 constructed with ``fail_open=True``; with a ``Policy``, ``Policy.on_error`` decides either way.
 """
@@ -24,17 +27,18 @@ import asyncio
 import itertools
 import logging
 import math
+import os
 import re
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Coroutine, Iterable, Mapping, Sequence, TypeVar, Union
 from urllib.parse import urlsplit
 
 import httpx
 
+from .config import check_timeout
 from .gen_parser import parse_answer
 from .gen_template import ANSWER_PREFIX, render_pieces
 from .messages import Message, MessageLike, moderation_role, normalize_batch, normalize_messages
@@ -71,6 +75,7 @@ _WORD_JOINER = "\u2060"
 _Outcome = Union[tuple[str, Any], TransientError, PermanentError]
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _UNAVAILABLE_PREFIX = "guard unavailable: "
+_T = TypeVar("_T")
 
 
 class MalformedAnswerError(TransientError):
@@ -218,17 +223,22 @@ class RemoteGenGuard:
 
         ``model`` is the served model name (vLLM's ``--served-model-name``, by default the hub id
         it was started with); None asks the first reachable server's ``/v1/models``. ``timeout``
-        bounds each HTTP request in seconds. ``fail_open`` only changes ``verdict.risk`` for an
-        unreachable guard (Safe instead of Unsafe); a ``Policy`` decides with ``on_error``.
+        bounds each HTTP request in seconds, from sending it to its last byte (at most
+        ``config.MAX_TIMEOUT_S``); ``retry.deadline_s`` bounds the whole call. ``fail_open`` only
+        changes ``verdict.risk`` for an unreachable guard (Safe instead of Unsafe); a ``Policy``
+        decides with ``on_error``.
         """
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        for url in urls:
+            if not isinstance(url, str):
+                raise TypeError(f"base_urls must be a URL string or a list of them, got {type(url).__name__} {url!r}")
         urls = [u for url in urls for u in url.split(",") if u.strip()]
         if not urls:
             raise ValueError("no guard server URL given; pass base_urls=['http://host:8000/v1'] or set QWEN3GUARD_GEN_URL")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
+        timeout = check_timeout(timeout)
+        for name, value in (("max_concurrency", max_concurrency), ("max_new_tokens", max_new_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not 0 <= top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be in 0..20 (the OpenAI API limit), got {top_logprobs!r}")
         self._servers = [_Server(normalize_base_url(u), CircuitBreaker(circuit_failures, circuit_reset_s)) for u in urls]
@@ -245,7 +255,6 @@ class RemoteGenGuard:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._cursor = itertools.count()
         self._lock = threading.Lock()
-        self._client: httpx.Client | None = None
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
             weakref.WeakKeyDictionary())
 
@@ -277,16 +286,11 @@ class RemoteGenGuard:
 
     def moderate(self, messages: Iterable[MessageLike]) -> Verdict:
         """Moderate one conversation: a prompt if the last turn is the user's, else the response."""
-        return self._moderate_one(normalize_messages(messages))
+        return _run_blocking(self._amoderate_one(normalize_messages(messages)))
 
     def moderate_batch(self, conversations: Iterable[Iterable[MessageLike]]) -> list[Verdict]:
         """Moderate many conversations, at most ``max_concurrency`` requests in flight; input order kept."""
-        normalized = normalize_batch(conversations)
-        if len(normalized) <= 1:
-            return [self._moderate_one(m) for m in normalized]
-        workers = min(self.max_concurrency, len(normalized))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwen3guard-remote") as pool:
-            return list(pool.map(self._moderate_one, normalized))
+        return _run_blocking(self._amoderate_many(normalize_batch(conversations)))
 
     async def amoderate(self, messages: Iterable[MessageLike]) -> Verdict:
         """Async ``moderate`` (non-blocking HTTP)."""
@@ -294,21 +298,15 @@ class RemoteGenGuard:
 
     async def amoderate_batch(self, conversations: Iterable[Iterable[MessageLike]]) -> list[Verdict]:
         """Async ``moderate_batch``: concurrent requests, at most ``max_concurrency`` in flight."""
-        normalized = normalize_batch(conversations)
-        limit = asyncio.Semaphore(self.max_concurrency)
-
-        async def one(messages: list[Message]) -> Verdict:
-            async with limit:
-                return await self._amoderate_one(messages)
-
-        return list(await asyncio.gather(*(one(m) for m in normalized)))
+        return await self._amoderate_many(normalize_batch(conversations))
 
     def close(self) -> None:
-        """Close the blocking HTTP client (async clients: ``aclose`` from their event loop)."""
+        """Close the HTTP client of blocking calls (async clients: ``aclose`` from their event loop)."""
+        loop = _blocking_loop(start=False)
         with self._lock:
-            client, self._client = self._client, None
+            client = self._async_clients.pop(loop, None) if loop is not None else None
         if client is not None:
-            client.close()
+            _run_blocking(client.aclose())
 
     async def aclose(self) -> None:
         """Close the HTTP clients of this event loop and the blocking one."""
@@ -330,24 +328,23 @@ class RemoteGenGuard:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _moderate_one(self, messages: list[Message]) -> Verdict:
-        started, start = time.perf_counter(), next(self._cursor)
-        retrying = self.retry.retrying()
-        try:
-            for attempt in retrying:
-                with attempt:
-                    content, logprobs = self._round(messages, start + attempt.retry_state.attempt_number - 1)
-        except (TransientError, PermanentError, CircuitOpenError) as exc:
-            return self._failure(messages, exc, retrying.statistics.get("attempt_number", 1), started)
-        return self._verdict(messages, content, logprobs, started)
+    async def _amoderate_many(self, normalized: list[list[Message]]) -> list[Verdict]:
+        limit = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(messages: list[Message]) -> Verdict:
+            async with limit:
+                return await self._amoderate_one(messages)
+
+        return list(await asyncio.gather(*(one(m) for m in normalized)))
 
     async def _amoderate_one(self, messages: list[Message]) -> Verdict:
         started, start = time.perf_counter(), next(self._cursor)
+        deadline = None if self.retry.deadline_s is None else time.monotonic() + self.retry.deadline_s
         retrying = self.retry.async_retrying()
         try:
             async for attempt in retrying:
                 with attempt:
-                    content, logprobs = await self._around(messages, start + attempt.retry_state.attempt_number - 1)
+                    content, logprobs = await self._around(messages, start + attempt.retry_state.attempt_number - 1, deadline)
         except (TransientError, PermanentError, CircuitOpenError) as exc:
             return self._failure(messages, exc, retrying.statistics.get("attempt_number", 1), started)
         return self._verdict(messages, content, logprobs, started)
@@ -356,32 +353,25 @@ class RemoteGenGuard:
         k = offset % len(self._servers)
         return self._servers[k:] + self._servers[:k]
 
-    def _round(self, messages: list[Message], offset: int) -> tuple[str, Any]:
-        """One attempt: each server in round-robin order until one answers (failover)."""
-        failures = _Round()
-        for server in self._rotation(offset):
-            if not server.breaker.allow():
-                failures.skipped.append(server)
-                continue
-            try:
-                result = self._call(self._sync_client(), server, messages)
-            except httpx.HTTPError as exc:
-                result = _transport_error(exc, self.timeout)
-            if isinstance(result, tuple):
-                server.breaker.record_success()
-                return result
-            self._settle(server, result, failures)
-        raise failures.outcome()
+    async def _around(self, messages: list[Message], offset: int, deadline: float | None) -> tuple[str, Any]:
+        """One attempt: each server in round-robin order until one answers (failover).
 
-    async def _around(self, messages: list[Message], offset: int) -> tuple[str, Any]:
-        """Async twin of ``_round``."""
+        Each request gets ``timeout`` seconds, cut to what is left of the call's ``deadline``.
+        """
         failures = _Round()
         for server in self._rotation(offset):
+            budget = self.timeout if deadline is None else min(self.timeout, deadline - time.monotonic())
+            if budget <= 0:
+                failures.fail(server, TransientError(f"not tried: the call's deadline_s={self.retry.deadline_s:g} had passed"))
+                break
             if not server.breaker.allow():
                 failures.skipped.append(server)
                 continue
             try:
-                result = await self._acall(self._async_client(), server, messages)
+                result = await asyncio.wait_for(self._acall(self._async_client(), server, messages), budget)
+            except asyncio.TimeoutError:
+                limit = f"the {self.timeout:g}s timeout" if budget >= self.timeout else f"deadline_s={self.retry.deadline_s:g}"
+                result = TransientError(f"no complete answer within {limit}")
             except httpx.HTTPError as exc:
                 result = _transport_error(exc, self.timeout)
             if isinstance(result, tuple):
@@ -442,19 +432,17 @@ class RemoteGenGuard:
             return PermanentError(
                 f"HTTP 404: {detail} (model {self._model!r}: set model= or QWEN3GUARD_GEN_MODEL to the server's "
                 "--served-model-name, and make sure the URL ends in /v1)")
+        if 300 <= status < 400:
+            target = response.headers.get("Location", "elsewhere")
+            return PermanentError(f"HTTP {status}: the guard URL redirects to {target} (redirects are not followed; "
+                                  "set the server's own URL in base_urls= or QWEN3GUARD_GEN_URL)")
+        if status >= 500:
+            return PermanentError(f"HTTP {status}: {detail} (the server cannot serve chat completions here; is the URL "
+                                  "an OpenAI-compatible vLLM / SGLang server's /v1?)")
         return RejectedError(f"the server rejected the conversation, HTTP {status}: {detail}")
 
-    def _call(self, client: httpx.Client, server: _Server, messages: list[Message]) -> _Outcome:
-        """One HTTP exchange with one server (plus model discovery the first time)."""
-        if self._model is None:
-            found = self._read_models(client.get(server.models_url))
-            if not isinstance(found, str):
-                return found
-            self._set_model(server, found)
-        return self._read(client.post(server.completions_url, json=self._body(messages)))
-
     async def _acall(self, client: httpx.AsyncClient, server: _Server, messages: list[Message]) -> _Outcome:
-        """Async twin of ``_call``."""
+        """One HTTP exchange with one server (plus model discovery the first time)."""
         if self._model is None:
             found = self._read_models(await client.get(server.models_url))
             if not isinstance(found, str):
@@ -476,12 +464,6 @@ class RemoteGenGuard:
             if self._model is None:
                 self._model = name
                 logger.info("guard server %s serves %r; using it", server.base_url, name)
-
-    def _sync_client(self) -> httpx.Client:
-        with self._lock:
-            if self._client is None:
-                self._client = httpx.Client(headers=self._headers, timeout=self.timeout, limits=self._limits())
-            return self._client
 
     def _async_client(self) -> httpx.AsyncClient:
         """This event loop's client (httpx async pools are bound to the loop that created them)."""
@@ -523,6 +505,31 @@ class RemoteGenGuard:
             risk = RiskLevel.SAFE if self.fail_open else RiskLevel.UNSAFE
         logger.error("no moderation verdict (%s): %s", "fail open" if risk is RiskLevel.SAFE else "fail closed", message)
         return Verdict(risk, role=role, model=self.model_id, elapsed_s=elapsed, error=message, error_kind=kind)  # type: ignore[arg-type]
+
+
+_blocking_lock = threading.Lock()
+_blocking: tuple[int, asyncio.AbstractEventLoop] | None = None
+
+
+def _blocking_loop(*, start: bool = True) -> asyncio.AbstractEventLoop | None:
+    """The event loop blocking calls run on: a daemon thread's, started on first use and again
+    in a forked child (whose copy of the thread is gone); None if not started and ``start`` is False."""
+    global _blocking
+    with _blocking_lock:
+        if _blocking is None or _blocking[0] != os.getpid():
+            if not start:
+                return None
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="qwen3guard-remote", daemon=True).start()
+            _blocking = (os.getpid(), loop)
+        return _blocking[1]
+
+
+def _run_blocking(work: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``work`` on the blocking calls' event loop and wait for its result in this thread."""
+    loop = _blocking_loop()
+    assert loop is not None
+    return asyncio.run_coroutine_threadsafe(work, loop).result()
 
 
 def _transport_error(exc: httpx.HTTPError, timeout: float) -> TransientError | PermanentError:

@@ -16,6 +16,7 @@ or an exception the adapter did not expect. The pieces here are small and backen
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -72,9 +73,11 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
         return None
     text = value.strip()
     try:
-        return max(float(text), 0.0)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        return max(seconds, 0.0) if math.isfinite(seconds) else None  # "nan" / "inf" are no delay
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
@@ -108,9 +111,10 @@ class RetryPolicy:
     - ``backoff_s`` / ``max_backoff_s``: the wait before retry ``n`` is uniform in
       ``[0, min(max_backoff_s, backoff_s * 2**n)]`` (exponential backoff, full jitter).
     - ``max_retry_after_s``: a server's ``Retry-After`` is honoured up to this many seconds.
-    - ``deadline_s``: no new attempt starts once it would begin after this many seconds from
-      the first one (None: bounded by ``max_attempts`` only). An attempt in flight is bounded by
-      the backend's per-request timeout.
+    - ``deadline_s``: the whole call, attempts and waits included, ends within this many
+      seconds: no new attempt starts once it would begin after it, and a request in flight is
+      abandoned when it passes, ending the call as a timeout (None: bounded by ``max_attempts``
+      and the backend's per-request timeout only).
     """
 
     max_attempts: int = 3
@@ -120,13 +124,14 @@ class RetryPolicy:
     deadline_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts!r}")
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"max_attempts must be an int >= 1, got {attempts!r}")
         for name in ("backoff_s", "max_backoff_s", "max_retry_after_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.deadline_s is not None and self.deadline_s <= 0:
-            raise ValueError(f"deadline_s must be > 0 or None, got {self.deadline_s!r}")
+            if not _finite_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {getattr(self, name)!r}")
+        if self.deadline_s is not None and (not _finite_number(self.deadline_s) or self.deadline_s <= 0):
+            raise ValueError(f"deadline_s must be a finite number of seconds > 0 or None, got {self.deadline_s!r}")
 
     def _stop(self) -> stop_base:
         stop: stop_base = stop_after_attempt(self.max_attempts)
@@ -147,6 +152,11 @@ class RetryPolicy:
         """The same loop for coroutines (sleeps with asyncio, never blocking the event loop)."""
         return AsyncRetrying(stop=self._stop(), wait=self._wait(), retry=retry_if_exception_type(TransientError),
                              before_sleep=_log_retry, reraise=True)
+
+
+def _finite_number(value: object) -> bool:
+    """A real number that a sleep or a clock can use (NaN and infinity pass ``< 0`` checks, then crash ``sleep``)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _log_retry(retry_state: RetryCallState) -> None:

@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Mapping, Set as AbstractSet
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -331,7 +332,8 @@ class StreamSession:
     def _submit_ids(self, ids: Sequence[int]) -> tuple[int, int, Ticket | None]:
         with self._lock:
             self._check_open(ids_mode=True)
-            if isinstance(ids, (str, bytes, bytearray)) or not hasattr(ids, "__iter__"):
+            # A dict iterates its keys, a set in no order: neither is a sequence of ids, so both are refused like a str.
+            if isinstance(ids, (str, bytes, bytearray, Mapping, AbstractSet)) or not hasattr(ids, "__iter__"):
                 raise TypeError(f"feed_ids takes a sequence of token ids, got {type(ids).__name__}")
             ids = list(ids)
             pieces = self.guard.tokens.text_token_bytes(ids)

@@ -79,6 +79,19 @@ def test_bad_lines_get_one_error_line_each_and_the_others_are_judged(gen_dir: Pa
     assert b"Traceback" not in result.stderr
 
 
+def test_a_reader_that_closes_the_pipe_ends_the_program_quietly(gen_dir: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `qwen3guard --lines | head -1` once head has exited
+    try:
+        result = subprocess.run([sys.executable, "-m", "guard_core", "--model", str(gen_dir), "--lines"],
+                                input=f"{SAFE_PROMPT}\n{UNSAFE_PROMPT}\n".encode(), stdout=write_end, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300, cwd=ROOT, check=False)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr  # 128 + SIGPIPE, what `yes | head` reports for yes
+    assert b"Traceback" not in result.stderr and b"BrokenPipe" not in result.stderr
+
+
 def test_the_environment_chooses_a_remote_guard_and_fail_open(gen_dir: Path, monkeypatch) -> None:
     from gen_server import GenServer, load_gen_model, unused_url
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llama_index.core import Document, MockEmbedding, VectorStoreIndex
+from llama_index.core import Document, MockEmbedding, VectorStoreIndex, get_response_synthesizer
 from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_completion_callback
@@ -18,7 +18,8 @@ from llama_index.core.llms.mock import MockLLM
 from llama_index.core.schema import ImageNode, MediaResource, MetadataMode, Node, NodeWithScore, QueryBundle, TextNode
 from pydantic import PrivateAttr
 
-from guard_core import CONFIGURED, Action, Category, GenGuard, GuardViolation, Moderator, Policy, RiskLevel
+from guard_core import CONFIGURED, Action, Category, GenGuard, GuardViolation, Moderator, Policy, RiskLevel, StreamGuard
+from guard_core.testing import PLANTED_UNSAFE_PROMPT
 from guard_core.testing.cases import (
     JAILBREAK_PROMPT,
     REFUSAL_ANSWER,
@@ -134,6 +135,21 @@ def test_redaction_keeps_order_scores_and_leaves_the_docstore_alone(gen_guard: G
     }
     assert out[3].node.get_content(metadata_mode=MetadataMode.LLM) == DEFAULT_REDACTION_NOTICE
     assert texts_of(nodes) == CORPUS and all(not n.node.metadata for n in nodes)
+
+
+def test_redaction_removes_the_blocked_metadata_the_llm_would_read(stream_guard: StreamGuard) -> None:
+    node = TextNode(text=FRANCE, metadata={"source_note": PLANTED_UNSAFE_PROMPT, "file_name": "notes.txt"},
+                    excluded_llm_metadata_keys=["file_name"])
+    post = QwenGuardNodePostprocessor(moderator=Moderator(stream_guard=stream_guard), blocked_nodes="redact")
+
+    out = post.postprocess_nodes([NodeWithScore(node=node, score=0.5)], query_str=FRANCE)
+
+    assert out[0].node.metadata["qwen3guard"]["action"] == "block"
+    assert out[0].node.get_content(metadata_mode=MetadataMode.LLM) == DEFAULT_REDACTION_NOTICE
+    assert out[0].node.metadata["file_name"] == "notes.txt"  # not shown to the LLM, so not judged, and kept
+    echoed = str(get_response_synthesizer(llm=MockLLM(), response_mode="compact").synthesize(FRANCE, nodes=out))
+    assert DEFAULT_REDACTION_NOTICE in echoed and PLANTED_UNSAFE_PROMPT not in echoed
+    assert node.metadata["source_note"] == PLANTED_UNSAFE_PROMPT  # the retrieved node itself is untouched
 
 
 async def test_flag_policy_annotates_without_leaking_into_the_llm_prompt(

@@ -50,6 +50,15 @@ def test_category_overrides_win_and_the_strictest_applies() -> None:
     assert Policy.loose().with_overrides(category_actions={Category.PII: "block"}).blocks(verdict(RiskLevel.CONTROVERSIAL, Category.PII))
 
 
+def test_an_override_on_one_category_does_not_let_another_category_through() -> None:
+    violent_and_political = verdict(RiskLevel.UNSAFE, Category.VIOLENT, Category.POLITICALLY_SENSITIVE)
+    assert Policy(category_actions={Category.POLITICALLY_SENSITIVE: Action.ALLOW}).blocks(violent_and_political)
+    flag_politics = Policy(actions={RiskLevel.UNSAFE: Action.BLOCK}, category_actions={Category.POLITICALLY_SENSITIVE: Action.FLAG})
+    assert flag_politics.action_for(violent_and_political) is Action.BLOCK
+    review_politics = Policy(mode="loose", category_actions={Category.POLITICALLY_SENSITIVE: Action.REVIEW})
+    assert review_politics.action_for(verdict(RiskLevel.CONTROVERSIAL, Category.PII, Category.POLITICALLY_SENSITIVE)) is Action.REVIEW
+
+
 def test_errors_fail_closed_by_default_and_open_only_for_an_unavailable_guard() -> None:
     down = verdict(RiskLevel.UNSAFE, error="guard unavailable: connection refused", error_kind="unavailable")
     assert Policy().blocks(down)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
 import pytest
@@ -137,6 +140,95 @@ def test_retry_after_is_honoured(server, caplog: pytest.LogCaptureFixture) -> No
     assert verdict.error is None and len(server.requests) == 2
     retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert len(retries) == 1 and "retrying in 1.00s" in retries[0], "waited as long as the server asked, not the 10ms backoff"
+
+
+async def test_an_unreadable_retry_after_falls_back_to_the_backoff(server) -> None:
+    server.fail_next(2, "429", retry_after="nan")
+    with remote(server.base_url) as guard:
+        verdict = guard.moderate(SAFE)  # a blocking sleep(nan) used to raise ValueError here
+    assert verdict.error is None and verdict.risk is RiskLevel.SAFE and len(server.requests) == 3
+    server.fail_next(1, "429", retry_after="nan")
+    async with remote(server.base_url) as guard:
+        verdict = await guard.amoderate(SAFE)
+    assert verdict.error is None and len(server.requests) == 5
+
+
+SAFE_ANSWER = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "Safety: Safe\nCategories: None"}}]})
+
+
+@contextmanager
+def scripted_server(status: int = 200, body: str = SAFE_ANSWER, headers: dict[str, str] | None = None,
+                    drip_s: float = 0.0) -> Iterator[tuple[str, list[str], threading.Event]]:
+    """A real HTTP server on 127.0.0.1 giving every request the same reply, a byte every ``drip_s`` when set.
+
+    Yields its base URL, the request paths in arrival order and an event set once a reply was sent whole.
+    """
+    paths: list[str] = []
+    sent_whole = threading.Event()
+    data = body.encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            paths.append(self.path)
+            self.send_response(status)
+            for name, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            try:
+                for chunk in [data[i:i + 1] for i in range(len(data))] if drip_s else [data]:
+                    self.wfile.write(chunk)
+                    time.sleep(drip_s)
+            except OSError:  # the client gave up and closed the connection
+                return
+            sent_whole.set()
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", paths, sent_whole
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_a_server_dripping_its_answer_is_cut_at_the_timeout(asynchronous: bool) -> None:
+    with scripted_server(drip_s=0.05) as (url, paths, sent_whole):  # the whole answer takes about 5 s
+        guard = remote(url, timeout=0.5, retry=RetryPolicy(max_attempts=1))
+        verdict = await guard.amoderate(SAFE) if asynchronous else guard.moderate(SAFE)
+        assert not sent_whole.is_set(), "the verdict came while the server was still sending: the request was cut"
+    assert verdict.risk is RiskLevel.UNSAFE and verdict.error_kind == "unavailable"
+    assert "no complete answer within the 0.5s timeout" in verdict.error and len(paths) == 1
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_deadline_s_bounds_the_whole_call_and_fails_closed(asynchronous: bool) -> None:
+    with scripted_server(drip_s=0.05) as (url, paths, sent_whole):
+        guard = remote(url, timeout=60, retry=RetryPolicy(max_attempts=5, backoff_s=0.01, deadline_s=0.5))
+        verdict = await guard.amoderate(SAFE) if asynchronous else guard.moderate(SAFE)
+        assert not sent_whole.is_set()
+    assert verdict.risk is RiskLevel.UNSAFE and verdict.error_kind == "unavailable" and Policy().blocks(verdict)
+    assert "no complete answer within deadline_s=0.5" in verdict.error and len(paths) == 1, "no attempt after the deadline"
+
+
+@pytest.mark.parametrize(("status", "headers", "says"), [
+    (301, {"Location": "https://guard.example/v1/chat/completions"}, "redirects to https://guard.example/v1/chat/completions"),
+    (307, {}, "HTTP 307: the guard URL redirects"),
+    (501, {}, "HTTP 501: not here (the server cannot serve chat completions here"),
+])
+def test_a_redirect_or_a_server_that_cannot_serve_is_a_configuration_error(status: int, headers: dict, says: str) -> None:
+    with scripted_server(status, json.dumps({"error": {"message": "not here"}}), headers) as (url, paths, _):
+        verdict = remote(url, fail_open=True).moderate(SAFE)
+    assert verdict.error_kind == "unavailable" and says in verdict.error and "rejected" not in verdict.error
+    assert verdict.risk is RiskLevel.SAFE and len(paths) == 1, "not retried, and fail-open applies as to any outage"
 
 
 def test_a_hang_past_the_timeout_is_abandoned_and_retried(server) -> None:

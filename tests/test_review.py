@@ -346,7 +346,8 @@ def test_urls_map_to_supported_drivers_and_refuse_the_rest(tmp_path: Path) -> No
     assert database_url("postgresql://u:pw@db/review").drivername == "postgresql+psycopg"
     assert database_url("postgres://u@db/review").drivername == "postgresql+psycopg"
     assert database_url(str(tmp_path / "q.db")).database == str(tmp_path / "q.db")
-    for bad, reason in (("sqlite://", "in-memory"), ("sqlite:///:memory:", "in-memory"), ("mysql://u@db/x", "not supported"),
+    for bad, reason in (("sqlite://", "in-memory"), ("sqlite:///:memory:", "in-memory"), (":memory:", "in-memory"),
+                        (Path(":memory:"), "in-memory"), ("mysql://u@db/x", "not supported"),
                         ("", "empty"), ("postgresql://u@db:notaport/x", "malformed")):
         with pytest.raises(ValueError, match=reason):
             ReviewQueue(bad)

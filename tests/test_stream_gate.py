@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import subprocess
 import sys
@@ -123,6 +124,35 @@ async def test_async_gate() -> None:
     released += await gate.afinish()
     await gate.aclose()
     assert released == PLANTED_SAFE_TEXT and gate.session.closed
+
+
+async def test_a_cancelled_push_makes_the_gate_refuse_further_use() -> None:
+    gate = await stream_guard("planted").agate(USER)
+    released = await gate.apush("Fix the leaking tap")
+    push = asyncio.ensure_future(gate.apush(PLANTED_UNSAFE_TEXT + " now, then"))
+    await asyncio.sleep(0)  # the delta reaches the guard, then the caller gives up (asyncio.wait_for timing out)
+    push.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await push
+    for call in (lambda: gate.apush(" wipe the floor."), gate.afinish):
+        with pytest.raises(RuntimeError, match="cancelled before the guard judged its text"):
+            await call()
+    with pytest.raises(RuntimeError, match="cancelled before the guard judged its text"):
+        gate.finish()
+    assert released == gate.delivered and "bomb" not in gate.delivered
+    await gate.aclose()
+
+
+async def test_a_refused_finish_changes_nothing_and_can_be_made_again() -> None:
+    guard = stream_guard("planted")
+    for asynchronous in (False, True):
+        with guard.gate(USER) as gate:
+            released = gate.push("Fix the tap, then enjoy \ud83d")
+            finish = gate.afinish if asynchronous else gate.finish
+            with pytest.raises(ValueError, match="the lone half was dropped, make this call again"):
+                await finish() if asynchronous else finish()
+            released += await finish() if asynchronous else finish()
+            assert released == "Fix the tap, then enjoy " == gate.delivered and not gate.blocked
 
 
 def test_gate_imports_without_torch_and_guard_gate_is_typed() -> None:

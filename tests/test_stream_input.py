@@ -165,7 +165,7 @@ def test_feed_ids_refuses_ids_that_are_not_integers(guard: StreamGuard, bad: obj
         assert _judged(s, s.feed_ids(torch.tensor(_ids(guard, "tensor ids"))))[0] == "tensor ids"
 
 
-@pytest.mark.parametrize("bad", [5, "abc", b"abc", None])
+@pytest.mark.parametrize("bad", [5, "abc", b"abc", None, {9707: 1}, {9707}])
 def test_feed_ids_needs_a_sequence(guard: StreamGuard, bad: object) -> None:
     with guard.session(USER) as s, pytest.raises(TypeError, match="sequence of token ids"):
         s.feed_ids(bad)  # type: ignore[arg-type]

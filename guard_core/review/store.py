@@ -107,14 +107,14 @@ def database_url(value: str | os.PathLike[str] | None) -> URL:
     a shared queue) raise ``ValueError``.
     """
     if value is None or isinstance(value, os.PathLike):
-        return URL.create("sqlite", database=str(Path(value or default_database_path()).expanduser()))
+        return _sqlite_path(Path(value or default_database_path()))
     if not isinstance(value, str):
         raise TypeError(f"review database must be a URL or a file path, got {type(value).__name__}")
     text = value.strip()
     if not text:
         raise ValueError("review database is empty; pass a file path or a sqlite:/// or postgresql:// URL")
     if "://" not in text:
-        return URL.create("sqlite", database=str(Path(text).expanduser()))
+        return _sqlite_path(Path(text))
     try:
         url = sa.make_url(text)
     except (sa.exc.ArgumentError, ValueError) as exc:
@@ -123,9 +123,19 @@ def database_url(value: str | os.PathLike[str] | None) -> URL:
         return url.set(drivername=_POSTGRES_DRIVERS[url.drivername])
     if url.drivername in _SQLITE_DRIVERS:
         if not url.database or url.database == ":memory:" or url.query.get("mode") == "memory":
-            raise ValueError("an in-memory SQLite review queue is private to one connection; use a file path")
+            raise ValueError(_IN_MEMORY)
         return url
     raise ValueError(f"review database {url.drivername!r} is not supported; use a SQLite file or postgresql://")
+
+
+_IN_MEMORY = "an in-memory SQLite review queue is private to one connection; use a file path"
+
+
+def _sqlite_path(path: Path) -> URL:
+    """The URL of a SQLite file; SQLite reads the name ``:memory:`` as an in-memory database, refused."""
+    if str(path) == ":memory:":
+        raise ValueError(_IN_MEMORY)
+    return URL.create("sqlite", database=str(path.expanduser()))
 
 
 def sqlite_file(url: URL) -> Path | None:

@@ -42,8 +42,9 @@ class QwenGuardNodePostprocessor(BaseNodePostprocessor):
     ``guard`` is the Gen guard in any form ``guard_core`` accepts, or pass a shared ``moderator``.
     Per node: ``ALLOW`` keeps it; ``FLAG`` / ``REVIEW`` keep a copy with ``Decision.to_dict()`` in
     ``metadata["qwen3guard"]`` (hidden from the LLM and embedder); ``BLOCK`` drops it or, with
-    ``blocked_nodes="redact"``, replaces its text. Order and scores are kept, the docstore is never
-    modified. A blocked query raises ``GuardViolation`` or, with ``blocked_query="empty"``, yields no nodes.
+    ``blocked_nodes="redact"``, replaces its text and removes the metadata judged with it. Order and
+    scores are kept, the docstore is never modified. A blocked query raises ``GuardViolation`` or,
+    with ``blocked_query="empty"``, yields no nodes.
     """
 
     blocked_nodes: Literal["drop", "redact"] = Field(default="drop", description="What happens to a node the policy blocks.")
@@ -117,10 +118,21 @@ class QwenGuardNodePostprocessor(BaseNodePostprocessor):
         if decision.blocked and self.blocked_nodes == "drop":
             return None
         node = item.node.model_copy(deep=True)
+        if decision.blocked:
+            # The blocked content was the text plus the metadata the moderated view shows: the notice
+            # replaces both, or the synthesizer would still read the blocked metadata values.
+            for key in self._judged_metadata_keys(node):
+                del node.metadata[key]
+            node.set_content(self.redaction_notice)
         node.metadata[METADATA_KEY] = decision.to_dict()
         for excluded in (node.excluded_llm_metadata_keys, node.excluded_embed_metadata_keys):
             if METADATA_KEY not in excluded:
                 excluded.append(METADATA_KEY)
-        if decision.blocked:
-            node.set_content(self.redaction_notice)
         return NodeWithScore(node=node, score=item.score)
+
+    def _judged_metadata_keys(self, node: Any) -> list[str]:
+        """The metadata keys ``get_content(self.metadata_mode)`` shows, i.e. the ones judged with the text."""
+        if self.metadata_mode == MetadataMode.NONE:
+            return []
+        hidden = {MetadataMode.LLM: node.excluded_llm_metadata_keys, MetadataMode.EMBED: node.excluded_embed_metadata_keys}
+        return [key for key in node.metadata if key not in hidden.get(self.metadata_mode, ())]
