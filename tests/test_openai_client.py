@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import threading
+import time
 from typing import Any
 
 import httpx2
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
+from openai.types.chat import ParsedChatCompletion
+from openai.types.chat.parsed_chat_completion import ParsedChatCompletionMessage
 from openai_fake_upstream import (
     SAFE_PIECES,
     TAIL,
@@ -443,3 +449,135 @@ def test_responses_parse_refusals_stay_parsed_responses(upstream, bare, guard):
     parsed = bare.responses.parse(model="fake-model", input=PLANTED_SAFE_PROMPT, text_format=Answer)
     cut = chunks.refused_response(parsed, DEFAULT_REFUSAL, {})
     assert type(cut) is type(parsed) and cut.output_parsed is None and cut.output_text == DEFAULT_REFUSAL
+
+
+#: What a guarded client refuses because it would move text past the guard, by the name the error gives.
+BYPASSES = {
+    "responses.connect": lambda c: c.responses.connect(),
+    "beta.responses.connect": lambda c: c.beta.responses.connect(),
+    "responses.cancel": lambda c: c.responses.cancel("resp_1"),
+    "beta.responses.cancel": lambda c: c.beta.responses.cancel("resp_1"),
+    "responses.compact": lambda c: c.responses.compact(model="fake-model", input=UNSAFE_PROMPT),
+    "responses.input_items.list": lambda c: c.responses.input_items.list("resp_1"),
+    "responses.input_tokens.count": lambda c: c.responses.input_tokens.count(input=UNSAFE_PROMPT),
+    "beta.responses.input_tokens.count": lambda c: c.beta.responses.input_tokens.count(input=UNSAFE_PROMPT),
+    "chat.completions.retrieve": lambda c: c.chat.completions.retrieve("chatcmpl-1"),
+    "chat.completions.list": lambda c: c.chat.completions.list(),
+    "chat.completions.update": lambda c: c.chat.completions.update("chatcmpl-1", metadata={}),
+    "chat.completions.messages.list": lambda c: c.chat.completions.messages.list("chatcmpl-1"),
+    "completions.create": lambda c: c.completions.create(model="fake-model", prompt=UNSAFE_PROMPT),
+    "realtime.connect": lambda c: c.realtime.connect(model="fake-model"),
+    "beta.realtime.connect": lambda c: c.beta.realtime.connect(model="fake-model"),
+    "conversations.create": lambda c: c.conversations.create(items=[{"role": "user", "content": UNSAFE_PROMPT}]),
+    "conversations.items.create": lambda c: c.conversations.items.create("conv_1", items=[{"role": "user", "content": UNSAFE_PROMPT}]),
+    "conversations.items.list": lambda c: c.conversations.items.list("conv_1"),
+    "conversations.items.retrieve": lambda c: c.conversations.items.retrieve("item_1", conversation_id="conv_1"),
+}
+
+
+@pytest.mark.parametrize("name", BYPASSES)
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_methods_that_would_bypass_the_guard_refuse_and_say_what_to_use(upstream, bare, abare, guard, name, is_async):
+    before = len(upstream.exchanges)
+    with pytest.raises(NotImplementedError, match=rf"^{re.escape(name)}\(\) .*the unguarded client"):
+        BYPASSES[name](guard(abare if is_async else bare))
+    assert len(upstream.exchanges) == before
+
+
+class _Meddling:
+    """The test Gen guard, but while it judges a prompt ``meddle`` runs: the caller's request changes meanwhile."""
+
+    def __init__(self, guard: Any, meddle: Any) -> None:
+        self.guard, self.meddle, self.model_id = guard, meddle, guard.model_id
+
+    def moderate(self, messages: Any) -> Any:
+        self.meddle()
+        return self.guard.moderate(messages)
+
+    async def amoderate(self, messages: Any) -> Any:
+        self.meddle()
+        return await self.guard.amoderate(messages)
+
+    def moderate_batch(self, conversations: Any) -> Any:
+        return self.guard.moderate_batch(conversations)
+
+    async def amoderate_batch(self, conversations: Any) -> Any:
+        return await self.guard.amoderate_batch(conversations)
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_upstream_gets_the_request_that_was_judged_even_if_the_caller_changes_it_meanwhile(
+        upstream, bare, abare, stream_guard, gen_guard, is_async):
+    history = [{"role": "user", "content": SAFE_PROMPT}]
+
+    def meddle() -> None:  # a shared chat history, changed by another task or thread while the guard judges
+        history[0]["content"] = UNSAFE_PROMPT
+        history.append({"role": "user", "content": UNSAFE_PROMPT})
+
+    client = guard_openai(abare if is_async else bare, stream_guard=stream_guard, gen_guard=_Meddling(gen_guard, meddle))
+    upstream.push(Script(body=chat_completion([SAFE_ANSWER])))
+    call = client.chat.completions.create(model="fake-model", messages=history)
+    completion = await call if is_async else call
+    assert completion.qwen3guard["prompt"]["risk"] == "Safe"
+    assert upstream.exchanges[-1].body["messages"] == [{"role": "user", "content": SAFE_PROMPT}]
+
+
+def test_close_from_another_thread_stops_the_reader_as_on_the_bare_client(upstream, bare, guard):
+    upstream.push(Script(events=chat_events(SAFE_PIECES + TAIL), delay_s=0.005))
+    stream = stream_chat(guard(bare))
+    errors: list[Exception] = []
+
+    def read() -> None:
+        try:
+            for _ in stream:
+                pass
+        except Exception as exc:  # what the reader sees is compared below
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    while reader.is_alive() and not stream._iterator.gi_running:  # until the reader waits inside the stream
+        time.sleep(0.001)
+    stream.close()  # a "stop" button: must not fail because the stream is being read right now
+    reader.join(10)
+    assert not reader.is_alive()
+    assert all(isinstance(e, openai.APIConnectionError) for e in errors), errors  # as the bare client's reader
+    exchange = upstream.exchanges[-1]
+    assert upstream.wait_closed(exchange) and exchange.disconnected and not exchange.completed
+    assert gates_closed(stream)
+
+
+async def test_close_from_another_task_stops_the_reader_as_on_the_bare_client(upstream, abare, guard):
+    upstream.push(Script(events=chat_events(SAFE_PIECES + TAIL), delay_s=0.005))
+    stream = await guard(abare).chat.completions.create(model="fake-model", messages=USER, stream=True)
+    started = asyncio.Event()
+
+    async def read() -> None:
+        async for _ in stream:
+            started.set()
+
+    reader = asyncio.create_task(read())
+    await started.wait()  # the reader now waits inside the stream
+    await stream.close()
+    (outcome,) = await asyncio.gather(asyncio.wait_for(reader, 10), return_exceptions=True)
+    assert outcome is None or isinstance(outcome, openai.APIConnectionError), outcome
+    exchange = upstream.exchanges[-1]
+    assert upstream.wait_closed(exchange) and exchange.disconnected and not exchange.completed
+    assert gates_closed(stream)
+
+
+def test_parse_answers_a_blocked_prompt_with_a_parsed_completion(upstream, bare, guard):
+    before = len(upstream.exchanges)
+    refused = guard(bare, on_unsafe="rewrite").chat.completions.parse(model="fake-model", messages=UNSAFE_USER)
+    assert isinstance(refused, ParsedChatCompletion)
+    message = refused.choices[0].message
+    assert isinstance(message, ParsedChatCompletionMessage) and message.parsed is None
+    assert message.content == DEFAULT_REFUSAL and refused.choices[0].finish_reason == "content_filter"
+    assert len(upstream.exchanges) == before
+
+
+def test_closing_the_guarded_client_closes_the_original_as_with_options_copies_do(upstream, bare, guard):
+    upstream.push(Script(body=chat_completion([SAFE_ANSWER])))
+    with guard(bare) as client:
+        client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": SAFE_PROMPT}])
+    assert client.is_closed() and bare.is_closed()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from openai._models import construct_type
-from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage, ParsedChatCompletion
 from openai.types.chat.chat_completion import Choice as CompletionChoice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
@@ -199,12 +199,13 @@ def refused_choice(choice: CompletionChoice, text: str) -> CompletionChoice:
 def refusal_completion(model: str, text: str, note: dict[str, Any], n: int = 1, *, parsed: bool = False) -> ChatCompletion:
     """The answer to a blocked prompt in ``rewrite`` mode: a completion that never reached upstream.
 
-    ``parsed`` adds ``message.parsed = None``, as ``chat.completions.parse`` callers read it.
+    ``parsed`` makes it the ``ParsedChatCompletion`` that ``chat.completions.parse`` returns, with
+    ``message.parsed = None`` (as a refused answer from upstream is).
     """
-    message: dict[str, Any] = {"role": "assistant", "content": text, **({"parsed": None} if parsed else {})}
-    choices = [{"index": i, "finish_reason": CONTENT_FILTER, "message": message} for i in range(n)]
-    return ChatCompletion.model_validate({"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
-                                          "model": model, "choices": choices, METADATA_KEY: note})
+    choices = [{"index": i, "finish_reason": CONTENT_FILTER, "message": {"role": "assistant", "content": text}} for i in range(n)]
+    kind = ParsedChatCompletion if parsed else ChatCompletion
+    return kind.model_validate({"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+                                "model": model, "choices": choices, METADATA_KEY: note})
 
 
 def prompt_refusal_chunks(model: str, text: str, note: dict[str, Any], n: int = 1) -> list[ChatCompletionChunk]:

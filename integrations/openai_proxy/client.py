@@ -5,9 +5,11 @@ The wrapped client is a copy of the given one whose class is a subclass of the o
 guard does not touch, and ``with_options()`` / ``copy()`` (which rebuild through ``__class__``)
 keep working, the latter keeping the guard. Only ``create`` and ``parse`` of ``chat.completions``
 and ``responses`` (and their ``beta`` twins) are replaced (openai's ``stream()`` helpers call
-``create``); their raw-response wrappers and ``responses.retrieve`` refuse to run, since they hand
-back bytes or stored answers the guard cannot judge. Each call is one flow
-(``exchange``) run blocking or awaited, so the sync and async clients decide identically.
+``create``). Their raw-response wrappers, and every other method there that would move text past
+the guard (``_REFUSED``: stored answers and items, ``responses`` / ``realtime`` ``connect`` over a
+WebSocket, the legacy ``completions.create``), refuse to run. Each call is one flow (``exchange``)
+over a snapshot of the arguments, run blocking or awaited, so the sync and async clients decide
+identically.
 
 Streams come back as ``GuardedStream`` / ``AsyncGuardedStream``, subclasses of openai's
 ``Stream`` / ``AsyncStream`` in the same style: a generator over the upstream stream through the
@@ -16,6 +18,7 @@ guard (``streaming``) that always closes the upstream response and the guard ses
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,10 +29,24 @@ import httpx2
 from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
 from openai.resources.chat import AsyncChat, Chat
 from openai.resources.chat.completions import AsyncCompletions, Completions
+from openai.resources.chat.completions.messages import AsyncMessages, Messages
 from openai.resources.beta import AsyncBeta, Beta
 from openai.resources.beta.responses import AsyncResponses as AsyncBetaResponses
 from openai.resources.beta.responses import Responses as BetaResponses
+from openai.resources.beta.responses.input_items import AsyncInputItems as AsyncBetaInputItems
+from openai.resources.beta.responses.input_items import InputItems as BetaInputItems
+from openai.resources.beta.responses.input_tokens import AsyncInputTokens as AsyncBetaInputTokens
+from openai.resources.beta.responses.input_tokens import InputTokens as BetaInputTokens
+from openai.resources.beta.realtime import AsyncRealtime as AsyncBetaRealtime
+from openai.resources.beta.realtime import Realtime as BetaRealtime
+from openai.resources.completions import AsyncCompletions as AsyncTextCompletions
+from openai.resources.completions import Completions as TextCompletions
+from openai.resources.conversations import AsyncConversations, Conversations
+from openai.resources.conversations.items import AsyncItems, Items
+from openai.resources.realtime import AsyncRealtime, Realtime
 from openai.resources.responses import AsyncResponses, Responses
+from openai.resources.responses.input_items import AsyncInputItems, InputItems
+from openai.resources.responses.input_tokens import AsyncInputTokens, InputTokens
 
 from guard_core import CONFIGURED, DEFAULT_REFUSAL, Decision, Moderator, Policy, Verdict
 from guard_core.config import DEFAULT_CONSECUTIVE
@@ -41,6 +58,54 @@ from .streaming import GuardedItems, stream_items
 _T = TypeVar("_T")
 _RAW_HEADER = "x-stainless-raw-response"
 _PATHS = {"chat": "chat/completions", "responses": "responses"}
+_STORED = "Qwen3Guard cannot moderate without the request it answers"
+#: What the guarded resources refuse (``beta`` ones too), by resource and method: each would move text
+#: past the guard, a stored answer without its request or a request that does not go through ``create``.
+_REFUSED: dict[str, dict[str, str]] = {
+    "chat.completions": {
+        "retrieve": f"returns a stored answer {_STORED}; retrieve it with the unguarded client, or use create()",
+        "list": f"returns stored answers, each of which {_STORED}; list them with the unguarded client",
+        "update": f"returns a stored answer {_STORED}; update it with the unguarded client",
+    },
+    "chat.completions.messages": {
+        "list": f"returns a stored completion's messages, its answer among them, which {_STORED}; list them with the "
+                "unguarded client",
+    },
+    "responses": {
+        "retrieve": f"returns a stored answer {_STORED}; retrieve it with the unguarded client, or use create()",
+        "cancel": f"returns a stored (background) answer {_STORED}; cancel it with the unguarded client",
+        "compact": "sends the conversation upstream unjudged and returns items the model wrote, which Qwen3Guard does "
+                   "not moderate; compact it with the unguarded client",
+        "connect": "(the Responses API over a WebSocket) is not moderated by Qwen3Guard; use create(stream=True) on the "
+                   "guarded client, or connect with the unguarded client",
+    },
+    "responses.input_items": {
+        "list": f"returns a stored response's input, earlier answers among it, which {_STORED}; list it with the "
+                "unguarded client",
+    },
+    "responses.input_tokens": {
+        "count": "sends the input upstream without Qwen3Guard judging it; count tokens with the unguarded client",
+    },
+    "realtime": {
+        "connect": "(the Realtime API over a WebSocket) is not moderated by Qwen3Guard; use chat.completions.create() "
+                   "or responses.create() on the guarded client, or connect with the unguarded client",
+    },
+    "conversations": {
+        "create": "stores items upstream unjudged that later responses read as context; send them as input to "
+                  "responses.create() on the guarded client, or use the unguarded client",
+    },
+    "conversations.items": {
+        "create": "stores items upstream unjudged that later responses read as context; send them as input to "
+                  "responses.create() on the guarded client, or use the unguarded client",
+        "list": f"returns stored items, earlier answers among them, which {_STORED}; list them with the unguarded client",
+        "retrieve": f"returns a stored item {_STORED}; retrieve it with the unguarded client",
+    },
+    "completions": {
+        "create": "(the legacy text completions API) is not moderated by Qwen3Guard; use chat.completions.create() on "
+                  "the guarded client, or call the unguarded client and judge the prompt and the text yourself with "
+                  "guard_core.Moderator (check_prompt, check_answers)",
+    },
+}
 
 
 @dataclass
@@ -94,8 +159,20 @@ class GuardedStream(_Decisions, Stream[_T]):
             self._release()
 
     def close(self) -> None:
-        """Stop reading: close the upstream response and free the guard sessions."""
-        self._iterator.close()
+        """Stop reading: close the upstream response, then free the guard sessions.
+
+        Upstream goes first, so a ``close()`` from another thread (a "stop" button) stops a reader
+        there as it stops one of openai's own streams: its read fails, and its ``finally`` frees the
+        sessions (they are never freed under a judgement in progress).
+        """
+        if self._streamed.upstream is not None:
+            self._streamed.upstream.close()
+        try:
+            self._iterator.close()
+        except ValueError:
+            if not self._iterator.gi_running:  # type: ignore[attr-defined]
+                raise
+            return  # read by another thread right now, which releases the rest
         self._release()
 
     def _release(self) -> None:
@@ -129,8 +206,16 @@ class AsyncGuardedStream(_Decisions, AsyncStream[_T]):
             await self._release()
 
     async def close(self) -> None:
-        """Stop reading: close the upstream response and free the guard sessions."""
-        await self._iterator.aclose()
+        """Stop reading: close the upstream response, then free the guard sessions (as ``GuardedStream.close``:
+        a reader in another task stops as it does on openai's own stream, and frees them itself)."""
+        if self._streamed.upstream is not None:
+            await self._streamed.upstream.close()
+        try:
+            await self._iterator.aclose()
+        except RuntimeError:
+            if not self._iterator.ag_running:  # type: ignore[attr-defined]
+                raise
+            return  # read by another task right now, which releases the rest
         await self._release()
 
     async def _release(self) -> None:
@@ -165,10 +250,20 @@ def _flow(guard: OpenAIGuard, endpoint: Endpoint, kwargs: dict[str, Any], send: 
     return _Streamed(upstream, items, [], prompt.decision)
 
 
-def _replayable(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` with one-shot iterables (a generator of messages or input items) read into lists,
-    so the guard and upstream both see every item (the SDK accepts any iterable there)."""
-    return {k: list(v) if k in ("messages", "input") and isinstance(v, Iterator) else v for k, v in kwargs.items()}
+def _snapshot(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``kwargs``: what the guard judges and what the SDK sends.
+
+    The SDK serialises the arguments only after the guard has judged them, so a list the caller
+    changes meanwhile (a chat history another task or thread appends to) must not be the one sent.
+    One-shot iterables (a generator of messages or input items; the SDK accepts any iterable) are
+    read into lists first, so the guard and upstream both see every item.
+    """
+    replayable = {k: list(v) if k in ("messages", "input") and isinstance(v, Iterator) else v for k, v in kwargs.items()}
+    try:
+        return copy.deepcopy(replayable)
+    except TypeError as exc:
+        raise TypeError(f"guard_openai judges and sends a copy of the request, and an argument cannot be copied "
+                        f"({exc}); pass plain values (str, list, dict, pydantic models)") from None
 
 
 def _unreachable() -> Any:
@@ -180,7 +275,7 @@ def _guarded_call(endpoint: Endpoint, method: Callable[..., Any], *, parsed: boo
 
     @functools.wraps(method)
     def guarded(self: Any, **kwargs: Any) -> Any:
-        kwargs = _replayable(kwargs)
+        kwargs = _snapshot(kwargs)
         step = Step(lambda: method(self, **kwargs), _unreachable)
         out = run(_flow(self._client._qwen3guard, endpoint, kwargs, step, parsed))
         if isinstance(out, _Streamed):
@@ -195,7 +290,7 @@ def _aguarded_call(endpoint: Endpoint, method: Callable[..., Any], *, parsed: bo
 
     @functools.wraps(method)
     async def guarded(self: Any, **kwargs: Any) -> Any:
-        kwargs = _replayable(kwargs)
+        kwargs = _snapshot(kwargs)
         step = Step(_unreachable, lambda: method(self, **kwargs))
         out = await arun(_flow(self._client._qwen3guard, endpoint, kwargs, step, parsed))
         if isinstance(out, _Streamed):
@@ -211,30 +306,63 @@ def _sse_response(client: OpenAI | AsyncOpenAI, endpoint: Endpoint) -> httpx2.Re
     return httpx2.Response(200, headers={"content-type": "text/event-stream"}, request=request)
 
 
-def _unjudged_retrieve(self: Any, *args: Any, **kwargs: Any) -> Any:
-    """Refused: a stored response comes back without the request it answers, so it cannot be moderated."""
-    raise NotImplementedError("responses.retrieve() returns a stored answer Qwen3Guard cannot moderate without its "
-                              "request; retrieve it with the unguarded client, or use create()")
+def _refused(name: str, why: str) -> Callable[..., Any]:
+    """A method that raises ``NotImplementedError``: calling ``name()`` would move text past the guard."""
+
+    def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{name}() {why}")
+
+    refused.__name__, refused.__doc__ = name.rsplit(".", 1)[-1], f"Refused: ``{name}()`` {why}."
+    return refused
 
 
-def _resource(base: type, endpoint: Endpoint, wrap: Callable[..., Callable[..., Any]]) -> type:
-    """``base`` (a completions or responses resource, GA or beta) with ``create`` and ``parse`` guarded
-    and, for responses, ``retrieve`` refused."""
+def _refusing(base: type, where: str, members: Mapping[str, Any] | None = None) -> type:
+    """``base`` (the SDK's resource at ``client.<where>``) with ``members`` and the methods ``_REFUSED`` lists refused."""
+    why = _REFUSED.get(where.removeprefix("beta."), {})
+    refused = {m: _refused(f"{where}.{m}", reason) for m, reason in why.items() if hasattr(base, m)}
+    doc = f"``client.{where}`` with {', '.join(f'``{m}``' for m in refused)} refused."
+    return type(f"Guarded{base.__name__}", (base,), {"__doc__": doc, **refused, **(members or {})})
+
+
+def _subresource(cls: type) -> cached_property[Any]:
+    """A resource's sub-resource (``messages``, ``input_items``) as ``cls``."""
+    def get(self: Any) -> Any:
+        return cls(self._client)
+
+    get.__doc__ = cls.__doc__
+    return cached_property(get)
+
+
+def _resource(base: type, endpoint: Endpoint, wrap: Callable[..., Callable[..., Any]], where: str,
+              subresources: Mapping[str, type]) -> type:
+    """``base`` (a completions or responses resource, GA or beta) with ``create`` and ``parse`` guarded,
+    and what would move text past the guard (``_REFUSED``) refused, on ``subresources`` too."""
     members: dict[str, Any] = {"create": wrap(endpoint, base.create),
-                               "__doc__": f"``{base.__name__}`` with ``create`` and ``parse`` moderated by Qwen3Guard."}
+                               "__doc__": f"``client.{where}`` with ``create`` and ``parse`` moderated by Qwen3Guard."}
     if hasattr(base, "parse"):
         members["parse"] = wrap(endpoint, base.parse, parsed=True)
-    if hasattr(base, "retrieve"):
-        members["retrieve"] = _unjudged_retrieve
-    return type(f"Guarded{base.__name__}", (base,), members)
+    for name, sub in subresources.items():
+        members[name] = _subresource(_refusing(sub, f"{where}.{name}"))
+    return _refusing(base, where, members)
 
 
-_GuardedCompletions = _resource(Completions, "chat", _guarded_call)
-_AsyncGuardedCompletions = _resource(AsyncCompletions, "chat", _aguarded_call)
-_GuardedResponses = _resource(Responses, "responses", _guarded_call)
-_AsyncGuardedResponses = _resource(AsyncResponses, "responses", _aguarded_call)
-_GuardedBetaResponses = _resource(BetaResponses, "responses", _guarded_call)
-_AsyncGuardedBetaResponses = _resource(AsyncBetaResponses, "responses", _aguarded_call)
+_GuardedCompletions = _resource(Completions, "chat", _guarded_call, "chat.completions", {"messages": Messages})
+_AsyncGuardedCompletions = _resource(AsyncCompletions, "chat", _aguarded_call, "chat.completions", {"messages": AsyncMessages})
+_GuardedResponses = _resource(Responses, "responses", _guarded_call, "responses",
+                              {"input_items": InputItems, "input_tokens": InputTokens})
+_AsyncGuardedResponses = _resource(AsyncResponses, "responses", _aguarded_call, "responses",
+                                   {"input_items": AsyncInputItems, "input_tokens": AsyncInputTokens})
+_GuardedBetaResponses = _resource(BetaResponses, "responses", _guarded_call, "beta.responses",
+                                  {"input_items": BetaInputItems, "input_tokens": BetaInputTokens})
+_AsyncGuardedBetaResponses = _resource(AsyncBetaResponses, "responses", _aguarded_call, "beta.responses",
+                                       {"input_items": AsyncBetaInputItems, "input_tokens": AsyncBetaInputTokens})
+_TEXT_COMPLETIONS = {False: _refusing(TextCompletions, "completions"), True: _refusing(AsyncTextCompletions, "completions")}
+_REALTIME = {False: _refusing(Realtime, "realtime"), True: _refusing(AsyncRealtime, "realtime")}
+_BETA_REALTIME = {False: _refusing(BetaRealtime, "beta.realtime"), True: _refusing(AsyncBetaRealtime, "beta.realtime")}
+_CONVERSATIONS = {
+    is_async: _refusing(base, "conversations", {"items": _subresource(_refusing(items, "conversations.items"))})
+    for is_async, base, items in ((False, Conversations, Items), (True, AsyncConversations, AsyncItems))
+}
 
 
 def _chat(base: type, completions: type) -> type:
@@ -258,7 +386,12 @@ def _beta(base: type, is_async: bool, responses: type) -> type:
         """The beta Responses API, moderated."""
         return responses(self._client)
 
-    return type(f"Guarded{base.__name__}", (base,), {"chat": cached_property(chat), "responses": cached_property(guarded_responses)})
+    def realtime(self: Any) -> Any:
+        """The beta Realtime API, its ``connect`` refused."""
+        return _BETA_REALTIME[is_async](self._client)
+
+    return type(f"Guarded{base.__name__}", (base,), {"chat": cached_property(chat), "responses": cached_property(guarded_responses),
+                                                       "realtime": cached_property(realtime)})
 
 
 _BETAS = {False: _beta(Beta, False, _GuardedBetaResponses), True: _beta(AsyncBeta, True, _AsyncGuardedBetaResponses)}
@@ -284,6 +417,18 @@ def _guarded_namespace(cls: type) -> dict[str, Any]:
         """openai's beta resources, with their chat completions and responses moderated."""
         return _BETAS[is_async](self)
 
+    def completions(self: Any) -> Any:
+        """The legacy completions API, refused (the guard reads chat and Responses requests only)."""
+        return _TEXT_COMPLETIONS[is_async](self)
+
+    def realtime(self: Any) -> Any:
+        """The Realtime API, its ``connect`` refused (a WebSocket session the guard does not read)."""
+        return _REALTIME[is_async](self)
+
+    def conversations(self: Any) -> Any:
+        """Stored conversations, with the methods that store or return items unjudged refused."""
+        return _CONVERSATIONS[is_async](self)
+
     def guard(self: Any) -> OpenAIGuard:
         """The guard (core moderator, on_unsafe, choice cap) this client applies."""
         return self._qwen3guard  # type: ignore[no-any-return]
@@ -295,8 +440,9 @@ def _guarded_namespace(cls: type) -> dict[str, Any]:
         return new
 
     return {"__module__": __name__, "__doc__": cls.__doc__, "_unguarded": cls, "chat": cached_property(chat),
-            "responses": cached_property(responses), "beta": cached_property(beta), "guard": property(guard), "copy": copy,
-            "with_options": copy}
+            "responses": cached_property(responses), "beta": cached_property(beta),
+            "completions": cached_property(completions), "realtime": cached_property(realtime),
+            "conversations": cached_property(conversations), "guard": property(guard), "copy": copy, "with_options": copy}
 
 
 _CLASSES: dict[type, type] = {}
@@ -331,7 +477,10 @@ def guard_openai(
     max_choices: int = DEFAULT_MAX_CHOICES,
     moderator: Moderator | None = None,
 ) -> _ClientT:
-    """A guarded copy of ``client`` (``OpenAI``, ``AsyncOpenAI`` or a subclass); ``client`` is unchanged.
+    """A guarded copy of ``client`` (``OpenAI``, ``AsyncOpenAI`` or a subclass); ``client`` itself stays unguarded.
+
+    Like openai's ``with_options()`` copies, the copy shares ``client``'s connection pool (its HTTP
+    client): closing either one (``close()``, or leaving ``with``) closes both.
 
     Prompts are judged before anything is sent (Gen when configured, else Stream's prompt heads);
     a blocked prompt never reaches upstream. Streams are judged token by token by ``stream_guard``
