@@ -10,6 +10,10 @@ ratios measured in one run:
 
 - ``prefix_cache_speedup``: ``moderate`` of a ~20-token prompt plus a ~60-token response, prefix
   cache off / on (``_prompt`` and ``_response`` for each alone);
+- ``raw_forward_ratio_prompt`` / ``_response``: the model's own forward over the whole moderation
+  prompt / over what a cached call computes (the rest after the prefix, on the prefix's cache),
+  without ``GenGuard``: the most the cache can gain on this machine, against which
+  ``prefix_cache_speedup_*`` is read (``prefix_tokens_*`` and ``computed_tokens_*`` give the split);
 - ``batch_speedup``: 32 prompts as 32 ``moderate`` calls / one ``moderate_batch`` (cache on);
 - ``speedup_<n>``: greedy ``generate()`` of a 12-token answer / the single forward GenGuard runs
   to read P(Safe/Controversial/Unsafe), for an n-token prompt.
@@ -27,10 +31,10 @@ import time
 from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config
 
 from guard_core import GenGuard, RiskLevel
-from guard_core.gen_template import SAFE_RESPONSE_ANSWER, render_pieces
+from guard_core.gen_template import SAFE_RESPONSE_ANSWER, instruction_pieces, render_pieces
 from guard_core.loading import pick_device, pick_dtype
 from guard_core.messages import normalize_messages
 from guard_core.testing import build_qwen3_tokenizer
@@ -113,6 +117,28 @@ def check_path(guard: GenGuard, conversations: list[list[dict[str, str]]]) -> No
             raise SystemExit(f"the planted model did not answer as planned: {verdict.raw_output!r}")
 
 
+def raw_forward_figures(model: PreTrainedModel, guard: GenGuard, conversations: dict[str, list[dict[str, str]]],
+                        repeats: int) -> dict[str, object]:
+    """For each mode: prefix and computed token counts, and full forward / cached-rest forward time."""
+    result: dict[str, object] = {}
+    answer = guard.tokens.encode_text("Safety:")
+    for name, conversation in conversations.items():
+        ids = guard.tokens.encode_pieces(render_pieces(normalize_messages(conversation))) + answer
+        prefix = len(guard.tokens.encode_pieces(instruction_pieces(name == "response")))
+        whole = torch.tensor([ids], device=model.device)
+        cache = model(input_ids=whole[:, :prefix], use_cache=True, logits_to_keep=1).cache
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        timing = best_of({
+            "full": lambda: model(input_ids=whole, logits_to_keep=len(answer) + 1),
+            "rest": lambda: model(input_ids=whole[:, prefix:], cache=DynamicCache(kv, config=model.config), use_cache=True,
+                                  logits_to_keep=len(answer) + 1),
+        }, repeats)
+        result[f"prefix_tokens_{name}"] = prefix
+        result[f"computed_tokens_{name}"] = len(ids) - prefix
+        result[f"raw_forward_ratio_{name}"] = round(timing["full"] / timing["rest"], 2)
+    return result
+
+
 def moderation_figures(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, repeats: int) -> dict[str, object]:
     prompt = [{"role": "user", "content": PROMPT}]
     response = [*prompt, {"role": "assistant", "content": RESPONSE}]
@@ -139,6 +165,7 @@ def moderation_figures(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFas
         "prefix_cache_speedup_response": round(timing["response_uncached_s"] / timing["response_cached_s"], 2),
         "prefix_cache_speedup": round((timing["prompt_uncached_s"] + timing["response_uncached_s"])
                                       / (timing["prompt_cached_s"] + timing["response_cached_s"]), 2),
+        **raw_forward_figures(model, cached, {"prompt": prompt, "response": response}, repeats),
         "batch": BATCH,
         "batch_size": cached.batch_size,
         "batch_singles_s": round(batch["singles"], 4),
