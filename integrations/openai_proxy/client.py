@@ -405,30 +405,6 @@ def _guarded_namespace(cls: type) -> dict[str, Any]:
     """
     is_async = issubclass(cls, AsyncOpenAI)
 
-    def chat(self: Any) -> Any:
-        """Chat with moderated completions."""
-        return _CHATS[is_async](self)
-
-    def responses(self: Any) -> Any:
-        """The moderated Responses API."""
-        return _RESPONSES[is_async](self)
-
-    def beta(self: Any) -> Any:
-        """openai's beta resources, with their chat completions and responses moderated."""
-        return _BETAS[is_async](self)
-
-    def completions(self: Any) -> Any:
-        """The legacy completions API, refused (the guard reads chat and Responses requests only)."""
-        return _TEXT_COMPLETIONS[is_async](self)
-
-    def realtime(self: Any) -> Any:
-        """The Realtime API, its ``connect`` refused (a WebSocket session the guard does not read)."""
-        return _REALTIME[is_async](self)
-
-    def conversations(self: Any) -> Any:
-        """Stored conversations, with the methods that store or return items unjudged refused."""
-        return _CONVERSATIONS[is_async](self)
-
     def guard(self: Any) -> OpenAIGuard:
         """The guard (core moderator, on_unsafe, choice cap) this client applies."""
         return self._qwen3guard  # type: ignore[no-any-return]
@@ -439,10 +415,29 @@ def _guarded_namespace(cls: type) -> dict[str, Any]:
         new._qwen3guard = self._qwen3guard
         return new
 
-    return {"__module__": __name__, "__doc__": cls.__doc__, "_unguarded": cls, "chat": cached_property(chat),
-            "responses": cached_property(responses), "beta": cached_property(beta),
-            "completions": cached_property(completions), "realtime": cached_property(realtime),
-            "conversations": cached_property(conversations), "guard": property(guard), "copy": copy, "with_options": copy}
+    resources = {name: _client_resource(table[is_async], doc) for name, (table, doc) in _CLIENT_RESOURCES.items()}
+    return {"__module__": __name__, "__doc__": cls.__doc__, "_unguarded": cls, **resources, "guard": property(guard),
+            "copy": copy, "with_options": copy}
+
+
+#: The client's resources a guarded client replaces: the class for sync and async clients, and its docstring.
+_CLIENT_RESOURCES: dict[str, tuple[dict[bool, type], str]] = {
+    "chat": (_CHATS, "Chat with moderated completions."),
+    "responses": (_RESPONSES, "The moderated Responses API."),
+    "beta": (_BETAS, "openai's beta resources, with their chat completions and responses moderated."),
+    "completions": (_TEXT_COMPLETIONS, "The legacy completions API, refused (the guard reads chat and Responses requests only)."),
+    "realtime": (_REALTIME, "The Realtime API, its ``connect`` refused (a WebSocket session the guard does not read)."),
+    "conversations": (_CONVERSATIONS, "Stored conversations, with the methods that store or return items unjudged refused."),
+}
+
+
+def _client_resource(resource: type, doc: str) -> cached_property[Any]:
+    """A client's resource as ``resource`` (built on the client, like openai's own)."""
+    def get(self: Any) -> Any:
+        return resource(self)
+
+    get.__doc__ = doc
+    return cached_property(get)
 
 
 _CLASSES: dict[type, type] = {}
