@@ -27,7 +27,6 @@ from typing import Callable, Literal
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    Retrying,
     retry_if_exception_type,
     stop_after_attempt,
     stop_before_delay,
@@ -143,13 +142,9 @@ class RetryPolicy:
         backoff = wait_random_exponential(multiplier=self.backoff_s, max=self.max_backoff_s)
         return wait_retry_after(backoff, self.max_retry_after_s)
 
-    def retrying(self) -> Retrying:
-        """A tenacity loop for blocking code; re-raises the last error when it gives up."""
-        return Retrying(stop=self._stop(), wait=self._wait(), retry=retry_if_exception_type(TransientError),
-                        before_sleep=_log_retry, reraise=True)
-
     def async_retrying(self) -> AsyncRetrying:
-        """The same loop for coroutines (sleeps with asyncio, never blocking the event loop)."""
+        """A tenacity loop for coroutines (sleeps with asyncio, never blocking the event loop); re-raises
+        the last error when it gives up. Blocking calls run it too, on ``RemoteGenGuard``'s loop thread."""
         return AsyncRetrying(stop=self._stop(), wait=self._wait(), retry=retry_if_exception_type(TransientError),
                              before_sleep=_log_retry, reraise=True)
 

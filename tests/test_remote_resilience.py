@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
 
 import pytest
 
@@ -74,61 +76,75 @@ def test_success_resets_the_failure_count() -> None:
     assert breaker.state == "closed"
 
 
+def drive(retrying: Any, body: Callable[[], None], waits: list[float] | None = None) -> None:
+    """Run ``body`` in a policy's retry loop (the async one the remote guard runs), its sleeps recorded, not slept."""
+    async def record(seconds: float) -> None:
+        if waits is not None:
+            waits.append(seconds)
+
+    async def go() -> None:
+        async for attempt in retrying:
+            with attempt:
+                body()
+
+    retrying.sleep = record
+    asyncio.run(go())
+
+
 def test_retry_policy_retries_transient_errors_and_honours_capped_retry_after() -> None:
     waits: list[float] = []
-    retrying = RetryPolicy(max_attempts=4, backoff_s=0.0, max_retry_after_s=2.0).retrying()
-    retrying.sleep = waits.append
     hints = iter([1.5, 60.0, None])
     calls = 0
-    for attempt in retrying:
-        with attempt:
-            calls += 1
-            if calls < 4:
-                raise TransientError("busy", retry_after=next(hints))
+
+    def body() -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 4:
+            raise TransientError("busy", retry_after=next(hints))
+
+    drive(RetryPolicy(max_attempts=4, backoff_s=0.0, max_retry_after_s=2.0).async_retrying(), body, waits)
     assert calls == 4
     assert waits == [1.5, 2.0, 0.0], "Retry-After honoured, capped at 2s; no hint -> backoff (0 here)"
 
 
+def down() -> None:
+    raise TransientError("down")
+
+
 def test_retry_policy_backoff_is_jittered_exponential_and_bounded() -> None:
     waits: list[float] = []
-    retrying = RetryPolicy(max_attempts=6, backoff_s=1.0, max_backoff_s=4.0).retrying()
-    retrying.sleep = waits.append
     with pytest.raises(TransientError):
-        for attempt in retrying:
-            with attempt:
-                raise TransientError("down")
+        drive(RetryPolicy(max_attempts=6, backoff_s=1.0, max_backoff_s=4.0).async_retrying(), down, waits)
     assert len(waits) == 5
     assert all(0 <= w <= 4.0 for w in waits)
     assert waits[0] <= 2.0
 
 
 def test_retry_policy_gives_up_after_max_attempts_and_does_not_retry_other_errors() -> None:
-    calls = 0
+    calls: list[str] = []
     with pytest.raises(TransientError):
-        for attempt in RetryPolicy(max_attempts=2, backoff_s=0).retrying():
-            with attempt:
-                calls += 1
-                raise TransientError("down")
-    assert calls == 2
-    calls = 0
+        drive(RetryPolicy(max_attempts=2, backoff_s=0).async_retrying(), lambda: (calls.append("down"), down()))
+    assert calls == ["down", "down"]
+
+    def bug() -> None:
+        calls.append("bug")
+        raise KeyError("bug")
+
     with pytest.raises(KeyError):
-        for attempt in RetryPolicy(max_attempts=5, backoff_s=0).retrying():
-            with attempt:
-                calls += 1
-                raise KeyError("bug")
-    assert calls == 1
+        drive(RetryPolicy(max_attempts=5, backoff_s=0).async_retrying(), bug)
+    assert calls.count("bug") == 1
 
 
 def test_retry_policy_deadline_stops_before_a_wait_that_would_cross_it() -> None:
-    calls = 0
-    retrying = RetryPolicy(max_attempts=10, deadline_s=5.0).retrying()
-    retrying.sleep = lambda s: None
+    calls: list[int] = []
+
+    def busy() -> None:
+        calls.append(1)
+        raise TransientError("busy", retry_after=6.0)
+
     with pytest.raises(TransientError):
-        for attempt in retrying:
-            with attempt:
-                calls += 1
-                raise TransientError("busy", retry_after=6.0)
-    assert calls == 1
+        drive(RetryPolicy(max_attempts=10, deadline_s=5.0).async_retrying(), busy)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"backoff_s": -1}, {"deadline_s": 0}, {"max_attempts": 2.5},
