@@ -6,7 +6,7 @@ or an exception the adapter did not expect. The pieces here are small and backen
 
 - ``TransientError`` / ``PermanentError`` tell the retry loop whether trying again can help
   (connection refused, 5xx, 429 and malformed bodies can; a rejected API key cannot).
-- ``RetryPolicy`` builds tenacity retry loops: bounded attempts, exponential backoff with full
+- ``RetryPolicy`` builds the tenacity retry loop: bounded attempts, exponential backoff with full
   jitter (so many clients that failed together do not retry together), ``Retry-After`` honoured
   up to a cap, and an optional deadline for the whole call.
 - ``CircuitBreaker`` stops sending requests to a server that keeps failing and lets a single
