@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .messages import Message, check_text, content_to_text
+from .messages import Message, check_text, content_to_text, refuse_case_variants
 
 #: The user turn a Stream session is given when a conversation has none (it must prefill one).
 FALLBACK_PROMPT = "(the request is not available)"
@@ -100,6 +100,9 @@ def from_messages(messages: Iterable[Any]) -> Conversation:
         if not isinstance(message, Mapping):
             raise ValueError(f"message {i} is {type(raw).__name__}, expected a dict with 'role' and 'content'")
         role, where = message.get("role"), f"message {i}"
+        refuse_case_variants(message, where=where)
+        if not isinstance(role, str):
+            raise ValueError(f"{where} has role {role!r}; expected system, developer, user, assistant, tool or function")
         if role == "assistant":
             turns.append(("assistant", _assistant_text(message, where)))
         elif role in _SYSTEM_ROLES or role == "user" or role in _TOOL_ROLES:
@@ -131,6 +134,9 @@ def from_responses_input(input: Any, instructions: str | None = None, prompt: An
             if not isinstance(item, Mapping):
                 raise ValueError(f"{where} is {type(raw).__name__}, expected a dict")
             kind = item.get("type", "message")
+            refuse_case_variants(item, where=where)
+            if not isinstance(kind, str) or not isinstance(item.get("role", ""), str):
+                raise ValueError(f"{where} has type {kind!r} and role {item.get('role')!r}; both must be strings")
             if kind == "message":
                 role = item.get("role")
                 if role == "assistant":
@@ -197,6 +203,8 @@ def _assistant_text(message: Mapping[str, Any], where: str) -> str:
         pieces.append(content)
     elif isinstance(content, Iterable) and not isinstance(content, (bytes, Mapping)):
         for i, part in enumerate(map(_plain, content)):
+            if isinstance(part, Mapping):
+                refuse_case_variants(part, where=f"{where} content part {i}")
             if isinstance(part, Mapping) and part.get("type") == "refusal":
                 if not isinstance(part.get("refusal"), str):
                     raise ValueError(f"{where}: content part {i} ('refusal') has no string 'refusal'")
@@ -218,6 +226,7 @@ def _prompt_variables(prompt: Any) -> list[str]:
     variables = prompt.get("variables") if isinstance(prompt, Mapping) else None
     if not isinstance(prompt, Mapping) or not isinstance(variables, (Mapping, type(None))):
         raise ValueError("prompt must be an object with an 'id' and optional 'variables' object")
+    refuse_case_variants(prompt, where="prompt")
     return [content_to_text(value if isinstance(value, str) else [_plain(value)], where=f"prompt variable {name!r}")
             for name, value in (variables or {}).items()]
 

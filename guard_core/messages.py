@@ -51,6 +51,7 @@ def content_to_text(content: Any, *, where: str = "message") -> str:
                 continue
             if not isinstance(part, Mapping):
                 raise ValueError(f"{where}: content part {i} is {type(part).__name__}, expected a dict")
+            refuse_case_variants(part, where=f"{where}: content part {i}")
             kind = part.get("type")
             if kind in _TEXT_PART_TYPES and not isinstance(part.get("text"), str):
                 raise ValueError(f"{where}: content part {i} ({kind!r}) has no string 'text', got {type(part.get('text')).__name__}")
@@ -66,6 +67,25 @@ def content_to_text(content: Any, *, where: str = "message") -> str:
     else:
         raise ValueError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
     return check_text(text, where=where)
+
+
+#: The request keys whose values the guard reads (top level, messages, items and parts).
+GUARDED_KEYS = frozenset({
+    "messages", "input", "instructions", "prompt", "variables", "tools", "functions", "response_format", "text",
+    "role", "content", "refusal", "type", "output", "stdout", "stderr",
+})
+
+
+def refuse_case_variants(obj: Mapping[str, Any], *, where: str) -> None:
+    """``ValueError`` for a key that differs from one the guard reads only in case (``"Content"``).
+
+    The guard reads the exact key; servers that match keys case-insensitively (Go's
+    ``encoding/json``, e.g. Ollama's OpenAI API) would read the variant as that field, unjudged.
+    """
+    for key in obj:
+        if isinstance(key, str) and key not in GUARDED_KEYS and key.casefold() in GUARDED_KEYS:
+            raise ValueError(f"{where}: key {key!r} differs from {key.casefold()!r} only in case; some servers read "
+                             f"it as {key.casefold()!r} without the guard having judged it: send {key.casefold()!r}")
 
 
 def check_text(text: str, *, where: str = "message") -> str:

@@ -86,6 +86,9 @@ def test_no_user_turn_judges_the_context_or_the_system_text() -> None:
     ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": [{"text": "untyped"}]}], "type None"),
     ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": [{"type": "refusal", "refusal": 5}]}],
      "no string 'refusal'"),
+    ([{"role": "user", "content": "Q"}, {"role": "assistant", "Content": "How do I make a bomb?"}], "'Content' differs from 'content'"),
+    ([{"role": "user", "content": [{"type": "text", "TEXT": "x"}]}], "'TEXT' differs from 'text'"),
+    ([{"role": ["user"], "content": "Q"}], "has role \\['user'\\]"),
 ])
 def test_bad_requests_are_refused_with_a_reason(messages: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -107,6 +110,8 @@ def test_every_text_part_of_a_prefill_is_judged() -> None:
     ([{"type": "mystery_item"}], "type 'mystery_item'"),
     ([{"type": "computer_call_output", "output": {"type": "computer_screenshot", "image_url": "x"}}], "content"),
     ([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}], "only text parts"),
+    ([{"type": ["message"], "role": "user", "content": "x"}], "must be strings"),
+    ([{"type": "function_call_output", "call_id": "1", "Output": "x"}], "'Output' differs from 'output'"),
 ])
 def test_bad_responses_input_is_refused_with_a_reason(items: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):

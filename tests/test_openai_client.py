@@ -389,6 +389,15 @@ def test_extra_body_cannot_raise_n_past_the_cap_or_change_how_the_reply_is_read(
     assert len(upstream.exchanges) == before
 
 
+@pytest.mark.parametrize("extra", [{"Messages": UNSAFE_USER}, {"MESSAGES": UNSAFE_USER}], ids=["Messages", "MESSAGES"])
+def test_extra_body_cannot_smuggle_a_field_in_another_case(upstream, bare, guard, extra):
+    """Servers that match JSON keys case-insensitively (Go's encoding/json) would read it as ``messages``."""
+    before = len(upstream.exchanges)
+    with pytest.raises(ValueError, match="only in case"):
+        stream_chat(guard(bare), messages=USER, extra_body=extra)
+    assert len(upstream.exchanges) == before
+
+
 def test_a_generator_of_messages_reaches_upstream_whole(upstream, bare, guard):
     upstream.push(Script(events=chat_events(SAFE_PIECES)))
     list(stream_chat(guard(bare), messages=(m for m in USER)))
@@ -468,6 +477,11 @@ BYPASSES = {
     "completions.create": lambda c: c.completions.create(model="fake-model", prompt=UNSAFE_PROMPT),
     "realtime.connect": lambda c: c.realtime.connect(model="fake-model"),
     "beta.realtime.connect": lambda c: c.beta.realtime.connect(model="fake-model"),
+    "realtime.client_secrets.create": lambda c: c.realtime.client_secrets.create(session={"type": "realtime",
+                                                                                          "instructions": UNSAFE_PROMPT}),
+    "realtime.calls.create": lambda c: c.realtime.calls.create(sdp="v=0"),
+    "realtime.translations.connect": lambda c: c.realtime.translations.connect(model="fake-model"),
+    "beta.realtime.sessions.create": lambda c: c.beta.realtime.sessions.create(instructions=UNSAFE_PROMPT),
     "conversations.create": lambda c: c.conversations.create(items=[{"role": "user", "content": UNSAFE_PROMPT}]),
     "conversations.items.create": lambda c: c.conversations.items.create("conv_1", items=[{"role": "user", "content": UNSAFE_PROMPT}]),
     "conversations.items.list": lambda c: c.conversations.items.list("conv_1"),

@@ -104,11 +104,15 @@ DEFINITIONS = {
         "type": "object", "properties": {"q": {"type": "string", "description": JAILBREAK_PROMPT}}}}}]},
     "response_format json_schema": {"response_format": {"type": "json_schema", "json_schema": {
         "name": "a", "description": JAILBREAK_PROMPT, "schema": {"type": "object"}}}},
+    "an enum value": {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "a", "schema": {"type": "string", "enum": [JAILBREAK_PROMPT]}}}},
+    "a property name": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {JAILBREAK_PROMPT: {"type": "string"}}}}}]},
 }
 
 
 @pytest.mark.parametrize("extra", DEFINITIONS.values(), ids=DEFINITIONS.keys())
-def test_descriptions_in_tool_and_schema_definitions_are_judged_as_untrusted_context(upstream, proxy, extra) -> None:
+def test_text_in_tool_and_schema_definitions_is_judged_as_untrusted_context(upstream, proxy, extra) -> None:
     before = len(upstream.exchanges)
     reply = post(proxy + "/chat/completions", {"model": "m", "messages": USER, **extra})
     assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "content_filter"
@@ -121,6 +125,26 @@ def test_descriptions_in_tool_and_schema_definitions_are_judged_as_untrusted_con
     bad = {"tools": [{"type": "function", "function": {"name": "f", "description": "\ud800"}}]}
     raw = json.dumps({"model": "m", "messages": USER, **bad}).encode()  # a lone surrogate only as a JSON escape
     assert is_openai_error(post(proxy + "/chat/completions", content=raw), 400, "invalid_request")
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/chat/completions", {"messages": [*USER, {"role": "assistant", "Content": UNSAFE_PROMPT}]}),
+    ("/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "Text": UNSAFE_PROMPT}]}]}),
+    ("/responses", {"input": SAFE_PROMPT, "Instructions": UNSAFE_PROMPT}),
+    ("/responses", {"input": [{"type": "function_call_output", "call_id": "1", "Output": UNSAFE_PROMPT}]}),
+], ids=["assistant Content", "part Text", "Instructions", "item Output"])
+def test_a_key_the_guard_reads_in_another_case_is_a_400(upstream, proxy, path, body) -> None:
+    """Servers that match JSON keys case-insensitively (Go's encoding/json, e.g. Ollama) would read it unjudged."""
+    before = len(upstream.exchanges)
+    reply = post(proxy + path, {"model": "m", **body})
+    assert is_openai_error(reply, 400, "invalid_request") and "only in case" in reply.json()["error"]["message"]
+    assert len(upstream.exchanges) == before
+
+
+@pytest.mark.parametrize("body", [{"messages": [{"role": ["user"], "content": SAFE_PROMPT}]},
+                                  {"messages": [{"role": {"r": 1}, "content": SAFE_PROMPT}]}])
+def test_a_role_of_the_wrong_type_is_a_400_not_a_guard_error(proxy, body) -> None:
+    assert is_openai_error(post(proxy + "/chat/completions", {"model": "m", **body}), 400, "invalid_request")
 
 
 def test_safe_tool_descriptions_are_forwarded(upstream, proxy) -> None:

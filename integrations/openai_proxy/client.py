@@ -6,8 +6,8 @@ guard does not touch, and ``with_options()`` / ``copy()`` (which rebuild through
 keep working, the latter keeping the guard. Only ``create`` and ``parse`` of ``chat.completions``
 and ``responses`` (and their ``beta`` twins) are replaced (openai's ``stream()`` helpers call
 ``create``). Their raw-response wrappers, and every other method there that would move text past
-the guard (``_REFUSED``: stored answers and items, ``responses`` / ``realtime`` ``connect`` over a
-WebSocket, the legacy ``completions.create``), refuse to run. Each call is one flow (``exchange``)
+the guard (``_REFUSED``: stored answers and items, ``responses.connect`` over a WebSocket, the
+legacy ``completions.create``; and the whole Realtime API), refuse to run. Each call is one flow (``exchange``)
 over a snapshot of the arguments, run blocking or awaited, so the sync and async clients decide
 identically.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -85,10 +86,6 @@ _REFUSED: dict[str, dict[str, str]] = {
     },
     "responses.input_tokens": {
         "count": "sends the input upstream without Qwen3Guard judging it; count tokens with the unguarded client",
-    },
-    "realtime": {
-        "connect": "(the Realtime API over a WebSocket) is not moderated by Qwen3Guard; use chat.completions.create() "
-                   "or responses.create() on the guarded client, or connect with the unguarded client",
     },
     "conversations": {
         "create": "stores items upstream unjudged that later responses read as context; send them as input to "
@@ -357,8 +354,28 @@ _GuardedBetaResponses = _resource(BetaResponses, "responses", _guarded_call, "be
 _AsyncGuardedBetaResponses = _resource(AsyncBetaResponses, "responses", _aguarded_call, "beta.responses",
                                        {"input_items": AsyncBetaInputItems, "input_tokens": AsyncBetaInputTokens})
 _TEXT_COMPLETIONS = {False: _refusing(TextCompletions, "completions"), True: _refusing(AsyncTextCompletions, "completions")}
-_REALTIME = {False: _refusing(Realtime, "realtime"), True: _refusing(AsyncRealtime, "realtime")}
-_BETA_REALTIME = {False: _refusing(BetaRealtime, "beta.realtime"), True: _refusing(AsyncBetaRealtime, "beta.realtime")}
+_REALTIME_WHY = ("belongs to the Realtime API (voice and WebSocket sessions), which Qwen3Guard does not moderate; use "
+                 "chat.completions.create() or responses.create() on the guarded client, or the unguarded client")
+
+
+def _refused_api(base: type, where: str) -> type:
+    """``base`` with every method refused, its sub-resources too: an API the guard reads nothing of."""
+    members: dict[str, Any] = {"__doc__": f"``client.{where}``, refused: it {_REALTIME_WHY}."}
+    for name, attr in vars(base).items():
+        if name.startswith("_") or name in ("with_raw_response", "with_streaming_response"):
+            continue
+        if isinstance(attr, cached_property):
+            sub = attr.func.__annotations__.get("return")
+            sub = getattr(sys.modules[base.__module__], sub, None) if isinstance(sub, str) else sub
+            if isinstance(sub, type):
+                members[name] = _subresource(_refused_api(sub, f"{where}.{name}"))
+        elif callable(attr):
+            members[name] = _refused(f"{where}.{name}", _REALTIME_WHY)
+    return type(f"Guarded{base.__name__}", (base,), members)
+
+
+_REALTIME = {False: _refused_api(Realtime, "realtime"), True: _refused_api(AsyncRealtime, "realtime")}
+_BETA_REALTIME = {False: _refused_api(BetaRealtime, "beta.realtime"), True: _refused_api(AsyncBetaRealtime, "beta.realtime")}
 _CONVERSATIONS = {
     is_async: _refusing(base, "conversations", {"items": _subresource(_refusing(items, "conversations.items"))})
     for is_async, base, items in ((False, Conversations, Items), (True, AsyncConversations, AsyncItems))
@@ -387,7 +404,7 @@ def _beta(base: type, is_async: bool, responses: type) -> type:
         return responses(self._client)
 
     def realtime(self: Any) -> Any:
-        """The beta Realtime API, its ``connect`` refused."""
+        """The beta Realtime API, refused like ``client.realtime``."""
         return _BETA_REALTIME[is_async](self._client)
 
     return type(f"Guarded{base.__name__}", (base,), {"chat": cached_property(chat), "responses": cached_property(guarded_responses),
@@ -426,7 +443,7 @@ _CLIENT_RESOURCES: dict[str, tuple[dict[bool, type], str]] = {
     "responses": (_RESPONSES, "The moderated Responses API."),
     "beta": (_BETAS, "openai's beta resources, with their chat completions and responses moderated."),
     "completions": (_TEXT_COMPLETIONS, "The legacy completions API, refused (the guard reads chat and Responses requests only)."),
-    "realtime": (_REALTIME, "The Realtime API, its ``connect`` refused (a WebSocket session the guard does not read)."),
+    "realtime": (_REALTIME, "The Realtime API, refused (voice and WebSocket sessions the guard does not read)."),
     "conversations": (_CONVERSATIONS, "Stored conversations, with the methods that store or return items unjudged refused."),
 }
 

@@ -22,7 +22,7 @@ from openai.types.responses import Response
 
 from guard_core import Decision, Moderator
 from guard_core.conversation import Conversation, from_messages, from_responses_input
-from guard_core.messages import check_text
+from guard_core.messages import check_text, refuse_case_variants
 from guard_core.moderator import PromptResult
 from guard_core.steps import Flow
 
@@ -67,6 +67,7 @@ class Request:
     def parse(cls, endpoint: Endpoint, body: Mapping[str, Any], max_choices: int) -> Request:
         """Check what the guard relies on; ``ValueError`` says what is wrong (the proxy's 400)."""
         body = {k: v for k, v in body.items() if not isinstance(v, (NotGiven, Omit))}  # the SDK's "not given" markers
+        refuse_case_variants(body, where="the request")
         stream, n, model = body.get("stream"), body.get("n"), body.get("model")
         if stream is not None and not isinstance(stream, bool):
             raise ValueError(f"'stream' must be true or false, got {stream!r}")
@@ -88,34 +89,48 @@ class Request:
         return cls(endpoint, conversation, bool(stream), n or 1, model if isinstance(model, str) else "")
 
 
-def _definition_texts(body: Mapping[str, Any]) -> list[str]:
-    """The descriptions in a request's tool definitions and structured-output schema, one text per definition.
+#: Keys whose string values are JSON-schema or API vocabulary (``"string"``, ``"json_schema"``) or an
+#: identifier the API restricts to ``[a-zA-Z0-9_-]`` (``name``), not text anyone wrote.
+_VOCABULARY_KEYS = frozenset({"type", "format", "$ref", "$schema", "verbosity", "name"})
+#: Schema keys whose own keys are names the client chose (property names), read by the model like any text.
+_NAMING_KEYS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
+#: Credentials of remote tools (MCP): sent to the tool's server, never to the model, so never to the guard.
+_SECRET_KEYS = frozenset({"authorization", "headers"})
 
-    The client writes them and the model reads them (chat templates put them in its prompt), so like a
-    tool result they are untrusted context: an instruction injected there is judged. Chat has ``tools``,
-    legacy ``functions`` and ``response_format``; Responses has ``tools`` and ``text.format``. The walk
-    is iterative, since a schema can nest as deep as JSON allows.
+
+def _definition_texts(body: Mapping[str, Any]) -> list[str]:
+    """The text in a request's tool definitions and structured-output schema: per definition, its
+    descriptions as one text and the rest of its free text (property names, ``enum``, ``default``,
+    examples, titles) as another.
+
+    The client writes them and the model reads them (chat templates render the whole definition
+    into its prompt), so like a tool result they are untrusted context: an instruction injected
+    anywhere in a definition is judged. Descriptions are prose and are judged as such, apart from
+    the short values around them. Chat has ``tools``, legacy ``functions`` and ``response_format``;
+    Responses has ``tools`` and ``text.format``. The walk is iterative, since a schema can nest as
+    deep as JSON allows.
     """
     definitions = [(f"{field}[{i}]", d) for field in ("tools", "functions") if isinstance(body.get(field), list)
                    for i, d in enumerate(body[field])]
     definitions += [(field, body.get(field)) for field in ("response_format", "text")]
     texts = []
     for where, definition in definitions:
-        found: list[str] = []
-        pending = deque([definition])
+        descriptions: list[str] = []
+        values: list[str] = []
+        pending: deque[tuple[str, Any]] = deque([("", definition)])
         while pending:
-            node = pending.popleft()
-            if isinstance(node, Mapping):
-                for key, value in node.items():
-                    if key == "description" and isinstance(value, str):
-                        found.append(value)
-                    else:
-                        pending.append(value)
+            key, node = pending.popleft()
+            if isinstance(node, str) and key not in _VOCABULARY_KEYS:
+                (descriptions if key == "description" else values).append(node)
+            elif isinstance(node, Mapping):
+                values += [k for k in node if key in _NAMING_KEYS and isinstance(k, str)]
+                pending.extend((k if isinstance(k, str) else "", v) for k, v in node.items() if k not in _SECRET_KEYS)
             elif isinstance(node, list):
-                pending.extend(node)
-        text = check_text("\n".join(found), where=f"the descriptions in {where!r}")
-        if text.strip():
-            texts.append(text)
+                pending.extend((key, item) for item in node)
+        for found in (descriptions, values):
+            text = check_text("\n".join(found), where=f"the text in {where!r}")
+            if text.strip():
+                texts.append(text)
     return texts
 
 
