@@ -374,6 +374,8 @@ class RemoteGenGuard:
                 result = TransientError(f"no complete answer within {limit}")
             except httpx.HTTPError as exc:
                 result = _transport_error(exc, self.timeout)
+            except RuntimeError as exc:  # asyncio at interpreter exit: no thread left to resolve the host name
+                result = PermanentError(f"cannot reach the server while the interpreter shuts down ({exc})")
             if isinstance(result, tuple):
                 server.breaker.record_success()
                 return result

@@ -16,7 +16,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Sequence, TextIO
 
-from .cli import Parser
+from .cli import Parser, stdout_closed
 from .config import REVIEW_DB_ENV, Settings
 from .review import STATUSES, ReviewItem, ReviewQueue
 from .review.queue import check_limit
@@ -132,12 +132,15 @@ def _login_name() -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``qwen3guard review``; returns the exit status (0 success, 2 error)."""
+    """Entry point of ``qwen3guard review``; returns the exit status (0 success, 2 error, 141 reader gone)."""
     from .review import ReviewStoreError
 
     try:
         args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
         _run(args, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (``| head``): quiet, like the verdict command
+        return stdout_closed()
     except SystemExit as exc:  # --help, or a usage error (already printed on one line by Parser)
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except (ValueError, LookupError, ImportError, OSError, ReviewStoreError) as exc:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -387,3 +389,19 @@ async def test_batches_run_concurrently_with_a_bounded_number_in_flight(server, 
     assert [(v.risk, v.error) for v in verdicts] == [(RiskLevel.SAFE, None)] * size
     assert server.hold_timeouts == 0, f"the server never saw {expected} requests in flight at once"
     assert server.max_in_flight == expected, f"at most max_concurrency={max_concurrency} in flight"
+
+
+def test_a_blocking_call_at_interpreter_exit_gives_a_verdict_not_an_exception() -> None:
+    """An ``atexit`` handler flushing checks: blocking calls run on a loop thread, which cannot resolve a
+    host name once the interpreter shuts down; the call must still end in a (fail-closed) verdict."""
+    script = f"""
+import atexit
+from guard_core.remote_gen import RemoteGenGuard
+guard = RemoteGenGuard({unused_url().replace("127.0.0.1", "localhost")!r}, model="m")
+def at_exit():
+    verdict = guard.moderate([{{"role": "user", "content": "hi"}}])
+    print("verdict", verdict.risk.value, verdict.error_kind)
+atexit.register(at_exit)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "verdict Unsafe unavailable" in done.stdout, done.stderr[-2000:]

@@ -146,6 +146,19 @@ def test_runs_as_a_module_in_a_subprocess(db: Path) -> None:
     assert "Traceback" not in failed.stderr
 
 
+@pytest.mark.parametrize("command", ["list", "export", "stats"])
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(db: Path, command: str) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `qwen3guard review list | head -1` once head has exited
+    env = {**os.environ, "PYTHONPATH": str(ROOT), REVIEW_DB_ENV: str(db)}
+    try:
+        done = subprocess.run([sys.executable, "-m", "guard_core.review_cli", command], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, timeout=300, check=False)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == ""  # 128 + SIGPIPE, as `qwen3guard --lines | head` ends
+
+
 def test_usage_errors_name_the_subcommand_to_ask_for_help(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--db", str(db), "list", "--limit", "99999999999999999999")
     assert code == 2 and out == "" and "Traceback" not in err
