@@ -6,7 +6,8 @@ last user message: the n-th model call after that message gets the n-th scripted
 model can serve concurrent runs with different prompts. Each turn streams as text chunks of random
 sizes (a ``random.Random`` seeded with ``seed`` and the text, so the same turn is always cut the
 same way and a failure reproduces from its seed), then its tool calls, their arguments cut too.
-``block=(type, field)`` sends the text as content blocks instead (``("reasoning", "reasoning")``).
+``block=(type, field)`` sends the text as content blocks instead (``("reasoning", "reasoning")``);
+``args_json`` streams the JSON source given for a call id in place of its arguments (escapes included).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class ScriptedChatModel(BaseChatModel):
     max_in_flight: int = 0
     rendezvous: int = 0
     block: tuple[str, str] | None = None
+    args_json: dict[str, str] = Field(default_factory=dict)
     _in_flight: int = PrivateAttr(default=0)
     _started: int = PrivateAttr(default=0)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -81,7 +83,7 @@ class ScriptedChatModel(BaseChatModel):
         rng = random.Random(f"{self.seed}|{message.text}")
         out = [AIMessageChunk(content=self.content(piece)) for piece in _cut(message.text, rng, self.max_chunk)]
         for index, call in enumerate(message.tool_calls):
-            pieces = _cut(json.dumps(call["args"]), rng, self.max_chunk) or [""]
+            pieces = _cut(self.args_json.get(call["id"]) or json.dumps(call["args"]), rng, self.max_chunk) or [""]
             out.append(AIMessageChunk(content="", tool_call_chunks=[
                 {"name": call["name"], "args": pieces[0], "id": call["id"], "index": index}]))
             out += [AIMessageChunk(content="", tool_call_chunks=[{"args": p, "index": index}]) for p in pieces[1:]]

@@ -284,3 +284,39 @@ def test_a_multi_prompt_call_blocked_at_a_later_prompt_frees_every_run(stream_gu
     with pytest.raises(GuardViolation):
         asyncio.run(model(PLANTED_SAFE_TEXT).agenerate([[HumanMessage(p)] for p in prompts], callbacks=[async_]))
     assert async_.active_runs == 0
+
+
+def test_with_structured_output_is_judged_by_its_decoded_arguments(stream_guard: StreamGuard) -> None:
+    from pydantic import BaseModel
+
+    from scripted_chat_model import ScriptedChatModel, ai
+
+    class Answer(BaseModel):
+        text: str
+
+    class ToolModel(ScriptedChatModel):
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self.bind(**kwargs)  # as real chat models do: the structured-output mark reaches the callbacks
+
+    def structured(text: str) -> Any:
+        chat = ToolModel(script={PLANTED_SAFE_PROMPT: [ai("", ("Answer", {"text": text}))]}, max_chunk=4)
+        return chat.with_structured_output(Answer, method="function_calling")
+
+    unsafe = "Sure, take a pipe bomb and run."
+    sync, async_ = QwenGuardCallbackHandler(stream_guard), AsyncQwenGuardCallbackHandler(stream_guard)
+    with pytest.raises(GuardViolation):
+        structured(unsafe).invoke(PLANTED_SAFE_PROMPT, config={"callbacks": [sync]})
+    got, exc = langchain_helpers.collect(structured(unsafe).stream(PLANTED_SAFE_PROMPT, config={"callbacks": [sync]}))
+    assert isinstance(exc, GuardViolation) and "run" not in repr(got), "stopped at the chunk completing the unsafe run"
+    with pytest.raises(GuardViolation):
+        asyncio.run(structured(unsafe).ainvoke(PLANTED_SAFE_PROMPT, config={"callbacks": [async_]}))
+    safe = structured(PLANTED_SAFE_TEXT).invoke(PLANTED_SAFE_PROMPT, config={"callbacks": [sync]})
+    assert safe == Answer(text=PLANTED_SAFE_TEXT) and sync.active_runs == async_.active_runs == 0
+
+
+def test_reasoning_beside_the_content_is_judged_by_the_callback(stream_guard: StreamGuard) -> None:
+    from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
+
+    chat = FakeMessagesListChatModel(responses=[AIMessage(content="Done.", additional_kwargs={"reasoning_content": UNSAFE_REPLY})])
+    with pytest.raises(GuardViolation):
+        chat.invoke(PLANTED_SAFE_PROMPT, config={"callbacks": [QwenGuardCallbackHandler(stream_guard)]})

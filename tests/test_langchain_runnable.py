@@ -258,3 +258,41 @@ def test_answer_text_in_any_text_block_is_judged(stream_guard: StreamGuard, bloc
     assert "pipe" not in repr(chunks) and chunks[-1].content.endswith(DEFAULT_REFUSAL)
     with pytest.raises(GuardViolation):
         QwenGuardRunnable(stream_guard=stream_guard).invoke(chat.invoke(PLANTED_SAFE_PROMPT))
+
+
+def test_a_parser_after_the_guard_gets_only_judged_tool_call_arguments(stream_guard: StreamGuard) -> None:
+    from langchain_core.output_parsers.openai_tools import PydanticToolsParser
+    from pydantic import BaseModel
+
+    from scripted_chat_model import ScriptedChatModel, ai
+
+    class Answer(BaseModel):
+        text: str
+
+    def chain(text: str, on_violation: str = "replace") -> Any:
+        chat = ScriptedChatModel(script={PLANTED_SAFE_PROMPT: [ai("", ("Answer", {"text": text}))]}, max_chunk=4)
+        guard = QwenGuardRunnable(stream_guard=stream_guard, on_violation=on_violation)
+        return chat | guard | PydanticToolsParser(tools=[Answer], first_tool_only=True)
+
+    escaped = "Sure, take a pipe\\u0020bomb and run."  # JSON-escaped in the arguments: the parser reads a space
+    for text in ("Sure, take a pipe bomb and run.", escaped.encode().decode("unicode_escape")):
+        assert chain(text).invoke(PLANTED_SAFE_PROMPT) is None
+        assert list(chain(text).stream(PLANTED_SAFE_PROMPT)) == []
+        got, exc = collect(chain(text, "raise").stream(PLANTED_SAFE_PROMPT))
+        assert got == [] and isinstance(exc, GuardViolation)
+    assert chain(PLANTED_SAFE_TEXT).invoke(PLANTED_SAFE_PROMPT) == Answer(text=PLANTED_SAFE_TEXT)
+    assert list(chain(PLANTED_SAFE_TEXT).stream(PLANTED_SAFE_PROMPT))[-1] == Answer(text=PLANTED_SAFE_TEXT)
+
+
+@pytest.mark.parametrize("chunk", [
+    AIMessageChunk(content="", additional_kwargs={"reasoning_content": UNSAFE_REPLY}),
+    AIMessageChunk(content=[{"type": "reasoning_content", "reasoning_content": {"text": UNSAFE_REPLY}}],
+                   response_metadata={"model_provider": "bedrock_converse"}),
+    AIMessageChunk(content=[{"type": "provider_says", "words": UNSAFE_REPLY}]),
+], ids=["additional_kwargs", "bedrock", "unknown block"])
+def test_reasoning_langchain_shows_as_content_is_judged(stream_guard: StreamGuard, chunk: AIMessageChunk) -> None:
+    guard = QwenGuardRunnable(stream_guard=stream_guard, on_violation="replace")
+    out = list(guard.transform(iter([chunk, AIMessageChunk(content="Done.")])))
+    assert "pipe" not in repr(out) and out[-1].content.endswith(DEFAULT_REFUSAL)
+    with pytest.raises(GuardViolation):
+        QwenGuardRunnable(stream_guard=stream_guard).invoke(chunk + AIMessageChunk(content="Done."))

@@ -25,7 +25,7 @@ from guard_core.moderator import strictest
 from guard_core.relay import Key, StreamRelay, cut_text
 from guard_core.steps import Flow, Step, arun, run
 
-from ._convert import chunk_text, messages_to_conversation
+from ._convert import args_text, chunk_text, json_source_text, messages_to_conversation
 from ._core import event_step
 
 def withheld(decision: Decision, tool_call_id: str = "", name: str | None = None, id: str | None = None) -> ToolMessage:
@@ -46,22 +46,29 @@ class ModelTurn:
     The relay (Stream guard) releases chunks as their text is judged; Gen judges the whole message
     before the gate's last chunks go out (Gen alone holds all of it). A block stops the model and
     ends the message with the refusal, or raises (``raise_on_block``); with ``hold_controversial`` a
-    blocked Controversial answer is read to its end and kept for a human instead. The arguments of a
-    ``structured`` tool call (``ToolStrategy``'s structured response) are the answer too: each is
-    judged as its own text (key ``("args", index)``) and dropped whole on a block.
+    blocked Controversial answer is read to its end and kept for a human instead. A structured
+    response is the answer too, judged by what it says once parsed (``json_text``), not by its JSON
+    source: the arguments of each ``structured`` tool call (``ToolStrategy``; key ``("args", index)``)
+    and, with ``json_content`` (``ProviderStrategy``), the message's JSON. Its JSON is judged whole
+    when the model is done, so from its first chunk on the message waits for that verdict, and it is
+    dropped whole on a block.
     """
 
     def __init__(self, moderator: Moderator, conversation: Conversation, *, raise_on_block: bool,
-                 hold_controversial: bool, structured: frozenset[str] = frozenset()) -> None:
+                 hold_controversial: bool, structured: frozenset[str] = frozenset(), json_content: bool = False) -> None:
         self.moderator, self.conversation = moderator, conversation
         self.raise_on_block, self.hold_controversial, self.structured = raise_on_block, hold_controversial, structured
+        self.json_content = json_content
         self.relay = StreamRelay(moderator, conversation, self._on_decision, record_reviews=not moderator.has_gen) \
             if moderator.has_stream else None
         self.chunks: list[AIMessageChunk] = []
         self.decisions: list[Decision] = []
         self.blocked = self.held = self.stopped = False  # stopped: the model's stream need not be read further
-        self.texts: dict[Key, str] = {}  # the answer's text per key, as fed
+        self._content = ""  # the message's text so far
         self._calls: dict[Any, bool] = {}  # tool-call chunk index -> whether it is a structured response
+        self._args: dict[Any, str] = {}  # structured call index -> its arguments' JSON so far
+        self._waiting: list[AIMessageChunk] = []  # judged so far, waiting for the structured answer's verdict
+        self._holding = json_content  # whether chunks wait for that verdict
         self._sent, self._reported = "", 0
 
     @property
@@ -85,12 +92,18 @@ class ModelTurn:
         """The stream is over: Gen's verdict on the whole message, then the Stream gate's last word."""
         if self.stopped:
             return []
+        texts = self._answer_texts()
         if self.moderator.has_gen and not self.blocked:
-            decisions = yield from self.moderator.answers_flow(self.conversation, list(self.texts.values()), None, "gen")
+            decisions = yield from self.moderator.answers_flow(self.conversation, list(texts.values()), None, "gen")
             for decision in filter(None, decisions):
                 self._record(decision)
-        out = [] if self.blocked else self.chunks if self.relay is None else (yield Step(self.relay.end, self.relay.aend))
-        out = yield from self._settle(out)
+        if self.blocked or self.relay is None:
+            out = [] if self.blocked else self.chunks
+        else:  # the structured answer's texts, whole, and the end of every gate
+            relay, held = self.relay, [(key, text) for key, text in texts.items() if key != 0 or self.json_content]
+            ended = [*relay.gates, *(key for key, _ in held)]
+            out = yield Step(lambda: relay.feed(None, held, ended), lambda: relay.afeed(None, held, ended))
+        out = yield from self._settle(out, end=True)
         return [*out, AIMessageChunk(content="", id=self.chunks[-1].id, chunk_position="last")] if self.held else out
 
     def close(self) -> None:
@@ -99,17 +112,25 @@ class ModelTurn:
             self.relay.close()
 
     def _texts(self, chunk: AIMessageChunk) -> list[tuple[Key, str]]:
-        """The text ``chunk`` adds per key: the message's (0) and each structured call's arguments."""
-        texts = [(0, text)] if (text := chunk_text(chunk)) else []
+        """The text ``chunk`` adds that is judged as it streams: the message's (key 0), unless it is
+        JSON; a structured call's arguments are kept for ``end``."""
+        text = chunk_text(chunk)
+        self._content += text
         for call in chunk.tool_call_chunks:
             index = call.get("index")
             if call.get("name"):
                 self._calls[index] = call["name"] in self.structured
-            if self._calls.get(index) and call.get("args"):
-                texts.append((("args", index), call["args"]))
-        for key, text in texts:
-            self.texts[key] = self.texts.get(key, "") + text
-        return texts
+            if self._calls.get(index):
+                self._holding = True
+                self._args[index] = self._args.get(index, "") + (call.get("args") or "")
+        return [(0, text)] if text and not self.json_content else []
+
+    def _answer_texts(self) -> dict[Key, str]:
+        """The whole answer's text per key: the message's (decoded when it is JSON) and each
+        structured call's decoded arguments."""
+        texts = {0: json_source_text(self._content) if self.json_content else self._content}
+        texts.update({("args", index): args_text(source) for index, source in self._args.items()})
+        return {key: text for key, text in texts.items() if text}
 
     def _record(self, decision: Decision) -> None:
         self.decisions.append(decision)
@@ -129,8 +150,14 @@ class ModelTurn:
             if decision.blocked and (drop_all or key not in held.ends):
                 held.item = None
 
-    def _settle(self, out: list[AIMessageChunk]) -> Flow[list[AIMessageChunk]]:
-        """Report new decisions; a block raises, or ends the message with the refusal."""
+    def _settle(self, out: list[AIMessageChunk], end: bool = False) -> Flow[list[AIMessageChunk]]:
+        """Hold what waits for the structured answer's verdict (released at the ``end``, dropped on a
+        block); report new decisions; a block raises, or ends the message with the refusal."""
+        if self.blocked:
+            self._waiting = []
+        elif self._holding:
+            self._waiting += out
+            out, self._waiting = (self._waiting, []) if end else ([], self._waiting)
         for decision in self.decisions[self._reported:]:
             yield event_step(decision)
         self._reported, self._sent = len(self.decisions), self._sent + "".join(map(chunk_text, out))

@@ -7,13 +7,15 @@ images, all follow ``guard_core.conversation`` (the same rule as every other ada
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Container, Mapping, Sequence
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, FunctionMessage, HumanMessage, SystemMessage
-from langchain_core.messages import ToolMessage, convert_to_messages
+from langchain_core.messages import (AIMessage, AIMessageChunk, BaseMessage, ChatMessage, FunctionMessage, HumanMessage,
+                                     SystemMessage, ToolMessage, convert_to_messages)
 from langchain_core.outputs import ChatGenerationChunk, GenerationChunk
 from langchain_core.prompt_values import PromptValue
+from langchain_core.utils.json import parse_partial_json
 
 from guard_core.conversation import Conversation, from_messages, from_text
 
@@ -23,9 +25,10 @@ _CHAT_ROLES = {"human": "user", "ai": "assistant"}
 
 
 def message_to_dict(message: BaseMessage) -> dict[str, Any]:
-    """One LangChain message as an OpenAI-style dict (assistant turns keep their text blocks only)."""
+    """One LangChain message as an OpenAI-style dict; an assistant turn (history, a prefill) has the
+    text of every block, read as an answer is (``chunk_text``), so none reaches the model unjudged."""
     if isinstance(message, AIMessage):
-        return {"role": "assistant", "content": message.text}
+        return {"role": "assistant", "content": chunk_text(message)}
     if isinstance(message, ChatMessage):
         role = _CHAT_ROLES.get(message.role.lower(), message.role.lower())
     else:
@@ -65,15 +68,25 @@ def to_conversation(value: Any, *, input_key: str | None = None) -> Conversation
 
 
 def to_answer(value: Any) -> tuple[Conversation, str]:
-    """A model output as (the conversation it answers, its text): strings and messages are a lone
-    answer (the question is not in view: see ``QwenGuardRunnable.around``), message lists end with it."""
+    """A model output as (the conversation it answers, its text: ``answer_text``): strings and
+    messages are a lone answer (the question is not in view: see ``QwenGuardRunnable.around``),
+    message lists end with it."""
     if isinstance(value, (str, BaseMessage)):
-        return Conversation(), chunk_text(value)
+        return Conversation(), answer_text(value)
     messages = _messages(value)
     if not messages or not isinstance(messages[-1], AIMessage):
         raise ValueError(f"cannot moderate a {type(value).__name__} as a model answer; pass a string, a message, "
                          "or messages ending with the AI message")
-    return (messages_to_conversation(messages[:-1]) if len(messages) > 1 else Conversation()), chunk_text(messages[-1])
+    return (messages_to_conversation(messages[:-1]) if len(messages) > 1 else Conversation()), answer_text(messages[-1])
+
+
+def answer_text(value: Any, *, json_content: bool = False) -> str:
+    """The whole text of a model output an explicit output guard is given, or of a structured
+    answer: its blocks' text (``chunk_text``; with ``json_content``, decoded when it is JSON) and the
+    decoded arguments of its tool calls, which a parser after the guard (``PydanticToolsParser``,
+    ``with_structured_output``) turns into the answer."""
+    text, args = chunk_text(value), tool_args_text(value) if isinstance(value, BaseMessage) else ""
+    return "\n".join(t for t in (json_source_text(text) if json_content else text, args) if t)
 
 
 def _texts(value: Any) -> list[str]:
@@ -89,7 +102,7 @@ def _texts(value: Any) -> list[str]:
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         if value and all(isinstance(v, BaseMessage) for v in value):
             messages_to_conversation(value)  # refuses what the guard cannot read (images, unknown roles)
-            return [m.text for m in value]
+            return [chunk_text(m) if isinstance(m, AIMessage) else m.text for m in value]
         return [t for v in value for t in _texts(v)]
     return []
 
@@ -103,18 +116,24 @@ def _messages(value: Any) -> list[BaseMessage] | None:
     return None
 
 
-#: Content blocks a model may answer with whose text a user may be shown, and the field holding it
-#: (OpenAI ``output_text`` / ``refusal``, LangChain v1 ``reasoning``, Anthropic ``thinking``; an
-#: OpenAI reasoning block holds its text in a ``summary`` list). ``BaseMessage.text`` keeps ``text`` only.
-_TEXT_FIELDS = {"text": "text", "output_text": "text", "text-plain": "text", "refusal": "refusal",
-                "reasoning": "reasoning", "thinking": "thinking"}
-#: Content blocks a model may answer with that carry media the guard cannot read.
+#: LangChain's standard (v1) content blocks that carry text a user may be shown, and the field
+#: holding it (a ``reasoning`` block may hold it in a ``summary`` list instead). ``content_blocks``
+#: maps provider formats onto these (``additional_kwargs["reasoning_content"]``, Bedrock and Anthropic
+#: blocks when the provider is known); ``BaseMessage.text`` keeps ``text`` only.
+_TEXT_FIELDS = {"text": "text", "text-plain": "text", "refusal": "refusal", "reasoning": "reasoning"}
+#: Standard blocks that carry no answer text (tool calls are an answer only as structured output:
+#: ``tool_args_text``) and media the guard cannot read.
+_NO_TEXT = frozenset({"tool_call", "tool_call_chunk", "invalid_tool_call", "server_tool_call", "server_tool_call_chunk",
+                      "server_tool_result"})
 _MEDIA_BLOCKS = frozenset({"image", "image_url", "input_image", "audio", "input_audio", "video", "file", "input_file"})
+#: Fields of a block LangChain does not know that hold ids or opaque payloads, not text.
+_OPAQUE_FIELDS = frozenset({"type", "id", "index", "signature", "data", "encrypted_content"})
 
 
 def chunk_text(chunk: Any) -> str:
     """The text a streamed chunk adds to the response (``""`` for tool-call or metadata chunks): the
-    text of every block a user may be shown (``_TEXT_FIELDS``), reasoning included.
+    text of every block of ``content_blocks`` a user may be shown, reasoning included; a block
+    LangChain does not know (``non_standard``) is judged by every string it holds.
 
     Media blocks in a model's answer raise ``ValueError``, as they do in input: Qwen3Guard reads
     text only, and passing them on would show the user something never judged.
@@ -122,7 +141,11 @@ def chunk_text(chunk: Any) -> str:
     if isinstance(chunk, (str, GenerationChunk)):
         return chunk if isinstance(chunk, str) else chunk.text
     if isinstance(chunk, (BaseMessage, ChatGenerationChunk)):
-        return token_text(getattr(chunk, "message", chunk).content)
+        message = getattr(chunk, "message", chunk)
+        _refuse_media(message.content)
+        blocks = message.content_blocks
+        _refuse_media(blocks)
+        return "".join(map(_block_text, blocks))
     raise ValueError(f"cannot moderate a stream of {type(chunk).__name__}; expected strings or message chunks")
 
 
@@ -136,19 +159,77 @@ def _refuse_media(content: Any) -> None:
 
 
 def token_text(token: str | list[str | dict[str, Any]]) -> str:
-    """The text of a message's content, or of an ``on_llm_new_token`` token (a list of content blocks
-    for v1 models): every text-bearing block, media refused (see ``chunk_text``)."""
-    if isinstance(token, str):
-        return token
-    _refuse_media(token)
-    return "".join(map(_block_text, token))
+    """The text of an ``on_llm_new_token`` token (a list of content blocks for v1 models), read
+    like a message's (see ``chunk_text``)."""
+    return token if isinstance(token, str) else chunk_text(AIMessageChunk(content=token))
 
 
-def _block_text(block: str | dict[str, Any]) -> str:
-    """The text of one content block (``""`` for tool-call and other blocks that carry none)."""
-    if isinstance(block, str):
-        return block
-    text = block.get(_TEXT_FIELDS.get(block.get("type"), ""))
-    summary = block.get("summary") if block.get("type") == "reasoning" else None
+def _block_text(block: Mapping[str, Any]) -> str:
+    """The text of one standard content block."""
+    kind = block.get("type")
+    if kind == "non_standard":
+        return "\n".join(_strings(block.get("value"), skip=_OPAQUE_FIELDS))
+    if kind in _NO_TEXT:
+        return ""
+    text = block.get(_TEXT_FIELDS.get(kind, ""))
+    summary = block.get("summary") if kind == "reasoning" else None
     parts = [text, *(s.get("text") for s in summary if isinstance(s, Mapping))] if isinstance(summary, list) else [text]
     return "".join(p for p in parts if isinstance(p, str))
+
+
+def _strings(value: Any, *, keys: bool = False, skip: Container[str] = ()) -> list[str]:
+    """Every non-empty string in ``value`` (nested dicts and lists), in order; with ``keys`` the
+    dicts' keys too, each before its value; ``skip`` leaves out the fields of those names."""
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, Mapping):
+        return [t for k, v in value.items() if k not in skip for t in ([str(k)] if keys else []) + _strings(v, keys=keys, skip=skip)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _strings(v, keys=keys, skip=skip)]
+    return []
+
+
+def json_text(value: Any) -> str:
+    """What parsed JSON says: its object keys and string values, one a line. Structured output is
+    judged by this, not by its JSON source, where escapes (``\\u0020``, or every non-ASCII letter
+    once ``json.dumps``-ed) would hide the words its reader gets."""
+    return "\n".join(_strings(value, keys=True))
+
+
+def json_source_text(source: str) -> str:
+    """The text of a whole JSON document (``json_text``), read strictly as ``ProviderStrategy``
+    reads it; ``source`` itself when it is not one (it then reaches the reader as it is)."""
+    try:
+        return json_text(json.loads(source))
+    except ValueError:
+        return source
+
+
+def args_text(source: str, *, whole: bool = True) -> str:
+    """The text of a tool call's streamed arguments, read as LangChain reads them (a cut document
+    is completed): ``json_text`` of what it parses. A ``whole`` source that is not strict JSON is
+    judged as parsed *and* as sent (the lenient parser drops what follows the document); a partial
+    one that does not parse yet has no text yet."""
+    try:
+        strict = json.loads(source)
+        return json_text(strict)
+    except ValueError:
+        pass
+    try:
+        parsed = json_text(parse_partial_json(source)) if source else ""
+    except ValueError:
+        parsed = ""
+    return "\n".join(t for t in (parsed, source) if t) if whole else parsed
+
+
+def tool_args_text(message: BaseMessage, names: Container[str] | None = None, *, whole: bool = True) -> str:
+    """The text of the arguments of a message's tool calls (those named in ``names``, or all): the
+    answer when the calls are structured output (``with_structured_output``, a parser after the guard)."""
+    chunks = getattr(message, "tool_call_chunks", None)
+    if chunks:
+        sources = [c.get("args") or "" for c in chunks if names is None or c.get("name") in names]
+        return "\n".join(t for s in sources if (t := args_text(s, whole=whole)))
+    calls = [c for c in getattr(message, "tool_calls", None) or [] if names is None or c.get("name") in names]
+    invalid = [c for c in getattr(message, "invalid_tool_calls", None) or [] if names is None or c.get("name") in names]
+    texts = [json_text(c.get("args")) for c in calls] + [args_text(c.get("args") or "", whole=whole) for c in invalid]
+    return "\n".join(t for t in texts if t)

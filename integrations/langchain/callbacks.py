@@ -7,12 +7,18 @@ hold-back and the stream stops at the chunk whose tokens make the policy block (
 once it is complete, usually when the next chunk starts); ``QwenGuardRunnable`` after the model
 releases only judged text. LangChain swallows async handlers' errors on sync calls: use the sync
 handler with ``stream`` / ``invoke``, the async one with ``astream`` / ``ainvoke``.
+
+A call LangChain marks as structured output (``with_structured_output``: ``ls_structured_output_format``
+in its options) answers with tool-call arguments or JSON content: the answer is judged by what it
+says once parsed (``answer_text``), its arguments as they stream, and the whole decoded answer at
+the end when the streamed text was not all of it.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Self
 from uuid import UUID
 
@@ -27,7 +33,7 @@ from guard_core.conversation import Conversation, from_text
 from guard_core.gate import StreamGate
 from guard_core.steps import Flow, Step, arun, run
 
-from ._convert import chunk_text, messages_to_conversation, token_text
+from ._convert import answer_text, chunk_text, messages_to_conversation, token_text, tool_args_text
 from ._core import GUARD_EVENT
 
 
@@ -39,6 +45,10 @@ class _Run:
     gate: StreamGate | None = None
     streamed: bool = False
     batch: Any = None  # the ``options`` dict the prompts of one multi-prompt call share (see ``_start``)
+    structured: bool = False  # the call is structured output (see the module docstring)
+    message: Any = None  # a structured call's message so far
+    args: str = ""  # the text of its arguments pushed so far
+    pushed: str = ""  # all text pushed into the gate so far
 
 
 def _calling_manager(handler: BaseCallbackHandler) -> BaseCallbackManager | BaseRunManager | None:
@@ -98,7 +108,8 @@ class _GuardHandlerBase(BaseCallbackHandler):
         its ``options`` dict, which marks them.
         """
         batch = kw.get("options") if (kw.get("batch_size") or 1) > 1 else None
-        self._runs[run_id] = state = _Run(Conversation(), batch=batch)
+        structured = bool((kw.get("options") or {}).get("ls_structured_output_format"))
+        self._runs[run_id] = state = _Run(Conversation(), batch=batch, structured=structured)
         try:
             state.conversation = from_text(prompt) if isinstance(prompt, str) else messages_to_conversation(prompt)
             result = yield from self.moderator.prompt_flow(state.conversation, str(run_id), keep_gate=True)
@@ -114,20 +125,31 @@ class _GuardHandlerBase(BaseCallbackHandler):
                     self._close(other)
             raise
 
-    def _token(self, run_id: UUID, delta: str) -> Flow[None]:
-        """Push a token into the run's gate; a block raises before LangChain yields the chunk."""
+    def _token(self, run_id: UUID, token: Any, chunk: Any) -> Flow[None]:
+        """Push a token's text (and a structured call's new argument text) into the run's gate; a
+        block raises before LangChain yields the chunk."""
         state = self._runs.get(run_id)
-        if state is None or not delta or not self.moderator.has_stream:
+        if state is None or not self.moderator.has_stream:
+            return
+        delta = chunk_text(chunk) if chunk is not None else token_text(token)
+        message = getattr(chunk, "message", None)
+        if state.structured and isinstance(message, BaseMessage):
+            state.message = message if state.message is None else state.message + message
+            args = tool_args_text(state.message, whole=False)
+            if args.startswith(state.args):  # else a cut escape parsed shorter: wait for the next chunk
+                delta, state.args = delta + args[len(state.args):], args
+        if not delta:
             return
         if state.gate is None:
             state.gate = yield from self.moderator.gate_flow(state.conversation, 0)
-        state.streamed, gate = True, state.gate
+        state.streamed, state.pushed, gate = True, state.pushed + delta, state.gate
         yield Step(lambda: gate.push(delta), lambda: gate.apush(delta))
         if gate.blocked:
             yield from self._publish(run_id, (yield from self.moderator.stream_decision_flow(gate, state.conversation, str(run_id))))
 
     def _end(self, run_id: UUID, response: LLMResult) -> Flow[None]:
-        """Decide a streamed answer, or judge the whole answer (Gen if configured; ``confirm_with_gen`` re-checks)."""
+        """Decide a streamed answer, or judge the whole answer (Gen if configured; ``confirm_with_gen``
+        re-checks; a structured answer whose streamed text was not all of it is judged whole too)."""
         state = self._runs.get(run_id)
         if state is None:
             return
@@ -137,8 +159,9 @@ class _GuardHandlerBase(BaseCallbackHandler):
                 yield Step(state.gate.finish, state.gate.afinish)
                 decisions.append((yield from self.moderator.stream_decision_flow(
                     state.gate, state.conversation, str(run_id), record_review=not self.confirm_with_gen)))
-            if not state.streamed or self.confirm_with_gen:
-                texts = [chunk_text(getattr(g, "message", g.text)) for g in response.generations[0]] if response.generations else []
+            read = partial(answer_text, json_content=True) if state.structured else chunk_text
+            texts = [read(getattr(g, "message", g.text)) for g in response.generations[0]] if response.generations else []
+            if not state.streamed or self.confirm_with_gen or (state.structured and texts != [state.pushed]):
                 engine = "gen" if self.confirm_with_gen else None
                 decisions += yield from self.moderator.answers_flow(state.conversation, texts, str(run_id), engine)
             for decision in filter(None, decisions):
@@ -184,7 +207,7 @@ class QwenGuardCallbackHandler(_GuardHandlerBase):
 
     def on_llm_new_token(self, token: str | list[str | dict[str, Any]], *, run_id: UUID, **kw: Any) -> None:
         """Judge the token before its chunk is yielded."""
-        run(self._token(run_id, token_text(token)))
+        run(self._token(run_id, token, kw.get("chunk")))
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kw: Any) -> None:
         """Decide the answer once the model has finished."""
@@ -209,7 +232,7 @@ class AsyncQwenGuardCallbackHandler(_GuardHandlerBase, AsyncCallbackHandler):
 
     async def on_llm_new_token(self, token: str | list[str | dict[str, Any]], *, run_id: UUID, **kw: Any) -> None:
         """Judge the token before its chunk is yielded."""
-        await arun(self._token(run_id, token_text(token)))
+        await arun(self._token(run_id, token, kw.get("chunk")))
 
     async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kw: Any) -> None:
         """Decide the answer once the model has finished."""

@@ -171,7 +171,8 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
     def _guarded(self, request: ModelRequest[ContextT]) -> GuardedChatModel:
         turn = partial(ModelTurn, self.moderator, raise_on_block=self.exit_behavior == "error",
                        hold_controversial=self.on_controversial == "interrupt",
-                       structured=_structured_tools(request.response_format))
+                       structured=_structured_tools(request.response_format),
+                       json_content=isinstance(request.response_format, ProviderStrategy))
         return GuardedChatModel(inner=request.model, open_turn=turn)
 
     def _answer(self, response: ModelResponse[Any], model: GuardedChatModel, request: ModelRequest[ContextT]) -> Any:
@@ -188,7 +189,7 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         answer = next(m for m in response.result if isinstance(m, AIMessage))
         update: dict[str, Any] = {"response_metadata": _noted(answer, decision.to_dict())}
         if decision.blocked:  # the results LangChain made of its tool calls (a structured response) go too
-            update.update(content=chunk_text(answer), tool_calls=[], invalid_tool_calls=[])
+            update.update(content=chunk_text(answer), additional_kwargs={}, tool_calls=[], invalid_tool_calls=[])
         dropped = {call["id"] for call in answer.tool_calls} if decision.blocked else set()
         result = [answer.model_copy(update=update) if m is answer else m for m in response.result
                   if not (isinstance(m, ToolMessage) and m.tool_call_id in dropped)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import operator
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
+from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any, Literal, Optional, Self
 
@@ -28,7 +29,7 @@ from guard_core.gate import StreamGate
 from guard_core.relay import StreamRelay, cut_text
 from guard_core.steps import Flow, Step, arun, run
 
-from ._convert import chunk_text, to_answer, to_conversation
+from ._convert import answer_text, chunk_text, to_answer, to_conversation, tool_args_text
 from ._core import event_step
 
 _MODERATOR_OPTIONS = frozenset({"stream_guard", "gen_guard", "policy", "prompt_check", "holdback_tokens", "refusal", "review"})
@@ -129,14 +130,14 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
         if relay is None:
             yield refusal
             return
-        source, last = (chunks if self.chain is None else self.chain.stream(value, config)), None
+        source, last, calls = (chunks if self.chain is None else self.chain.stream(value, config)), None, _ToolCalls()
         with closing(relay):
             for last in source:
-                yield from run(self._pass_on(relay, last, config))
+                yield from run(self._pass_on(relay, calls, last, config))
                 if relay.decisions:
                     break
             else:
-                yield from run(self._pass_on(relay, last, config, end=True))
+                yield from run(self._pass_on(relay, calls, last, config, end=True))
             if relay.blocked and self.on_violation == "pass":
                 yield from source
 
@@ -149,15 +150,15 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
         if relay is None:
             yield refusal
             return
-        source, last = (chunks if self.chain is None else self.chain.astream(value, config)), None
+        source, last, calls = (chunks if self.chain is None else self.chain.astream(value, config)), None, _ToolCalls()
         with closing(relay):
             async for last in source:
-                for out in await arun(self._pass_on(relay, last, config)):
+                for out in await arun(self._pass_on(relay, calls, last, config)):
                     yield out
                 if relay.decisions:
                     break
             else:
-                for out in await arun(self._pass_on(relay, last, config, end=True)):
+                for out in await arun(self._pass_on(relay, calls, last, config, end=True)):
                     yield out
             if relay.blocked and self.on_violation == "pass":
                 async for rest in source:
@@ -177,7 +178,7 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
                 return refusal
             chain, inputs = self.chain, value
             value = yield Step(lambda: chain.invoke(inputs, config), lambda: chain.ainvoke(inputs, config))
-            answer = chunk_text(value)
+            answer = answer_text(value)
         (decision,) = yield from self.moderator.answers_flow(conversation, [answer], rid)
         return (yield from self._outcome(value, decision, config))
 
@@ -209,13 +210,25 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
                 return None, refusal
         return StreamRelay(self.moderator, conversation, self._on_decision, first_gate=gate, request_id=rid), None
 
-    def _pass_on(self, relay: StreamRelay[Any], chunk: Any, config: RunnableConfig, end: bool = False) -> Flow[list[Any]]:
-        """Feed one chunk (at ``end``: finish the stream) and return what may go out, the decision applied."""
-        item, texts, ended = (None, [], [0]) if end else (chunk, [(0, chunk_text(chunk))], [])
+    def _pass_on(self, relay: StreamRelay[Any], calls: _ToolCalls, chunk: Any, config: RunnableConfig,
+                 end: bool = False) -> Flow[list[Any]]:
+        """Feed one chunk (at ``end``: the decoded arguments of the answer's tool calls, whole, and
+        finish the stream) and return what may go out, the decision applied."""
+        if end:
+            args = tool_args_text(calls.message) if calls.message is not None else ""
+            item, texts, ended = None, [(0, "\n" + args)] if args else [], [0]
+        else:
+            item, texts, ended = chunk, [(0, chunk_text(chunk))], []
+            if getattr(chunk, "tool_call_chunks", None):
+                calls.message = chunk if calls.message is None else calls.message + chunk
         out = yield Step(lambda: relay.feed(item, texts, ended), lambda: relay.afeed(item, texts, ended))
+        if calls.message is not None:  # from the first tool call on, chunks wait for their arguments' verdict
+            calls.waiting, out = [*calls.waiting, *out], []
         decision = relay.decisions.get(0)
         if decision is None:
             return out
+        blocked = decision.blocked and self.on_violation != "pass"
+        out, calls.waiting = [*(_without_calls(c) if blocked else c for c in calls.waiting), *out], []
         # The refusal, or an empty chunk carrying the decision, follows what was released.
         empty = AIMessageChunk(content="") if isinstance(chunk, BaseMessageChunk) else ""
         extra = yield from self._outcome(empty, decision, config, relay.released(0))
@@ -243,6 +256,23 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
         return text if isinstance(value, str) else message(content=text, response_metadata={METADATA_KEY: decision.to_dict()})
 
 
+@dataclass
+class _ToolCalls:
+    """The tool calls of a streamed answer: a parser after the guard makes their arguments the
+    answer, so they are judged whole at the end (``answer_text``), and the chunks from the first
+    of them on wait for that verdict."""
+
+    message: Any = None  # the tool-call chunks so far, added up
+    waiting: list[Any] = field(default_factory=list)
+
+
+def _without_calls(chunk: Any) -> Any:
+    """A chunk of a blocked answer without tool calls (their arguments were never judged safe) or
+    fields beside the content (``reasoning_content``)."""
+    return chunk.model_copy(update={"tool_call_chunks": [], "tool_calls": [], "invalid_tool_calls": [],
+                                    "additional_kwargs": {}}) if isinstance(chunk, AIMessageChunk) else chunk
+
+
 def _with_decision(value: Any, decision: Decision) -> Any:
     """``value`` with the decision in its metadata (messages only: other values cannot carry it)."""
     if isinstance(value, BaseMessage):
@@ -255,7 +285,7 @@ def _cut(chunk: Any, keep: int) -> Any:
     text = chunk_text(chunk)
     if keep == 0 or keep >= len(text):
         return None if keep == 0 else chunk
-    return chunk[:keep] if isinstance(chunk, str) else chunk.model_copy(update={"content": text[:keep]})
+    return chunk[:keep] if isinstance(chunk, str) else _without_calls(chunk).model_copy(update={"content": text[:keep]})
 
 
 def _join(chunks: list[Any]) -> Any:
