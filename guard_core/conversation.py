@@ -101,11 +101,9 @@ def from_messages(messages: Iterable[Any]) -> Conversation:
             raise ValueError(f"message {i} is {type(raw).__name__}, expected a dict with 'role' and 'content'")
         role, where = message.get("role"), f"message {i}"
         refuse_case_variants(message, where=where)
-        if not isinstance(role, str):
-            raise ValueError(f"{where} has role {role!r}; expected system, developer, user, assistant, tool or function")
         if role == "assistant":
             turns.append(("assistant", _assistant_text(message, where)))
-        elif role in _SYSTEM_ROLES or role == "user" or role in _TOOL_ROLES:
+        elif isinstance(role, str) and (role in _SYSTEM_ROLES or role == "user" or role in _TOOL_ROLES):
             turns.append((_kind(role), content_to_text(message.get("content"), where=where)))
         else:
             raise ValueError(f"{where} has role {role!r}; expected system, developer, user, assistant, tool or function")
