@@ -34,7 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config
 
 from guard_core import GenGuard, RiskLevel
-from guard_core.gen_template import SAFE_RESPONSE_ANSWER, instruction_pieces, render_pieces
+from guard_core.gen_template import ANSWER_PREFIX, SAFE_RESPONSE_ANSWER, instruction_pieces, render_pieces
 from guard_core.loading import pick_device, pick_dtype
 from guard_core.messages import normalize_messages
 from guard_core.testing import build_qwen3_tokenizer
@@ -121,7 +121,7 @@ def raw_forward_figures(model: PreTrainedModel, guard: GenGuard, conversations: 
                         repeats: int) -> dict[str, object]:
     """For each mode: prefix and computed token counts, and full forward / cached-rest forward time."""
     result: dict[str, object] = {}
-    answer = guard.tokens.encode_text("Safety:")
+    answer = guard.tokens.encode_text(ANSWER_PREFIX)
     for name, conversation in conversations.items():
         ids = guard.tokens.encode_pieces(render_pieces(normalize_messages(conversation))) + answer
         prefix = len(guard.tokens.encode_pieces(instruction_pieces(name == "response")))
