@@ -147,8 +147,15 @@ def check_timeout(value: object, what: str = "timeout") -> float:
     return float(value)
 
 
+def check_count(value: object, name: str, *, minimum: int = 1, maximum: int | None = None, hint: str = "") -> int:
+    """The one check of a count argument (sessions, attempts, choices, tokens): an int, not a bool,
+    from ``minimum`` (to ``maximum``); ``ValueError`` names the argument and ``hint`` what a bound means."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise ValueError(f"{name} must be an int {bound}{hint}, got {value!r}")
+    return value
+
+
 def check_holdback_tokens(value: object) -> int:
     """The one check of a hold-back window (tokens kept back until judged): an int >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"holdback_tokens must be an int >= 0 (0 releases text before it is judged), got {value!r}")
-    return value
+    return check_count(value, "holdback_tokens", minimum=0, hint=" (0 releases text before it is judged)")

@@ -4,8 +4,8 @@ Qwen3Guard knows one leading system turn, user turns and assistant turns; it jud
 turn (prompt moderation) or the last assistant turn (response moderation). Applications send
 more: developer messages, tool and function results, images, reasoning, roles nobody has heard
 of. Every adapter maps its framework's messages to OpenAI-style dicts (or Responses input items)
-and calls ``from_messages`` / ``from_responses_input`` here, so one conversation gets one verdict
-in every adapter. The rule (the README's conversation table):
+and calls ``from_messages`` / ``from_responses_input`` (a whole OpenAI request body: ``from_request``)
+here, so one conversation gets one verdict in every adapter. The rule (the README's conversation table):
 
 - leading ``system`` / ``developer`` turns: joined into the guard's one system turn;
 - ``user``: a user turn; the last one is the prompt being judged;
@@ -17,6 +17,7 @@ in every adapter. The rule (the README's conversation table):
 - ``tool`` / ``function`` results and Responses ``*_output`` items: untrusted context;
 - ``system`` / ``developer`` turns after the first user or assistant turn: untrusted context
   (instructions inserted mid-conversation, often retrieved text);
+- the text of a request's tool definitions and output schema (``definition_texts``): untrusted context;
 - image, audio and file parts: ``ValueError`` (the guard reads text; dropping them would let them
   through unjudged); any other role or item type: ``ValueError``, never forwarded unjudged.
 
@@ -29,9 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from .messages import Message, check_text, content_to_text, refuse_case_variants
 
@@ -148,6 +150,66 @@ def from_responses_input(input: Any, instructions: str | None = None, prompt: An
             elif kind not in _MODEL_ACTION_ITEMS:
                 raise ValueError(f"{where} has type {kind!r}, which Qwen3Guard cannot judge; remove it or send it as text")
     return _fold(turns)
+
+
+def from_request(body: Mapping[str, Any], endpoint: Literal["chat", "responses"]) -> Conversation:
+    """The guard's view of an OpenAI request body: a chat completion's ``messages``, or a Responses
+    request's ``input``, ``instructions`` and reusable ``prompt``; the text of its tool definitions
+    and output schema (``definition_texts``) joins the untrusted context."""
+    if endpoint == "chat":
+        conversation = from_messages(body.get("messages"))
+    else:
+        instructions = body.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise ValueError(f"'instructions' must be a string, got {type(instructions).__name__}")
+        conversation = from_responses_input(body.get("input"), instructions, body.get("prompt"))
+    definitions = definition_texts(body)
+    return replace(conversation, context=(*conversation.context, *definitions)) if definitions else conversation
+
+
+#: Keys whose string values are JSON-schema or API vocabulary (``"string"``, ``"json_schema"``) or an
+#: identifier the API restricts to ``[a-zA-Z0-9_-]`` (``name``), not text anyone wrote.
+_VOCABULARY_KEYS = frozenset({"type", "format", "$ref", "$schema", "verbosity", "name"})
+#: Schema keys whose own keys are names the client chose (property names), read by the model like any text.
+_NAMING_KEYS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
+#: Credentials of remote tools (MCP): sent to the tool's server, never to the model, so never to the guard.
+_SECRET_KEYS = frozenset({"authorization", "headers"})
+
+
+def definition_texts(body: Mapping[str, Any]) -> list[str]:
+    """The text in a request's tool definitions and structured-output schema: per definition, its
+    descriptions as one text and the rest of its free text (property names, ``enum``, ``default``,
+    examples, titles) as another.
+
+    The client writes them and the model reads them (chat templates render the whole definition
+    into its prompt), so like a tool result they are untrusted context: an instruction injected
+    anywhere in a definition is judged. Descriptions are prose and are judged as such, apart from
+    the short values around them. Chat has ``tools``, legacy ``functions`` and ``response_format``;
+    Responses has ``tools`` and ``text.format``. The walk is iterative, since a schema can nest as
+    deep as JSON allows.
+    """
+    definitions = [(f"{field}[{i}]", d) for field in ("tools", "functions") if isinstance(body.get(field), list)
+                   for i, d in enumerate(body[field])]
+    definitions += [(field, body.get(field)) for field in ("response_format", "text")]
+    texts = []
+    for where, definition in definitions:
+        descriptions: list[str] = []
+        values: list[str] = []
+        pending: deque[tuple[str, Any]] = deque([("", definition)])
+        while pending:
+            key, node = pending.popleft()
+            if isinstance(node, str) and key not in _VOCABULARY_KEYS:
+                (descriptions if key == "description" else values).append(node)
+            elif isinstance(node, Mapping):
+                values += [k for k in node if key in _NAMING_KEYS and isinstance(k, str)]
+                pending.extend((k if isinstance(k, str) else "", v) for k, v in node.items() if k not in _SECRET_KEYS)
+            elif isinstance(node, list):
+                pending.extend((key, item) for item in node)
+        for found in (descriptions, values):
+            text = check_text("\n".join(found), where=f"the text in {where!r}")
+            if text.strip():
+                texts.append(text)
+    return texts
 
 
 def _kind(role: str) -> str:

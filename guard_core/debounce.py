@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .config import DEFAULT_CONSECUTIVE
+from .config import DEFAULT_CONSECUTIVE, check_count
 from .types import RiskLevel, TokenVerdict, Verdict
 
 __all__ = ["DEFAULT_CONSECUTIVE", "Debounce", "is_flagged"]
@@ -31,9 +31,7 @@ class Debounce:
     """
 
     def __init__(self, consecutive: int = DEFAULT_CONSECUTIVE, flags: Callable[[TokenVerdict], bool] = is_flagged) -> None:
-        if isinstance(consecutive, bool) or not isinstance(consecutive, int) or consecutive < 1:
-            raise ValueError(f"consecutive must be an integer >= 1, got {consecutive!r}")
-        self.consecutive = consecutive
+        self.consecutive = check_count(consecutive, "consecutive")
         self.flags = flags
         self.run: list[TokenVerdict] = []
         self.trigger: TokenVerdict | None = None

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from .backends import CONFIGURED, GenBackend, default_policy, gen_backend, stream_backend
-from .config import DEFAULT_CONSECUTIVE, DEFAULT_REFUSAL, Settings, check_holdback_tokens
+from .config import DEFAULT_CONSECUTIVE, DEFAULT_REFUSAL, Settings, check_count, check_holdback_tokens
 from .conversation import Conversation
 from .messages import Message
 from .policy import Action, Policy
@@ -123,8 +123,7 @@ class Moderator:
                 raise TypeError(f"{name} must be a guard_core.Policy, got {type(given).__name__}")
         if not isinstance(refusal, str) or not refusal.strip():
             raise ValueError("refusal must be a non-empty string")
-        if isinstance(context_cache_size, bool) or not isinstance(context_cache_size, int) or context_cache_size < 0:
-            raise ValueError(f"context_cache_size must be an int >= 0 (0 disables the cache), got {context_cache_size!r}")
+        check_count(context_cache_size, "context_cache_size", minimum=0, hint=" (0 disables the cache)")
         self.settings = settings or Settings.from_env()
         self.policy = policy or default_policy(self.settings)
         self.prompt_policy = prompt_policy or self.policy

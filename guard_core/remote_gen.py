@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .config import check_timeout
+from .config import check_count, check_timeout
 from .gen_parser import parse_answer
 from .gen_template import ANSWER_PREFIX, render_pieces
 from .messages import Message, MessageLike, moderation_role, normalize_batch, normalize_messages
@@ -236,9 +236,8 @@ class RemoteGenGuard:
         if not urls:
             raise ValueError("no guard server URL given; pass base_urls=['http://host:8000/v1'] or set QWEN3GUARD_GEN_URL")
         timeout = check_timeout(timeout)
-        for name, value in (("max_concurrency", max_concurrency), ("max_new_tokens", max_new_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_count(max_concurrency, "max_concurrency")
+        check_count(max_new_tokens, "max_new_tokens")
         if not 0 <= top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be in 0..20 (the OpenAI API limit), got {top_logprobs!r}")
         self._servers = [_Server(normalize_base_url(u), CircuitBreaker(circuit_failures, circuit_reset_s)) for u in urls]

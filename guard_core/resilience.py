@@ -35,6 +35,8 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from .config import check_count
+
 logger = logging.getLogger("guard_core.resilience")
 
 CircuitState = Literal["closed", "open", "half-open"]
@@ -123,9 +125,7 @@ class RetryPolicy:
     deadline_s: float | None = None
 
     def __post_init__(self) -> None:
-        attempts = self.max_attempts
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise ValueError(f"max_attempts must be an int >= 1, got {attempts!r}")
+        check_count(self.max_attempts, "max_attempts")
         for name in ("backoff_s", "max_backoff_s", "max_retry_after_s"):
             if not _finite_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a finite number of seconds >= 0, got {getattr(self, name)!r}")

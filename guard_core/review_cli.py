@@ -28,11 +28,7 @@ EXIT_OK, EXIT_ERROR = 0, 2
 def _limit(text: str) -> int:
     """``--limit``: the queue's own check, as a usage error (a huge number would overflow the database)."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"limit must be a positive integer, got {text!r}") from None
-    try:
-        return check_limit(value)
+        return check_limit(int(text) if text.strip().lstrip("+-").isdigit() else text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

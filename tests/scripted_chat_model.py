@@ -38,8 +38,9 @@ class ScriptedChatModel(BaseChatModel):
     ``script`` maps a user prompt to the turns the model gives after it (a tool-calling turn, then
     the answer once the tool result is in). ``max_chunk`` bounds a chunk's length in characters;
     ``delay_s`` paces each chunk like a real model. ``calls`` records the prompt of every model
-    call and ``max_in_flight`` the most streams open at once; with ``rendezvous=n`` an async stream
-    waits until n have started, so concurrent runs provably overlap.
+    call, ``bound`` the names of the tools bound for it and ``max_in_flight`` the most streams open
+    at once; with ``rendezvous=n`` an async stream waits until n have started, so concurrent runs
+    provably overlap.
     """
 
     script: dict[str, list[AIMessage]]
@@ -47,6 +48,7 @@ class ScriptedChatModel(BaseChatModel):
     max_chunk: int = 6
     delay_s: float = 0.0
     calls: list[str] = Field(default_factory=list)
+    bound: list[list[str]] = Field(default_factory=list)
     max_in_flight: int = 0
     rendezvous: int = 0
     block: tuple[str, str] | None = None
@@ -62,7 +64,8 @@ class ScriptedChatModel(BaseChatModel):
         return "scripted"
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
-        """The script decides which tools are called, so binding changes nothing."""
+        """The script decides which tools are called, so binding only records the tools' names (``bound``)."""
+        self.bound.append([getattr(t, "name", None) or t.get("name") for t in tools])
         return self
 
     def turn(self, messages: list[BaseMessage]) -> AIMessage:

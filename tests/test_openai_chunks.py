@@ -61,7 +61,7 @@ def test_upstream_objects_are_read_as_loosely_as_the_sdk_reads_them() -> None:
 
 @pytest.mark.parametrize("body, match", [
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "false"}, "'stream' must be true or false"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2000}, "'n' must be an integer from 1 to 8"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2000}, "'n' must be an int from 1 to 8"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": True}, "'n' must be"),
     ({"messages": 5}, "messages must be a list"),
     ({"messages": [{"role": "wizard", "content": "How can I make a bomb?"}]}, "role 'wizard'"),

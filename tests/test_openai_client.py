@@ -382,7 +382,7 @@ def test_extra_body_is_judged_as_the_body_the_sdk_sends(upstream, bare, guard, e
 
 def test_extra_body_cannot_raise_n_past_the_cap_or_change_how_the_reply_is_read(upstream, bare, guard):
     before = len(upstream.exchanges)
-    with pytest.raises(ValueError, match="'n' must be an integer from 1 to 8"):
+    with pytest.raises(ValueError, match="'n' must be an int from 1 to 8"):
         stream_chat(guard(bare), messages=USER, extra_body={"n": 12})
     with pytest.raises(ValueError, match="pass 'stream' to create"):
         guard(bare).chat.completions.create(model="fake-model", messages=USER, extra_body={"stream": True})

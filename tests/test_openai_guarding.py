@@ -52,7 +52,7 @@ async def test_an_unknown_role_is_a_clear_error_in_both_clients(upstream, stream
     aclient = guard_openai(AsyncOpenAI(base_url=upstream.base_url, api_key="k"), stream_guard=stream_guard, gen_guard=gen_guard)
     with pytest.raises(ValueError, match="'stream' must be true or false"):
         await aclient.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}], stream="false")
-    with pytest.raises(ValueError, match="'n' must be an integer from 1 to 8"):
+    with pytest.raises(ValueError, match="'n' must be an int from 1 to 8"):
         await aclient.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}], n=2000)
     assert len(upstream.exchanges) == before
 

@@ -107,10 +107,10 @@ def test_the_environment_variable_names_the_database(db: Path, capsys: pytest.Ca
     (["show", "0123"], "no review item '0123'"),
     (["resolve", "0123", "maybe"], "invalid choice: 'maybe'"),
     (["list", "--since", "yesterday"], "'yesterday' is not a date"),
-    (["list", "--limit", "0"], "limit must be a positive integer"),
-    (["list", "--limit", "99999999999999999999"], "limit must be a positive integer no larger than 9223372036854775807"),
-    (["list", "--limit", "-5"], "limit must be a positive integer"),
-    (["list", "--limit", "lots"], "limit must be a positive integer, got 'lots'"),
+    (["list", "--limit", "0"], "limit must be an int from 1 to 9223372036854775807, got 0"),
+    (["list", "--limit", "99999999999999999999"], "limit must be an int from 1 to 9223372036854775807"),
+    (["list", "--limit", "-5"], "limit must be an int from 1 to 9223372036854775807, got -5"),
+    (["list", "--limit", "lots"], "limit must be an int from 1 to 9223372036854775807, got 'lots'"),
     (["list", "--since", "0001-01-01T00:00:00+14:00"], "is out of range once converted to UTC"),
     (["stats", "--since", "9999-12-31T23:59:59-14:00"], "is out of range once converted to UTC"),
     (["list", "--status", "open"], "invalid choice: 'open'"),
@@ -162,7 +162,7 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(db: Path, comman
 def test_usage_errors_name_the_subcommand_to_ask_for_help(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--db", str(db), "list", "--limit", "99999999999999999999")
     assert code == 2 and out == "" and "Traceback" not in err
-    assert err == (f"{PREFIX}argument --limit: limit must be a positive integer no larger than 9223372036854775807, "
+    assert err == (f"{PREFIX}argument --limit: limit must be an int from 1 to 9223372036854775807, "
                    "got 99999999999999999999 (see qwen3guard review list --help)\n")
     assert run(capsys, "--db", str(db), "stats", "--bogus")[2] == f"{PREFIX}unrecognized arguments: --bogus (see qwen3guard review --help)\n"
 
@@ -170,6 +170,6 @@ def test_usage_errors_name_the_subcommand_to_ask_for_help(db: Path, capsys: pyte
 def test_the_queue_refuses_a_limit_the_database_cannot_take(db: Path) -> None:
     with ReviewQueue(db) as queue:
         for limit in (10**20, 2**63, 0, -1, True, 2.0):
-            with pytest.raises(ValueError, match="limit must be a positive integer no larger than 9223372036854775807"):
+            with pytest.raises(ValueError, match="limit must be an int from 1 to 9223372036854775807"):
                 queue.list(limit=limit)  # type: ignore[arg-type]
         assert len(queue.list(limit=2**63 - 1)) == 2

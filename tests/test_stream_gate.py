@@ -210,5 +210,5 @@ def test_bad_delta_is_refused_after_the_gate_blocked() -> None:
 def test_a_policy_that_is_not_a_policy_and_a_zero_debounce_are_refused(stream_guard: StreamGuard) -> None:
     with pytest.raises(TypeError, match="policy must be a guard_core.Policy, got str"):
         stream_guard.gate([{"role": "user", "content": "hi"}], policy="strict")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="consecutive must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="consecutive must be an int >= 1, got 0"):
         stream_guard.session([{"role": "user", "content": "hi"}], consecutive=0)

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-from ..config import Settings
+from ..config import Settings, check_count
 from ..messages import moderation_role, normalize_messages
 from ..types import RiskLevel, Verdict
 from .hooks import ResolveHook, arun_hooks, run_hooks
@@ -67,9 +67,7 @@ def _check_status(status: str | None) -> Status | None:
 
 def check_limit(limit: object) -> int:
     """The one check of a page size (``ReviewQueue.list``, ``qwen3guard review list --limit``): 1 to ``MAX_LIMIT``."""
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise ValueError(f"limit must be a positive integer no larger than {MAX_LIMIT}, got {limit!r}")
-    return limit
+    return check_count(limit, "limit", maximum=MAX_LIMIT)
 
 
 def _check_since(since: datetime | None) -> datetime | None:

@@ -22,12 +22,14 @@ from langchain.agents.middleware.types import (AgentMiddleware, AgentState, Cont
 from langchain.agents.structured_output import ProviderStrategy, StructuredOutputError, ToolStrategy
 from langchain_core.messages import (AIMessage, AnyMessage, HumanMessage, RemoveMessage, ToolMessage, convert_to_messages,
                                      message_chunk_to_message)
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
 from langgraph.runtime import Runtime
 from langgraph.types import Command, interrupt
 
-from guard_core import CONFIGURED, DEFAULT_REFUSAL, METADATA_KEY, GuardViolation, Moderator, Policy
+from guard_core import CONFIGURED, DEFAULT_REFUSAL, METADATA_KEY, Action, Decision, GuardViolation, Moderator, Policy
 from guard_core.config import DEFAULT_CONSECUTIVE
+from guard_core.conversation import definition_texts
 from guard_core.messages import content_to_text
 from guard_core.steps import Flow, arun, run
 
@@ -53,7 +55,7 @@ class GuardState(AgentState[ResponseT]):
 class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, ResponseT]):
     """Moderates an agent's input (``before_model``: Gen, else Stream's prompt head; a blocked turn
     costs no model call), streamed answers (``wrap_model_call``) and tool results (``wrap_tool_call``:
-    injected instructions come back as Jailbreak).
+    injected instructions come back as Jailbreak); with ``apply_to_tools``, the tools' definitions.
 
     Guards are what ``guard_core.backends`` takes (a loaded guard, hub id, directory, Gen server
     URLs, ``CONFIGURED``: the environment; None: not used). On a block, ``exit_behavior="error"``
@@ -69,7 +71,7 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
     def __init__(self, gen_guard: Any = CONFIGURED, stream_guard: Any = CONFIGURED, *, policy: Policy | None = None,
                  exit_behavior: ExitBehavior = "end", violation_message: str = DEFAULT_REFUSAL,
                  apply_to_input: bool = True, apply_to_output: bool = True, apply_to_tool_results: bool = True,
-                 holdback_tokens: int = DEFAULT_CONSECUTIVE, on_controversial: OnControversial = "policy",
+                 apply_to_tools: bool = False, holdback_tokens: int = DEFAULT_CONSECUTIVE, on_controversial: OnControversial = "policy",
                  review: Any = CONFIGURED) -> None:
         super().__init__()
         for name, value, allowed in (("exit_behavior", exit_behavior, ExitBehavior),
@@ -80,6 +82,7 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
                                    holdback_tokens=holdback_tokens, refusal=violation_message, source="langchain.middleware")
         self.exit_behavior, self.on_controversial = exit_behavior, on_controversial
         self.apply_to_input, self.apply_to_output, self.apply_to_tool_results = apply_to_input, apply_to_output, apply_to_tool_results
+        self.apply_to_tools = apply_to_tools
         self.transformers = (partial(ToolResultScrubber, moderator=self.moderator),) if apply_to_tool_results else ()
 
     @classmethod
@@ -141,12 +144,17 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         return self._end([turn], decision.to_dict()) if decision.blocked else {"messages": [turn]}
 
     def _end(self, messages: list[AnyMessage], verdict: dict[str, Any]) -> dict[str, Any]:
-        refusal = AIMessage(content=self.moderator.refusal, response_metadata={METADATA_KEY: verdict})
-        return {"messages": [*messages, refusal], "jump_to": "end"}
+        return {"messages": [*messages, self._refusal(verdict)], "jump_to": "end"}
+
+    def _refusal(self, verdict: dict[str, Any]) -> AIMessage:
+        return AIMessage(content=self.moderator.refusal, response_metadata={METADATA_KEY: verdict})
 
     def wrap_model_call(self, request: ModelRequest[ContextT],
                         handler: Callable[[ModelRequest[ContextT]], ModelResponse[ResponseT]]) -> Any:
         """Run the model behind the guard: its stream is released only as far as it is judged."""
+        request = run(self._tools_flow(request))
+        if isinstance(request, ModelResponse):
+            return request
         if not self.apply_to_output:
             return handler(request)
         model = self._guarded(request)
@@ -159,6 +167,9 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
     async def awrap_model_call(self, request: ModelRequest[ContextT],
                                handler: Callable[[ModelRequest[ContextT]], Awaitable[ModelResponse[ResponseT]]]) -> Any:
         """``wrap_model_call`` for asyncio."""
+        request = await arun(self._tools_flow(request))
+        if isinstance(request, ModelResponse):
+            return request
         if not self.apply_to_output:
             return await handler(request)
         model = self._guarded(request)
@@ -167,6 +178,32 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         except StructuredOutputError as exc:
             response = _unparsed(exc, model)
         return self._answer(response, model, request)
+
+    def _tools_flow(self, request: ModelRequest[ContextT]) -> Flow[ModelRequest[ContextT] | ModelResponse[Any]]:
+        """With ``apply_to_tools``, the definitions of the model's tools are judged as untrusted context
+        by the one rule (``definition_texts``, as the OpenAI adapters judge a request's): the model
+        reads them like a tool result, and a poisoned description (tools from an MCP server or a
+        plugin) instructs it. A blocked tool is dropped from the call (``replace``), ends the run with
+        the refusal (``end``) or raises (``error``); a repeated definition is judged once (the cache)."""
+        if not (self.apply_to_tools and request.tools):
+            return request
+        per_tool = [definition_texts({"tools": [convert_to_openai_tool(tool)]}) for tool in request.tools]
+        owners = [i for i, texts in enumerate(per_tool) for _ in texts]
+        decisions = yield from self.moderator.context_flow([text for texts in per_tool for text in texts])
+        blocked: dict[int, Decision] = {}
+        for owner, decision in zip(owners, decisions):
+            if decision.action is not Action.ALLOW:
+                yield event_step(decision)
+            if decision.blocked:
+                blocked.setdefault(owner, decision)
+        if not blocked:
+            return request
+        first = next(iter(blocked.values()))
+        if self.exit_behavior == "error":
+            raise GuardViolation(first.verdict)
+        if self.exit_behavior == "end":
+            return ModelResponse(result=[self._refusal(first.to_dict())])
+        return request.override(tools=[tool for i, tool in enumerate(request.tools) if i not in blocked])
 
     def _guarded(self, request: ModelRequest[ContextT]) -> GuardedChatModel:
         turn = partial(ModelTurn, self.moderator, raise_on_block=self.exit_behavior == "error",

@@ -321,12 +321,13 @@ def _refusing(base: type, where: str, members: Mapping[str, Any] | None = None) 
     return type(f"Guarded{base.__name__}", (base,), {"__doc__": doc, **refused, **(members or {})})
 
 
-def _subresource(cls: type) -> cached_property[Any]:
-    """A resource's sub-resource (``messages``, ``input_items``) as ``cls``."""
+def _subresource(cls: type, doc: str | None = None, *, of_client: bool = False) -> cached_property[Any]:
+    """A resource attribute as ``cls``, built and cached like openai's own: from the owner's client
+    (a sub-resource: ``messages``, ``input_items``), or ``of_client``, from the client itself."""
     def get(self: Any) -> Any:
-        return cls(self._client)
+        return cls(self if of_client else self._client)
 
-    get.__doc__ = cls.__doc__
+    get.__doc__ = doc or cls.__doc__
     return cached_property(get)
 
 
@@ -383,11 +384,7 @@ _CONVERSATIONS = {
 
 
 def _chat(base: type, completions: type) -> type:
-    def guarded_completions(self: Any) -> Any:
-        """Moderated chat completions."""
-        return completions(self._client)
-
-    return type(f"Guarded{base.__name__}", (base,), {"completions": cached_property(guarded_completions)})
+    return type(f"Guarded{base.__name__}", (base,), {"completions": _subresource(completions, "Moderated chat completions.")})
 
 
 _CHATS = {False: _chat(Chat, _GuardedCompletions), True: _chat(AsyncChat, _AsyncGuardedCompletions)}
@@ -395,20 +392,11 @@ _RESPONSES = {False: _GuardedResponses, True: _AsyncGuardedResponses}
 
 
 def _beta(base: type, is_async: bool, responses: type) -> type:
-    def chat(self: Any) -> Any:
-        """Chat with moderated completions (the same resource as ``client.chat``)."""
-        return _CHATS[is_async](self._client)
-
-    def guarded_responses(self: Any) -> Any:
-        """The beta Responses API, moderated."""
-        return responses(self._client)
-
-    def realtime(self: Any) -> Any:
-        """The beta Realtime API, refused like ``client.realtime``."""
-        return _BETA_REALTIME[is_async](self._client)
-
-    return type(f"Guarded{base.__name__}", (base,), {"chat": cached_property(chat), "responses": cached_property(guarded_responses),
-                                                       "realtime": cached_property(realtime)})
+    return type(f"Guarded{base.__name__}", (base,), {
+        "chat": _subresource(_CHATS[is_async], "Chat with moderated completions (the same resource as ``client.chat``)."),
+        "responses": _subresource(responses, "The beta Responses API, moderated."),
+        "realtime": _subresource(_BETA_REALTIME[is_async], "The beta Realtime API, refused like ``client.realtime``."),
+    })
 
 
 _BETAS = {False: _beta(Beta, False, _GuardedBetaResponses), True: _beta(AsyncBeta, True, _AsyncGuardedBetaResponses)}
@@ -432,7 +420,7 @@ def _guarded_namespace(cls: type) -> dict[str, Any]:
         new._qwen3guard = self._qwen3guard
         return new
 
-    resources = {name: _client_resource(table[is_async], doc) for name, (table, doc) in _CLIENT_RESOURCES.items()}
+    resources = {name: _subresource(table[is_async], doc, of_client=True) for name, (table, doc) in _CLIENT_RESOURCES.items()}
     return {"__module__": __name__, "__doc__": cls.__doc__, "_unguarded": cls, **resources, "guard": property(guard),
             "copy": copy, "with_options": copy}
 
@@ -446,15 +434,6 @@ _CLIENT_RESOURCES: dict[str, tuple[dict[bool, type], str]] = {
     "realtime": (_REALTIME, "The Realtime API, refused (voice and WebSocket sessions the guard does not read)."),
     "conversations": (_CONVERSATIONS, "Stored conversations, with the methods that store or return items unjudged refused."),
 }
-
-
-def _client_resource(resource: type, doc: str) -> cached_property[Any]:
-    """A client's resource as ``resource`` (built on the client, like openai's own)."""
-    def get(self: Any) -> Any:
-        return resource(self)
-
-    get.__doc__ = doc
-    return cached_property(get)
 
 
 _CLASSES: dict[type, type] = {}

@@ -11,9 +11,8 @@ completion ``{"prompt": decision, "choices": [{"index": i, "response": decision}
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from openai import NotGiven, Omit
@@ -21,8 +20,9 @@ from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
 from guard_core import Decision, Moderator
-from guard_core.conversation import Conversation, from_messages, from_responses_input
-from guard_core.messages import check_text, refuse_case_variants
+from guard_core.config import check_count
+from guard_core.conversation import Conversation, from_request
+from guard_core.messages import refuse_case_variants
 from guard_core.moderator import PromptResult
 from guard_core.steps import Flow
 
@@ -46,11 +46,9 @@ class OpenAIGuard:
     def __init__(self, moderator: Moderator, *, on_unsafe: OnUnsafe = "abort", max_choices: int = DEFAULT_MAX_CHOICES) -> None:
         if on_unsafe not in ("abort", "rewrite"):
             raise ValueError(f"on_unsafe must be 'abort' or 'rewrite', got {on_unsafe!r}")
-        if isinstance(max_choices, bool) or not isinstance(max_choices, int) or max_choices < 1:
-            raise ValueError(f"max_choices must be an int >= 1, got {max_choices!r}")
+        self.max_choices = check_count(max_choices, "max_choices")
         self.moderator = moderator
         self.on_unsafe: OnUnsafe = on_unsafe
-        self.max_choices = max_choices
 
 
 @dataclass(frozen=True)
@@ -71,67 +69,13 @@ class Request:
         stream, n, model = body.get("stream"), body.get("n"), body.get("model")
         if stream is not None and not isinstance(stream, bool):
             raise ValueError(f"'stream' must be true or false, got {stream!r}")
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_choices):
-            raise ValueError(f"'n' must be an integer from 1 to {max_choices}, got {n!r}")
-        if endpoint == "chat":
-            conversation = from_messages(body.get("messages"))
-        else:
-            instructions = body.get("instructions")
-            if instructions is not None and not isinstance(instructions, str):
-                raise ValueError(f"'instructions' must be a string, got {type(instructions).__name__}")
-            if body.get("background"):
-                raise ValueError("'background' responses are fetched later with retrieve(), which Qwen3Guard cannot "
-                                 "moderate; send the request without 'background'")
-            conversation = from_responses_input(body.get("input"), instructions, body.get("prompt"))
-        definitions = _definition_texts(body)
-        if definitions:
-            conversation = replace(conversation, context=(*conversation.context, *definitions))
+        if n is not None:
+            check_count(n, "'n'", maximum=max_choices)
+        if endpoint == "responses" and body.get("background"):
+            raise ValueError("'background' responses are fetched later with retrieve(), which Qwen3Guard cannot "
+                             "moderate; send the request without 'background'")
+        conversation = from_request(body, endpoint)
         return cls(endpoint, conversation, bool(stream), n or 1, model if isinstance(model, str) else "")
-
-
-#: Keys whose string values are JSON-schema or API vocabulary (``"string"``, ``"json_schema"``) or an
-#: identifier the API restricts to ``[a-zA-Z0-9_-]`` (``name``), not text anyone wrote.
-_VOCABULARY_KEYS = frozenset({"type", "format", "$ref", "$schema", "verbosity", "name"})
-#: Schema keys whose own keys are names the client chose (property names), read by the model like any text.
-_NAMING_KEYS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
-#: Credentials of remote tools (MCP): sent to the tool's server, never to the model, so never to the guard.
-_SECRET_KEYS = frozenset({"authorization", "headers"})
-
-
-def _definition_texts(body: Mapping[str, Any]) -> list[str]:
-    """The text in a request's tool definitions and structured-output schema: per definition, its
-    descriptions as one text and the rest of its free text (property names, ``enum``, ``default``,
-    examples, titles) as another.
-
-    The client writes them and the model reads them (chat templates render the whole definition
-    into its prompt), so like a tool result they are untrusted context: an instruction injected
-    anywhere in a definition is judged. Descriptions are prose and are judged as such, apart from
-    the short values around them. Chat has ``tools``, legacy ``functions`` and ``response_format``;
-    Responses has ``tools`` and ``text.format``. The walk is iterative, since a schema can nest as
-    deep as JSON allows.
-    """
-    definitions = [(f"{field}[{i}]", d) for field in ("tools", "functions") if isinstance(body.get(field), list)
-                   for i, d in enumerate(body[field])]
-    definitions += [(field, body.get(field)) for field in ("response_format", "text")]
-    texts = []
-    for where, definition in definitions:
-        descriptions: list[str] = []
-        values: list[str] = []
-        pending: deque[tuple[str, Any]] = deque([("", definition)])
-        while pending:
-            key, node = pending.popleft()
-            if isinstance(node, str) and key not in _VOCABULARY_KEYS:
-                (descriptions if key == "description" else values).append(node)
-            elif isinstance(node, Mapping):
-                values += [k for k in node if key in _NAMING_KEYS and isinstance(k, str)]
-                pending.extend((k if isinstance(k, str) else "", v) for k, v in node.items() if k not in _SECRET_KEYS)
-            elif isinstance(node, list):
-                pending.extend((key, item) for item in node)
-        for found in (descriptions, values):
-            text = check_text("\n".join(found), where=f"the text in {where!r}")
-            if text.strip():
-                texts.append(text)
-    return texts
 
 
 def note(*, prompt: Decision | None = None, response: Decision | None = None, index: int | None = None) -> dict[str, Any]:
