@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Union, runti
 
 from .config import DEFAULT_GEN_MODEL, DEFAULT_STREAM_MODEL, Settings
 from .messages import MessageLike
-from .policy import Policy
+from .policy import Action, Policy
 from .remote_gen import RemoteGenGuard
 from .types import RiskLevel, Verdict
 
@@ -118,11 +118,13 @@ def fail_open_from_env(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def default_policy(settings: Settings, base: Policy | None = None) -> Policy:
-    """``base`` (default ``Policy()``) with ``on_error=Safe`` when the settings fail open.
+    """``base`` (default ``Policy()``, Controversial handled as ``QWEN3GUARD_CONTROVERSIAL`` says)
+    with ``on_error=Safe`` when the settings fail open.
 
-    This is the default policy of every adapter; a policy passed in code is used as given.
+    This is the default policy of every adapter; a policy passed in code keeps its actions.
     """
-    policy = base or Policy()
+    actions = {RiskLevel.CONTROVERSIAL: Action(settings.controversial)} if settings.controversial else {}
+    policy = base or Policy(actions=actions)
     if settings.fail_open and policy.on_error is RiskLevel.UNSAFE:
         return policy.with_overrides(on_error=RiskLevel.SAFE)
     return policy

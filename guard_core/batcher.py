@@ -56,12 +56,29 @@ class Coalescer(Generic[In, Out]):
             self._queue.append(call)
             leads, self._running = not self._running, True
         if not leads:
-            call.wake.wait()
+            try:
+                call.wake.wait()
+            except BaseException:  # Ctrl-C while queued: leave the queue, and pass the turn on if it was ours
+                self._abandon(call)
+                raise
         if not call.finished:  # this caller runs the next batch, which starts with its own call
             self._run_batch()
         if call.error is not None:
             raise call.error
         return call.result  # type: ignore[return-value]
+
+    def _abandon(self, call: _Call[In, Out]) -> None:
+        """Take a call whose caller stopped waiting out of the queue; if it had been woken to run the
+        next batch, wake the one after it (or end the run), so no later caller waits forever."""
+        with self._lock:
+            if call not in self._queue:
+                return  # already in a batch, which finishes it
+            designated = call.wake.is_set()
+            self._queue.remove(call)
+            if designated and self._queue:
+                self._queue[0].wake.set()
+            elif designated:
+                self._running = False
 
     def _results(self, calls: Sequence[_Call[In, Out]]) -> list[Out]:
         results = list(self._batch([c.item for c in calls]))

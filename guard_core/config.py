@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Mapping
+from urllib.parse import urlsplit
 
 DEFAULT_GEN_MODEL = "Qwen/Qwen3Guard-Gen-0.6B"
 DEFAULT_STREAM_MODEL = "Qwen/Qwen3Guard-Stream-0.6B"
@@ -29,6 +30,7 @@ GEN_TIMEOUT_ENV = "QWEN3GUARD_GEN_TIMEOUT"
 STREAM_MODEL_ENV = "QWEN3GUARD_STREAM_MODEL"
 DEVICE_ENV = "QWEN3GUARD_DEVICE"
 FAIL_OPEN_ENV = "QWEN3GUARD_FAIL_OPEN"
+CONTROVERSIAL_ENV = "QWEN3GUARD_CONTROVERSIAL"
 REVIEW_DB_ENV = "QWEN3GUARD_REVIEW_DB"
 REVIEW_CONTENT_ENV = "QWEN3GUARD_REVIEW_STORE_CONTENT"
 UPSTREAM_ENV = "QWEN3GUARD_UPSTREAM"
@@ -44,6 +46,8 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     (STREAM_MODEL_ENV, "Stream model: hub id or local directory", DEFAULT_STREAM_MODEL),
     (DEVICE_ENV, "device for local models: cuda, cuda:N, mps or cpu", "best available"),
     (FAIL_OPEN_ENV, "1 lets content through while the guard is unavailable (never what it rejected)", "0 (fail closed)"),
+    (CONTROVERSIAL_ENV, "what the default policy does with Controversial content: block, review (needs the review "
+                        "queue), flag or allow", "block (strict)"),
     (REVIEW_DB_ENV, "review queue: SQLite file path or database URL (enables Action.REVIEW)", "unset"),
     (REVIEW_CONTENT_ENV, "1 stores the reviewed conversation's text in the queue (privacy: off by default)", "0"),
     (UPSTREAM_ENV, "proxy: the upstream OpenAI-compatible base URL", "required by the proxy"),
@@ -51,6 +55,8 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     (PROXY_KEYS_ENV, "proxy: comma-separated keys clients must present", "unset (open)"),
 )
 
+#: What ``QWEN3GUARD_CONTROVERSIAL`` may say (``guard_core.Action`` values).
+CONTROVERSIAL_ACTIONS = ("block", "review", "flag", "allow")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -66,6 +72,7 @@ class Settings:
     stream_model: str | None = None
     device: str | None = None
     fail_open: bool = False
+    controversial: str | None = None
     review_db: str | None = None
     review_store_content: bool = False
     upstream: str | None = None
@@ -90,12 +97,20 @@ class Settings:
             stream_model=text(STREAM_MODEL_ENV),
             device=check_device(text(DEVICE_ENV), f"{DEVICE_ENV}="),
             fail_open=parse_bool(env.get(FAIL_OPEN_ENV, ""), FAIL_OPEN_ENV),
+            controversial=_choice(text(CONTROVERSIAL_ENV), CONTROVERSIAL_ENV, CONTROVERSIAL_ACTIONS),
             review_db=text(REVIEW_DB_ENV),
             review_store_content=parse_bool(env.get(REVIEW_CONTENT_ENV, ""), REVIEW_CONTENT_ENV),
             upstream=text(UPSTREAM_ENV),
             upstream_api_key=text(UPSTREAM_API_KEY_ENV) or text("OPENAI_API_KEY"),
             proxy_keys=keys,
         )
+
+
+def _choice(value: str | None, name: str, allowed: tuple[str, ...]) -> str | None:
+    """A setting that names one of ``allowed`` (any case); a typo raises, naming the choices."""
+    if value is None or value.lower() in allowed:
+        return None if value is None else value.lower()
+    raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
 
 
 def parse_bool(raw: str, name: str) -> bool:
@@ -159,3 +174,32 @@ def check_count(value: object, name: str, *, minimum: int = 1, maximum: int | No
 def check_holdback_tokens(value: object) -> int:
     """The one check of a hold-back window (tokens kept back until judged): an int >= 0."""
     return check_count(value, "holdback_tokens", minimum=0, hint=" (0 releases text before it is judged)")
+
+
+def check_http_url(url: str, where: str = "") -> str:
+    """An ``http(s)://host[:port]/...`` base URL (the proxy's upstream, a Gen server), else ``ValueError``
+    (every request would otherwise fail); ``where`` starts the message (``"--upstream "``).
+
+    Control characters are refused before ``urlsplit``, which silently drops tabs and line ends and so
+    would check another URL than the one used.
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"{where}must be a URL string, got {type(url).__name__}")
+    stripped = url.strip()
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in stripped):
+        raise ValueError(f"{where}{url!r} contains a control character (a line end or tab?); remove it from the URL")
+    try:
+        parts = urlsplit(stripped)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError as exc:
+        raise ValueError(f"{where}{url!r} is not a valid URL ({exc}); use one like http://127.0.0.1:8001/v1, "
+                         "with an IPv6 address in brackets: http://[::1]:8001/v1") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{where}{url!r} is not an http(s):// URL; use one like http://127.0.0.1:8001/v1")
+    import httpx  # here: the settings module stays light
+
+    try:
+        httpx.URL(stripped)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"{where}{url!r} is not a valid URL ({exc}); use one like http://127.0.0.1:8001/v1") from None
+    return stripped

@@ -10,11 +10,11 @@ here, so one conversation gets one verdict in every adapter. The rule (the READM
 - leading ``system`` / ``developer`` turns: joined into the guard's one system turn;
 - ``user``: a user turn; the last one is the prompt being judged;
 - ``assistant``: its text (text parts, refusal parts, ``refusal``) is an assistant turn;
-  tool calls, audio and reasoning are not text anyone reads and are left out; assistant turns
-  after the last user turn (an agent's tool-calling steps) are the model's own output, already
-  moderated when it was produced, and are left out, except
-- a final ``assistant`` turn (a prefill the model will continue): untrusted context;
-- ``tool`` / ``function`` results and Responses ``*_output`` items: untrusted context;
+  tool calls, audio and reasoning are not text anyone reads and are left out;
+- ``assistant`` turns after the last user turn (an agent's tool-calling steps, a prefill the model
+  will continue): untrusted context, since whoever sends the request wrote them;
+- ``tool`` / ``function`` results, Responses ``*_output`` items and what hosted tools returned into
+  their items (file search results, code interpreter logs, MCP output and tool lists): untrusted context;
 - ``system`` / ``developer`` turns after the first user or assistant turn: untrusted context
   (instructions inserted mid-conversation, often retrieved text);
 - the text of a request's tool definitions and output schema (``definition_texts``): untrusted context;
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -45,13 +46,22 @@ _TOOL_ROLES = frozenset({"tool", "function"})
 #: Responses input items carrying what a tool returned: judged as untrusted context.
 _TOOL_OUTPUT_ITEMS = frozenset({
     "function_call_output", "custom_tool_call_output", "computer_call_output", "local_shell_call_output",
-    "shell_call_output", "apply_patch_call_output", "mcp_call",
+    "shell_call_output", "apply_patch_call_output",
 })
+#: Responses items of hosted tools that hold what the tool returned beside the call, and those fields
+#: (retrieved chunks, program logs, an MCP server's output, error and tool descriptions, an approval's
+#: reason): judged as untrusted context; the rest of the item is the model's own action.
+_HOSTED_RESULTS = {
+    "file_search_call": ("results",), "code_interpreter_call": ("outputs",), "mcp_call": ("output", "error"),
+    "mcp_list_tools": ("tools",), "mcp_approval_response": ("reason",),
+}
+#: Fields of hosted-tool results that hold ids, links and kinds, not text.
+_RESULT_IDS = frozenset({"type", "id", "file_id", "container_id", "url", "image_url"})
 #: Responses input items that record the model's own earlier actions: not new input.
 _MODEL_ACTION_ITEMS = frozenset({
-    "function_call", "custom_tool_call", "reasoning", "web_search_call", "file_search_call", "computer_call",
-    "image_generation_call", "code_interpreter_call", "local_shell_call", "shell_call", "apply_patch_call",
-    "mcp_list_tools", "mcp_approval_request", "mcp_approval_response", "item_reference", "compaction",
+    "function_call", "custom_tool_call", "reasoning", "web_search_call", "computer_call",
+    "image_generation_call", "local_shell_call", "shell_call", "apply_patch_call",
+    "mcp_approval_request", "item_reference", "compaction",
 })
 
 
@@ -147,6 +157,8 @@ def from_responses_input(input: Any, instructions: str | None = None, prompt: An
                     raise ValueError(f"{where} has role {role!r}; expected user, assistant, system or developer")
             elif kind in _TOOL_OUTPUT_ITEMS:
                 turns.append(("tool", _tool_output_text(item.get("output"), where)))
+            elif kind in _HOSTED_RESULTS:
+                turns.append(("tool", _hosted_result_text(item, kind, where)))
             elif kind not in _MODEL_ACTION_ITEMS:
                 raise ValueError(f"{where} has type {kind!r}, which Qwen3Guard cannot judge; remove it or send it as text")
     return _fold(turns)
@@ -168,43 +180,57 @@ def from_request(body: Mapping[str, Any], endpoint: Literal["chat", "responses"]
 
 
 #: Keys whose string values are JSON-schema or API vocabulary (``"string"``, ``"json_schema"``) or an
-#: identifier the API restricts to ``[a-zA-Z0-9_-]`` (``name``), not text anyone wrote.
+#: identifier the API restricts to ``[a-zA-Z0-9_-]`` (``name``), not text anyone wrote: skipped when
+#: they look like one (``_IDENTIFIER``), judged like any other value when they hold prose.
 _VOCABULARY_KEYS = frozenset({"type", "format", "$ref", "$schema", "verbosity", "name"})
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.$#/:-]{1,128}")
 #: Schema keys whose own keys are names the client chose (property names), read by the model like any text.
 _NAMING_KEYS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
-#: Credentials of remote tools (MCP): sent to the tool's server, never to the model, so never to the guard.
+#: Credentials of a remote (MCP) tool: sent to the tool's server, never to the model, so never to the guard.
 _SECRET_KEYS = frozenset({"authorization", "headers"})
+#: Request fields beside the tools that the server renders into the model's prompt: chat's
+#: ``response_format``, Responses' ``text.format``, and vLLM / SGLang extensions (RAG ``documents``,
+#: a per-request ``chat_template`` and its ``chat_template_kwargs``).
+_RENDERED_FIELDS = ("response_format", "text", "chat_template", "chat_template_kwargs")
 
 
 def definition_texts(body: Mapping[str, Any]) -> list[str]:
-    """The text in a request's tool definitions and structured-output schema: per definition, its
-    descriptions as one text and the rest of its free text (property names, ``enum``, ``default``,
-    examples, titles) as another.
+    """The text in a request's tool definitions, structured-output schema and other rendered fields
+    (``_RENDERED_FIELDS``, ``documents``): per definition, its descriptions as one text and the rest
+    of its free text (property names, ``enum``, ``default``, examples, titles) as another.
 
     The client writes them and the model reads them (chat templates render the whole definition
     into its prompt), so like a tool result they are untrusted context: an instruction injected
     anywhere in a definition is judged. Descriptions are prose and are judged as such, apart from
-    the short values around them. Chat has ``tools``, legacy ``functions`` and ``response_format``;
-    Responses has ``tools`` and ``text.format``. The walk is iterative, since a schema can nest as
-    deep as JSON allows.
+    the short values around them. Definitions may be the SDK's pydantic objects (read as it sends
+    them); a value the walk cannot read is refused. The walk is iterative, since a schema can nest
+    as deep as JSON allows.
     """
-    definitions = [(f"{field}[{i}]", d) for field in ("tools", "functions") if isinstance(body.get(field), list)
+    listed = ("tools", "functions", "documents")
+    definitions = [(f"{field}[{i}]", d) for field in listed if isinstance(body.get(field), (list, tuple))
                    for i, d in enumerate(body[field])]
-    definitions += [(field, body.get(field)) for field in ("response_format", "text")]
+    definitions += [(field, body.get(field)) for field in (*listed, *_RENDERED_FIELDS)
+                    if not isinstance(body.get(field), (list, tuple))]
     texts = []
     for where, definition in definitions:
         descriptions: list[str] = []
         values: list[str] = []
-        pending: deque[tuple[str, Any]] = deque([("", definition)])
+        pending: deque[tuple[str, Any, bool]] = deque([("", definition, True)])
         while pending:
-            key, node = pending.popleft()
-            if isinstance(node, str) and key not in _VOCABULARY_KEYS:
-                (descriptions if key == "description" else values).append(node)
+            key, node, top = pending.popleft()
+            node = _plain(node)
+            if isinstance(node, str):
+                if key not in _VOCABULARY_KEYS or not _IDENTIFIER.fullmatch(node):
+                    (descriptions if key == "description" else values).append(node)
             elif isinstance(node, Mapping):
-                values += [k for k in node if key in _NAMING_KEYS and isinstance(k, str)]
-                pending.extend((k if isinstance(k, str) else "", v) for k, v in node.items() if k not in _SECRET_KEYS)
-            elif isinstance(node, list):
-                pending.extend((key, item) for item in node)
+                values += [k for k in node if key.casefold() in _NAMING_KEYS and isinstance(k, str)]
+                secret = _SECRET_KEYS if top and node.get("type") == "mcp" else frozenset()
+                pending.extend((k if isinstance(k, str) else "", v, False) for k, v in node.items() if k not in secret)
+            elif isinstance(node, (list, tuple)):
+                pending.extend((key, item, False) for item in node)
+            elif not isinstance(node, (int, float, type(None))):
+                raise ValueError(f"{where} holds a {type(node).__name__}, which Qwen3Guard cannot read; pass plain "
+                                 "JSON values (dicts, lists, strings, numbers)")
         for found in (descriptions, values):
             text = check_text("\n".join(found), where=f"the text in {where!r}")
             if text.strip():
@@ -237,6 +263,9 @@ def _fold(turns: list[tuple[str, str]]) -> Conversation:
     last_user = max((i for i, m in enumerate(kept) if m.role == "user"), default=None)
     head = [Message("system", "\n\n".join(system))] if system else []
     if last_user is not None:
+        # Assistant turns after the last user turn reach the model as its own words, but whoever sends
+        # the request wrote them: untrusted context, like a prefill.
+        context = [m.content for m in kept[last_user + 1:]] + context
         return Conversation(tuple(head + kept[: last_user + 1]), tuple(context))
     if context:
         return Conversation((), tuple(context))
@@ -289,6 +318,24 @@ def _prompt_variables(prompt: Any) -> list[str]:
     refuse_case_variants(prompt, where="prompt")
     return [content_to_text(value if isinstance(value, str) else [_plain(value)], where=f"prompt variable {name!r}")
             for name, value in (variables or {}).items()]
+
+
+def _hosted_result_text(item: Mapping[str, Any], kind: str, where: str) -> str:
+    """What a hosted tool returned into its item (``_HOSTED_RESULTS``): an MCP server's tool list is
+    read like tool definitions, every other result by all the text it holds."""
+    if kind == "mcp_list_tools":
+        return "\n".join(definition_texts({"tools": item.get("tools") or []}))
+    pending: list[Any] = [item.get(field) for field in _HOSTED_RESULTS[kind]]
+    texts = []
+    while pending:
+        node = _plain(pending.pop(0))
+        if isinstance(node, str):
+            texts.append(node)
+        elif isinstance(node, Mapping):
+            pending += [v for k, v in node.items() if k not in _RESULT_IDS]
+        elif isinstance(node, (list, tuple)):
+            pending += node
+    return check_text("\n".join(texts), where=where)
 
 
 def _tool_output_text(output: Any, where: str) -> str:

@@ -18,6 +18,7 @@ No torch here: the gate needs only a session object, so adapters can import it c
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
@@ -60,6 +61,7 @@ class StreamGate:
         self._blocked = False
         self._finished = False
         self._interrupted = False
+        self._busy = threading.Lock()
 
     @property
     def prompt_verdict(self) -> Verdict:
@@ -93,16 +95,14 @@ class StreamGate:
         if not self._accepts(delta):
             return ""
         with self._judging():
-            tokens = self.session.feed(delta)
-        return self._absorb(tokens, final=False)
+            return self._absorb(self.session.feed(delta), final=False)
 
     async def apush(self, delta: str | bytes) -> str:
         """``push`` for asyncio."""
         if not self._accepts(delta):
             return ""
         with self._judging():
-            tokens = await self.session.afeed(delta)
-        return self._absorb(tokens, final=False)
+            return self._absorb(await self.session.afeed(delta), final=False)
 
     def finish(self) -> str:
         """End of the response: the rest of the text if it is not blocked, else ``""``.
@@ -114,8 +114,8 @@ class StreamGate:
             return ""
         with self._judging():
             tokens = self.session.finish()
-        self._finished = True
-        return self._absorb(tokens, final=True)
+            self._finished = True
+            return self._absorb(tokens, final=True)
 
     async def afinish(self) -> str:
         """``finish`` for asyncio."""
@@ -124,8 +124,8 @@ class StreamGate:
             return ""
         with self._judging():
             tokens = await self.session.afinish()
-        self._finished = True
-        return self._absorb(tokens, final=True)
+            self._finished = True
+            return self._absorb(tokens, final=True)
 
     def close(self) -> None:
         """Free the guard session."""
@@ -151,12 +151,18 @@ class StreamGate:
 
     @contextmanager
     def _judging(self) -> Iterator[None]:
-        """Mark the gate unusable when a session call is interrupted (a cancelled ``apush``).
+        """One session call and the release it decides, one at a time; mark the gate unusable when
+        such a call is interrupted (a cancelled ``apush``).
 
-        The session then judges tokens the gate never sees; releasing text past them later
-        would let it out unjudged, so the gate refuses further use instead. A refused input
-        (``Exception``) changes nothing and keeps the gate usable.
+        A second call while one is judged (a ``finish`` from another task or thread before a push
+        returned) would release text whose tokens the first has not absorbed yet: it is refused.
+        An interrupted call leaves the session judging tokens the gate never sees; releasing text
+        past them later would let it out unjudged, so the gate refuses further use instead. A
+        refused input (``Exception``) changes nothing and keeps the gate usable.
         """
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("another push or finish on this gate is still being judged; a gate takes one call at a "
+                               "time (await each push before the next one, and before finish)")
         try:
             yield
         except Exception:
@@ -164,6 +170,8 @@ class StreamGate:
         except BaseException:
             self._interrupted = True
             raise
+        finally:
+            self._busy.release()
 
     def _check_interrupted(self) -> None:
         if self._interrupted:

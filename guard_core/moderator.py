@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -139,12 +140,16 @@ class Moderator:
         self._cache_size = context_cache_size
 
     def _review_queue(self, review: Any) -> ReviewQueue | None:
+        """The queue: given, opened from a path or URL (like ``QWEN3GUARD_REVIEW_DB``), or the environment's."""
         if review is CONFIGURED:
-            review = None
-            if self.settings.review_db:
-                from .review import ReviewQueue
+            review = self.settings.review_db or None
+        if isinstance(review, (str, os.PathLike)):
+            from .review import ReviewQueue
 
-                review = ReviewQueue(self.settings.review_db, store_content=self.settings.review_store_content)
+            review = ReviewQueue(review, store_content=self.settings.review_store_content)
+        elif review is not None and not callable(getattr(review, "submit", None)):
+            raise TypeError(f"review must be a guard_core.review.ReviewQueue, a database path or URL, or None, got "
+                            f"{type(review).__name__}")
         if review is None and (self.policy.reviews or self.prompt_policy.reviews):
             raise ValueError("the policy sends content to human review (Action.REVIEW) but there is no review queue: "
                              "pass review=ReviewQueue(...) or set QWEN3GUARD_REVIEW_DB")
@@ -189,30 +194,30 @@ class Moderator:
 
     def check_prompt(self, conversation: Conversation, *, request_id: str | None = None, keep_gate: bool = False) -> PromptResult:
         """Judge a request before the model runs; ``keep_gate`` keeps the Stream prompt check's gate open."""
-        return run(self.prompt_flow(conversation, request_id, keep_gate))
+        return run(self.prompt_flow(_conversation(conversation), request_id, keep_gate))
 
     async def acheck_prompt(self, conversation: Conversation, *, request_id: str | None = None,
                             keep_gate: bool = False) -> PromptResult:
         """``check_prompt`` for asyncio."""
-        return await arun(self.prompt_flow(conversation, request_id, keep_gate))
+        return await arun(self.prompt_flow(_conversation(conversation), request_id, keep_gate))
 
     def check_context(self, texts: Sequence[str], *, request_id: str | None = None) -> list[Decision]:
         """Judge untrusted context (retrieved documents, tool results) one text at a time, in prompt mode."""
-        return run(self.context_flow(list(texts), request_id))
+        return run(self.context_flow(_texts(texts), request_id))
 
     async def acheck_context(self, texts: Sequence[str], *, request_id: str | None = None) -> list[Decision]:
         """``check_context`` for asyncio."""
-        return await arun(self.context_flow(list(texts), request_id))
+        return await arun(self.context_flow(_texts(texts), request_id))
 
     def check_answers(self, conversation: Conversation, texts: Sequence[str], *, request_id: str | None = None,
                       engine: Literal["gen", "stream"] | None = None) -> list[Decision | None]:
         """Judge complete answers to ``conversation`` (None for an answer without text)."""
-        return run(self.answers_flow(conversation, list(texts), request_id, engine))
+        return run(self.answers_flow(_conversation(conversation), _texts(texts), request_id, engine))
 
     async def acheck_answers(self, conversation: Conversation, texts: Sequence[str], *, request_id: str | None = None,
                              engine: Literal["gen", "stream"] | None = None) -> list[Decision | None]:
         """``check_answers`` for asyncio."""
-        return await arun(self.answers_flow(conversation, list(texts), request_id, engine))
+        return await arun(self.answers_flow(_conversation(conversation), _texts(texts), request_id, engine))
 
     # Streamed answers.
 
@@ -387,3 +392,22 @@ class Moderator:
 def _is_name(guard: Any) -> bool:
     """True for what names a guard still to load (None, ``CONFIGURED``, an id, a directory, URLs)."""
     return guard is None or guard is CONFIGURED or isinstance(guard, str)
+
+
+def _conversation(value: Any) -> Conversation:
+    """The public checks take a ``Conversation``; anything else is a ``TypeError`` saying how to build one."""
+    if not isinstance(value, Conversation):
+        raise TypeError(f"conversation must be a guard_core.conversation.Conversation, got {type(value).__name__}; build "
+                        "one with from_messages([...]) or from_text('...')")
+    return value
+
+
+def _texts(texts: Any) -> list[str]:
+    """The texts of a public check: a list of strings (one string would be judged letter by letter)."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}; wrap one text in a list: [text]")
+    out = list(texts)
+    for i, text in enumerate(out):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] must be a string, got {type(text).__name__}")
+    return out

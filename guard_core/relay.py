@@ -7,7 +7,8 @@ every text it carries has been released by the gate of its choice (``StreamGate`
 chunks unchanged and in order. The adapter only says which text a chunk carries for which choice
 (a *key*: a chat choice index, a Responses (output, content) pair, 0 for single streams) and what
 to do with each choice's decision (``on_decision``: on a block, raise or rewrite the held chunks
-of that key; on a flag or review, attach the decision to a held chunk).
+of that key; on a flag or review, attach the decision to a held chunk). With no Stream guard
+configured, each key's chunks are held until its text has ended and Gen has judged it whole.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class StreamRelay(Generic[T]):
     decided key must not be fed again (strip blocked choices from later chunks). ``first_gate`` (from a
     Stream prompt check) serves the first key, so a single stream is prefilled once.
     ``record_reviews=False`` leaves review items to a later check of the same answer (e.g. Gen's).
+    A moderator without a Stream guard judges each key's whole text with Gen once it has ended:
+    nothing of it is released before.
     """
 
     def __init__(self, moderator: Moderator, conversation: Conversation, on_decision: DecisionHandler, *,
@@ -68,6 +71,7 @@ class StreamRelay(Generic[T]):
         self._spare = first_gate
         self._fed: dict[Key, int] = {}
         self._handed: dict[Key, int] = {}
+        self._whole: dict[Key, str] | None = None if moderator.has_stream else {}  # each key's text, Gen-only
 
     @property
     def blocked(self) -> dict[Key, Decision]:
@@ -76,6 +80,9 @@ class StreamRelay(Generic[T]):
 
     def released(self, key: Key) -> str:
         """The text of ``key`` the gate has judged safe so far (the held chunks may carry less of it)."""
+        if self._whole is not None:
+            decision = self.decisions.get(key)
+            return self._whole.get(key, "") if decision is not None and not decision.blocked else ""
         gate = self.gates.get(key)
         return gate.delivered if gate is not None else ""
 
@@ -93,11 +100,14 @@ class StreamRelay(Generic[T]):
 
     def end(self) -> list[T]:
         """The model's stream is over: finish every open gate and release what is left."""
-        return run(self._feed(None, [], list(self.gates)))
+        return run(self._feed(None, [], self._open_keys()))
 
     async def aend(self) -> list[T]:
         """``end`` for asyncio."""
-        return await arun(self._feed(None, [], list(self.gates)))
+        return await arun(self._feed(None, [], self._open_keys()))
+
+    def _open_keys(self) -> list[Key]:
+        return list(self.gates if self._whole is None else self._whole)
 
     def close(self) -> None:
         """Free every guard session (idempotent; also after an error or an early stop)."""
@@ -113,6 +123,16 @@ class StreamRelay(Generic[T]):
             self._fed[key] = self._fed.get(key, 0) + len(text)
             ends[key] = self._fed[key]
         self.pending.append(Held(item, ends))
+        if self._whole is not None:
+            for key, text in texts:
+                self._whole[key] = self._whole.get(key, "") + text
+            for key in dict.fromkeys(ended):
+                if key in self._whole and key not in self.decisions:
+                    (decision,) = yield from self.moderator.answers_flow(self.conversation, [self._whole[key]],
+                                                                         self.request_id, "gen")
+                    if decision is not None:  # None: no text, nothing held for it
+                        self._decide(key, decision)
+            return self._release()
         for key, text in texts:
             gate = yield from self._gate(key)
             if text and not gate.blocked:
@@ -136,6 +156,9 @@ class StreamRelay(Generic[T]):
     def _settle(self, key: Key, gate: StreamGate) -> Flow[None]:
         decision = yield from self.moderator.stream_decision_flow(gate, self.conversation, self.request_id,
                                                                   record_review=self.record_reviews)
+        self._decide(key, decision)
+
+    def _decide(self, key: Key, decision: Decision) -> None:
         self.decisions[key] = decision
         self.on_decision(key, decision, self)
 
@@ -143,7 +166,7 @@ class StreamRelay(Generic[T]):
         out: list[T] = []
         while self.pending:
             held = self.pending[0]
-            if any(k not in self.decisions and len(self.gates[k].delivered) < end for k, end in held.ends.items()):
+            if any(k not in self.decisions and len(self.released(k)) < end for k, end in held.ends.items()):
                 break
             self.pending.popleft()
             if held.item is not None:

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .config import check_count, check_timeout
+from .config import check_count, check_http_url, check_timeout
 from .gen_parser import parse_answer
 from .gen_template import ANSWER_PREFIX, render_pieces
 from .messages import Message, MessageLike, moderation_role, normalize_batch, normalize_messages
@@ -101,11 +101,8 @@ def defuse_control_markup(text: str) -> str:
 
 def normalize_base_url(url: str) -> str:
     """``http(s)://host:port/v1`` from what users type; a bare host gets vLLM/SGLang's ``/v1`` path."""
-    text = url.strip().rstrip("/")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"guard server URL {url!r} must look like http://host:8000/v1")
-    return text if parts.path not in ("", "/") else text + "/v1"
+    text = check_http_url(url, "guard server URL ").rstrip("/")
+    return text if urlsplit(text).path not in ("", "/") else text + "/v1"
 
 
 def label_probabilities(logprobs: Any, content: str) -> dict[RiskLevel, float]:
@@ -238,8 +235,13 @@ class RemoteGenGuard:
         timeout = check_timeout(timeout)
         check_count(max_concurrency, "max_concurrency")
         check_count(max_new_tokens, "max_new_tokens")
-        if not 0 <= top_logprobs <= 20:
-            raise ValueError(f"top_logprobs must be in 0..20 (the OpenAI API limit), got {top_logprobs!r}")
+        check_count(circuit_failures, "circuit_failures")
+        check_count(top_logprobs, "top_logprobs", minimum=0, maximum=20, hint=" (the OpenAI API limit)")
+        for name, flag in (("logprobs", logprobs), ("fail_open", fail_open)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {type(flag).__name__} {flag!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a guard_core.RetryPolicy or None, got {type(retry).__name__}")
         self._servers = [_Server(normalize_base_url(u), CircuitBreaker(circuit_failures, circuit_reset_s)) for u in urls]
         self._model = model or None
         self.timeout = timeout
@@ -452,13 +454,22 @@ class RemoteGenGuard:
         return self._read(await client.post(server.completions_url, json=self._body(messages)))
 
     def _read_models(self, response: httpx.Response) -> str | TransientError | PermanentError:
-        """The first served model name from ``/v1/models``, or the error the response amounts to."""
+        """The guard among the served models of ``/v1/models`` (the only one, or the one named like a
+        Qwen3Guard model), or the error the response amounts to: a server with several models and no
+        guard among them would otherwise be asked to judge by a chat model, which says what it is told."""
         if response.status_code != 200:
             return self._status_error(response)
         try:
-            return str(response.json()["data"][0]["id"])
-        except (ValueError, KeyError, IndexError, TypeError):
+            names = [str(entry["id"]) for entry in response.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            names = []
+        guards = [n for n in names if "guard" in n.lower()]
+        if len(names) == 1 or guards:
+            return (guards or names)[0]
+        if not names:
             return PermanentError(f"/models lists no model ({response.text[:120]!r}); set model= or QWEN3GUARD_GEN_MODEL")
+        return PermanentError(f"the server serves {len(names)} models ({', '.join(names[:5])}) and none is named like a "
+                              "Qwen3Guard model; set model= or QWEN3GUARD_GEN_MODEL to the guard's served name")
 
     def _set_model(self, server: _Server, name: str) -> None:
         with self._lock:

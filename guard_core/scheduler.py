@@ -31,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from .config import check_count
 from .stream_model import HeadProbabilities, KVStore, Qwen3ForGuardModel, packed_forward
 
 logger = logging.getLogger("guard_core.scheduler")
@@ -145,7 +146,7 @@ class StreamScheduler:
     ) -> None:
         self.model = model
         self.gather_s = gather_s
-        self.max_tokens_per_step = max_tokens_per_step
+        self.max_tokens_per_step = check_count(max_tokens_per_step, "max_tokens_per_step")
         self.idle_exit_s = idle_exit_s
         self._cond = threading.Condition()
         self._lanes: list[Lane] = []

@@ -127,6 +127,19 @@ class GuardViolation(Exception):
         cats = ", ".join(c.value for c in verdict.categories) or "no category"
         super().__init__(message or f"{verdict.role} blocked by Qwen3Guard: {verdict.risk.value} ({cats})")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with its verdict (process pools, task queues send exceptions that way); a subclass
+        keeps its own fields through ``__dict__``."""
+        return _rebuild_violation, (type(self), self.args, self.__dict__)
+
+
+def _rebuild_violation(cls: type[GuardViolation], args: tuple[Any, ...], state: dict[str, Any]) -> GuardViolation:
+    """A ``GuardViolation`` (or subclass) back from pickle, without calling its ``__init__``."""
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class GuardUnavailableError(RuntimeError):
     """Raised when a guard model cannot be loaded or reached; the message says how to fix it."""

@@ -36,14 +36,14 @@ def test_every_kind_of_chat_turn_has_its_place() -> None:
     assert conversation.has_prompt
 
 
-def test_agent_steps_after_the_last_user_turn_leave_only_the_tool_results() -> None:
+def test_agent_steps_after_the_last_user_turn_are_context_like_the_tool_results() -> None:
     conversation = from_messages([
         {"role": "user", "content": "Summarise https://example.com"},
         {"role": "assistant", "content": "Let me fetch it.", "tool_calls": [{"id": "1"}]},
         {"role": "tool", "content": "page text"},
     ])
     assert turns(conversation) == [("user", "Summarise https://example.com")]
-    assert conversation.context == ("page text",)
+    assert conversation.context == ("Let me fetch it.", "page text")
 
 
 def test_responses_input_items_follow_the_same_rule() -> None:

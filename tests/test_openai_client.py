@@ -28,7 +28,7 @@ from openai_fake_upstream import (
 
 from guard_core import Action, Category, Policy, RiskLevel
 from guard_core.testing.cases import REFUSAL_ANSWER, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_ANSWER, UNSAFE_PROMPT
-from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT
+from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_UNSAFE_PROMPT
 from integrations.openai_proxy import DEFAULT_REFUSAL, UnsafeContentError, guard_openai
 
 USER = [{"role": "user", "content": PLANTED_SAFE_PROMPT}]
@@ -595,3 +595,89 @@ def test_closing_the_guarded_client_closes_the_original_as_with_options_copies_d
     with guard(bare) as client:
         client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": SAFE_PROMPT}])
     assert client.is_closed() and bare.is_closed()
+
+
+# Gen as the only guard: a stream is held until Gen has judged each choice whole.
+
+
+def pieces(text: str) -> list[str]:
+    words = text.split(" ")
+    return [words[0], *(" " + w for w in words[1:])]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_a_gen_only_guard_holds_a_stream_until_gen_has_judged_it(upstream, bare, gen_guard, endpoint):
+    client = guard_openai(bare, stream_guard=None, gen_guard=gen_guard, on_unsafe="rewrite", prompt_check="off")
+    events = chat_events if endpoint == "chat" else responses_events
+    upstream.push(Script(events=events(pieces(SAFE_ANSWER))), Script(events=events(pieces(SAFE_ANSWER))),
+                  Script(events=events(pieces(UNSAFE_ANSWER))))
+
+    def ask(c: OpenAI, prompt: str) -> list[Any]:
+        if endpoint == "chat":
+            return list(stream_chat(c, messages=[{"role": "user", "content": prompt}]))
+        return list(c.responses.create(model="fake-model", input=prompt, stream=True))
+
+    assert dumps(ask(client, SAFE_PROMPT)) == dumps(ask(bare, SAFE_PROMPT))
+    refused = ask(client, UNSAFE_PROMPT)
+    shown = text_of(refused) if endpoint == "chat" else "".join(e.delta for e in refused if e.type == "response.output_text.delta")
+    assert shown == DEFAULT_REFUSAL and "fuse" not in repr(refused)
+
+
+def test_a_rewritten_choice_loses_the_tool_calls_held_behind_its_text(upstream, bare, stream_guard):
+    upstream.push(Script(events=chat_events(UNSAFE_PIECES, tool_call={"name": "search", "arguments": '{"q": "x"}'})))
+    chunks = list(stream_chat(guard_openai(bare, stream_guard=stream_guard, gen_guard=None, on_unsafe="rewrite")))
+    assert text_of(chunks).endswith(DEFAULT_REFUSAL) and chunks[-1].choices[0].finish_reason == "content_filter"
+    assert not [c for chunk in chunks for c in chunk.choices if c.delta.tool_calls or c.delta.function_call]
+
+
+# Requests: what parse() sends, history stored upstream, raw bodies.
+
+
+def test_parse_judges_the_schema_a_pydantic_class_becomes(upstream, bare, abare, stream_guard):
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):
+        steps: str = Field(description=PLANTED_UNSAFE_PROMPT)
+
+    before = len(upstream.exchanges)
+    client, aclient = (guard_openai(c, stream_guard=stream_guard, gen_guard=None) for c in (bare, abare))
+    for call in (lambda: client.chat.completions.parse(model="fake-model", messages=USER, response_format=Answer),
+                 lambda: client.responses.parse(model="fake-model", input=PLANTED_SAFE_PROMPT, text_format=Answer),
+                 lambda: asyncio.run(aclient.chat.completions.parse(model="fake-model", messages=USER, response_format=Answer))):
+        with pytest.raises(UnsafeContentError, match="prompt blocked"):
+            call()
+    assert len(upstream.exchanges) == before
+
+
+def test_a_blocked_stored_response_cannot_be_continued_and_conversations_are_refused(upstream, bare, stream_guard):
+    client = guard_openai(bare, stream_guard=stream_guard, gen_guard=None, on_unsafe="rewrite")
+    upstream.push(Script(body=responses_body("".join(UNSAFE_PIECES))), Script(body=responses_body(SAFE_ANSWER)))
+    refused = client.responses.create(model="fake-model", input=PLANTED_SAFE_PROMPT)
+    assert refused.status == "incomplete" and refused.id == "resp_fake"
+    before = len(upstream.exchanges)
+    with pytest.raises(ValueError, match="previous_response_id 'resp_fake' is a response Qwen3Guard blocked"):
+        client.responses.create(model="fake-model", input="go on", previous_response_id=refused.id)
+    with pytest.raises(ValueError, match="'conversation' makes the response read and extend history stored upstream"):
+        client.responses.create(model="fake-model", input="go on", conversation="conv_1")
+    assert len(upstream.exchanges) == before
+    assert client.responses.create(model="fake-model", input="go on", previous_response_id="resp_other").status == "completed"
+
+
+def test_a_raw_response_header_in_the_clients_defaults_is_refused(upstream, bare, stream_guard):
+    raw = bare.with_options(default_headers={"X-Stainless-Raw-Response": "true"})
+    client, before = guard_openai(raw, stream_guard=stream_guard, gen_guard=None), len(upstream.exchanges)
+    for stream in (False, True):
+        with pytest.raises(NotImplementedError, match="raw HTTP bodies"):
+            client.chat.completions.create(model="fake-model", messages=USER, stream=stream)
+    assert len(upstream.exchanges) == before
+
+
+def test_a_blocked_call_survives_pickling(upstream, bare, stream_guard):
+    import pickle
+
+    upstream.push(Script(body=chat_completion("".join(UNSAFE_PIECES))))
+    with pytest.raises(UnsafeContentError) as raised:
+        guard_openai(bare, stream_guard=stream_guard, gen_guard=None).chat.completions.create(model="fake-model", messages=USER)
+    copy = pickle.loads(pickle.dumps(raised.value))
+    assert type(copy) is UnsafeContentError and str(copy) == str(raised.value)
+    assert copy.verdict == raised.value.verdict and copy.choice_index == 0 and copy.decision.action is Action.BLOCK

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import pytest
 
-from guard_core import GenGuard, Policy, RiskLevel
+from guard_core import Action, GenGuard, Policy, RiskLevel
 from guard_core.backends import fail_open_from_env, load_gen_guard, policy_from_env
 from guard_core.remote_gen import RemoteGenGuard, defuse_control_markup, label_probabilities, normalize_base_url
 from guard_core.resilience import CircuitBreaker, RetryPolicy, TransientError, parse_retry_after
@@ -259,3 +259,12 @@ def test_fail_open_env_reaches_policies() -> None:
     assert policy_from_env(environ={"QWEN3GUARD_FAIL_OPEN": "1"}).on_error is RiskLevel.SAFE
     loose = policy_from_env(Policy.loose(), environ={"QWEN3GUARD_FAIL_OPEN": "yes"})
     assert loose.on_error is RiskLevel.SAFE and loose.mode.value == "loose"
+
+
+def test_the_controversial_setting_chooses_the_default_policys_action() -> None:
+    assert policy_from_env(environ={}).actions[RiskLevel.CONTROVERSIAL] is Action.BLOCK
+    for value, action in (("review", Action.REVIEW), ("FLAG", Action.FLAG), (" allow ", Action.ALLOW)):
+        assert policy_from_env(environ={"QWEN3GUARD_CONTROVERSIAL": value}).actions[RiskLevel.CONTROVERSIAL] is action
+    assert policy_from_env(Policy.strict(), environ={"QWEN3GUARD_CONTROVERSIAL": "allow"}).actions[RiskLevel.CONTROVERSIAL] is Action.BLOCK
+    with pytest.raises(ValueError, match="QWEN3GUARD_CONTROVERSIAL='pass' is not one of block, review, flag, allow"):
+        policy_from_env(environ={"QWEN3GUARD_CONTROVERSIAL": "pass"})

@@ -18,6 +18,7 @@ from langchain_core.prompt_values import PromptValue
 from langchain_core.utils.json import parse_partial_json
 
 from guard_core.conversation import Conversation, from_messages, from_text
+from guard_core.structured import json_source_text, json_text, strings
 
 #: LangChain message classes (and their chunk subclasses) -> OpenAI-style roles.
 _ROLES = ((SystemMessage, "system"), (HumanMessage, "user"), (ToolMessage, "tool"), (FunctionMessage, "function"))
@@ -168,41 +169,13 @@ def _block_text(block: Mapping[str, Any]) -> str:
     """The text of one standard content block."""
     kind = block.get("type")
     if kind == "non_standard":
-        return "\n".join(_strings(block.get("value"), skip=_OPAQUE_FIELDS))
+        return "\n".join(strings(block.get("value"), skip=_OPAQUE_FIELDS))
     if kind in _NO_TEXT:
         return ""
     text = block.get(_TEXT_FIELDS.get(kind, ""))
     summary = block.get("summary") if kind == "reasoning" else None
     parts = [text, *(s.get("text") for s in summary if isinstance(s, Mapping))] if isinstance(summary, list) else [text]
     return "".join(p for p in parts if isinstance(p, str))
-
-
-def _strings(value: Any, *, keys: bool = False, skip: Container[str] = ()) -> list[str]:
-    """Every non-empty string in ``value`` (nested dicts and lists), in order; with ``keys`` the
-    dicts' keys too, each before its value; ``skip`` leaves out the fields of those names."""
-    if isinstance(value, str):
-        return [value] if value else []
-    if isinstance(value, Mapping):
-        return [t for k, v in value.items() if k not in skip for t in ([str(k)] if keys else []) + _strings(v, keys=keys, skip=skip)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _strings(v, keys=keys, skip=skip)]
-    return []
-
-
-def json_text(value: Any) -> str:
-    """What parsed JSON says: its object keys and string values, one a line. Structured output is
-    judged by this, not by its JSON source, where escapes (``\\u0020``, or every non-ASCII letter
-    once ``json.dumps``-ed) would hide the words its reader gets."""
-    return "\n".join(_strings(value, keys=True))
-
-
-def json_source_text(source: str) -> str:
-    """The text of a whole JSON document (``json_text``), read strictly as ``ProviderStrategy``
-    reads it; ``source`` itself when it is not one (it then reaches the reader as it is)."""
-    try:
-        return json_text(json.loads(source))
-    except ValueError:
-        return source
 
 
 def args_text(source: str, *, whole: bool = True) -> str:

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 
 from guard_core import CONFIGURED, Moderator, Settings
 from guard_core.cli import LOAD_ERRORS, Parser, bounded_int, check_model_path, one_line, quiet_model_loading
-from guard_core.config import PROXY_KEYS_ENV, UPSTREAM_ENV
+from guard_core.config import PROXY_KEYS_ENV, UPSTREAM_ENV, check_http_url
 
 from .exchange import DEFAULT_MAX_CHOICES
-from .server import GUARD_MODES, check_upstream_url, create_app
+from .server import GUARD_MODES, create_app
 
 PROG = "qwen3guard-proxy"
 EXIT_ERROR = 2
@@ -79,9 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{PROXY_KEYS_ENV}={os.environ[PROXY_KEYS_ENV]!r} holds no key; set it to the comma-separated "
                              "keys clients must present, or unset it to run the proxy without keys")
         if args.upstream is not None:
-            upstream = check_upstream_url(args.upstream, "--upstream ")
+            upstream = check_http_url(args.upstream, "--upstream ")
         elif settings.upstream is not None:
-            upstream = check_upstream_url(settings.upstream, f"{UPSTREAM_ENV}=")
+            upstream = check_http_url(settings.upstream, f"{UPSTREAM_ENV}=")
         else:
             parser.error(f"--upstream (or {UPSTREAM_ENV}) is required")
         check_model_path(args.gen_model, "--gen-model ")

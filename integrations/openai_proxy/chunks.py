@@ -17,14 +17,14 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from openai._models import construct_type
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage, ParsedChatCompletion
 from openai.types.chat.chat_completion import Choice as CompletionChoice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
-from openai.types.responses import ParsedResponse, Response, ResponseStreamEvent
+from openai.types.responses import ParsedResponse, Response, ResponseOutputItem, ResponseStreamEvent
 from pydantic import BaseModel
 
 from guard_core import METADATA_KEY
@@ -140,8 +140,9 @@ def cut_choice(chunk: ChatCompletionChunk, index: int, keep: int) -> ChatComplet
     """``chunk`` with choice ``index`` cut to its first ``keep`` characters of content.
 
     Everything that could carry blocked text goes with the cut: the rest of the content, the
-    choice's logprobs (their tokens spell the text) and its finish_reason (the guard writes its
-    own). A choice left with nothing is removed; a chunk left with no choice becomes ``None``.
+    choice's tool calls, audio and reasoning (held behind its text, never judged safe), its logprobs
+    (their tokens spell the text) and its finish_reason (the guard writes its own). A choice left
+    with nothing is removed; a chunk left with no choice becomes ``None``.
     """
     choices = []
     for choice in chunk.choices or ():
@@ -151,8 +152,10 @@ def cut_choice(chunk: ChatCompletionChunk, index: int, keep: int) -> ChatComplet
         delta = choice.delta
         if delta is not None:
             content, refusal = delta.content or "", delta.refusal or ""
+            unjudged = {f: None for f in ("tool_calls", "function_call", "audio", *REASONING_FIELDS)
+                        if getattr(delta, f, None) is not None}
             delta = delta.model_copy(update={"content": content[:keep] or None,
-                                             "refusal": refusal[: max(0, keep - len(content))] or None})
+                                             "refusal": refusal[: max(0, keep - len(content))] or None, **unjudged})
         if delta is not None and delta.model_dump(exclude_none=True):
             choices.append(choice.model_copy(update={"delta": delta, "logprobs": None, "finish_reason": None}))
     if not choices and chunk.choices:
@@ -221,6 +224,11 @@ _RESPONSE_EVENTS = frozenset({"response.created", "response.queued", "response.i
                               "response.completed", "response.incomplete", "response.failed"})
 _FINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _DELTA_EVENTS: dict[str, PartKind] = {"response.output_text.delta": "output_text", "response.refusal.delta": "refusal"}
+#: Message part types holding output text: the API's, and those Responses shims over chat servers write.
+_TEXT_PARTS = frozenset({"output_text", "text", "input_text"})
+#: The output item types this SDK knows (``ResponseOutputItem``); any other one is refused.
+_OUTPUT_ITEM_TYPES = frozenset(get_args(cls.model_fields["type"].annotation)[0]
+                               for cls in get_args(get_args(ResponseOutputItem)[0]))
 
 
 @dataclass(frozen=True)
@@ -244,19 +252,29 @@ def _part(output_index: Any, content_index: Any, what: str) -> Part:
 
 
 def _part_text(part: Any, where: Part, item_id: Any) -> PartText | None:
-    """The text of a message content part the guard reads (output text or a refusal); None for other parts."""
+    """The text of a message content part: output text (also written ``text`` / ``input_text`` or
+    untyped by some servers) or a refusal; None for reasoning text (not read: README). Any other
+    part is the upstream's fault, since its text would reach the caller unjudged."""
     kind = _field(part, "type")
-    if kind not in ("output_text", "refusal"):
+    if part is None or kind == "reasoning_text":
         return None
-    field = "text" if kind == "output_text" else "refusal"
-    return PartText(where, upstream_text(_field(part, field), f"{kind} of output {where[0]} part {where[1]}"), kind, item_id)
+    where_text = f"output {where[0]} part {where[1]}"
+    if kind == "refusal":
+        return PartText(where, upstream_text(_field(part, "refusal"), f"refusal of {where_text}"), "refusal", item_id)
+    if kind in _TEXT_PARTS or (kind is None and isinstance(_field(part, "text"), str)):
+        return PartText(where, upstream_text(_field(part, "text"), f"{kind or 'text'} of {where_text}"), "output_text", item_id)
+    raise MalformedReplyError(f"the upstream sent {where_text} of type {kind!r}, which Qwen3Guard cannot judge")
 
 
 def item_texts(item: Any, output_index: int) -> list[PartText]:
-    """The texts of an output item: those of a message's output_text and refusal parts (other items have none the guard reads)."""
+    """The texts of an output item: those of a message's parts. Other items the SDK knows (tool
+    calls, reasoning) have none the guard reads; an item type it does not know is refused."""
     kind = _field(item, "type")
     if not isinstance(kind, str):
         raise MalformedReplyError(f"the upstream sent output item {output_index} without a type")
+    if kind != "message" and kind not in _OUTPUT_ITEM_TYPES:
+        raise MalformedReplyError(f"the upstream sent output item {output_index} of type {kind!r}, which Qwen3Guard "
+                                  "cannot judge")
     content = _field(item, "content")
     if kind != "message" or content is None:
         return []

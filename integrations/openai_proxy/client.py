@@ -31,6 +31,8 @@ from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
 from openai.resources.chat import AsyncChat, Chat
 from openai.resources.chat.completions import AsyncCompletions, Completions
 from openai.resources.chat.completions.messages import AsyncMessages, Messages
+from openai.lib._parsing._completions import type_to_response_format_param
+from openai.lib._parsing._responses import type_to_text_format_param
 from openai.resources.beta import AsyncBeta, Beta
 from openai.resources.beta.responses import AsyncResponses as AsyncBetaResponses
 from openai.resources.beta.responses import Responses as BetaResponses
@@ -60,6 +62,8 @@ _T = TypeVar("_T")
 _RAW_HEADER = "x-stainless-raw-response"
 _PATHS = {"chat": "chat/completions", "responses": "responses"}
 _STORED = "Qwen3Guard cannot moderate without the request it answers"
+#: Arguments the SDK takes as any iterable, read into lists so the guard and upstream both see every item.
+_LISTS = frozenset({"messages", "input", "tools", "functions"})
 #: What the guarded resources refuse (``beta`` ones too), by resource and method: each would move text
 #: past the guard, a stored answer without its request or a request that does not go through ``create``.
 _REFUSED: dict[str, dict[str, str]] = {
@@ -224,15 +228,13 @@ class AsyncGuardedStream(_Decisions, AsyncStream[_T]):
 
 def _flow(guard: OpenAIGuard, endpoint: Endpoint, kwargs: dict[str, Any], send: Step[Any], parsed: bool) -> Flow[Any]:
     """One call: the prompt first (a blocked one never goes upstream), then the answer."""
-    headers = kwargs.get("extra_headers") or {}
-    if any(str(k).lower() == _RAW_HEADER for k in headers):
-        raise NotImplementedError("with_raw_response / with_streaming_response return raw HTTP bodies that Qwen3Guard "
-                                  "cannot moderate; call create() on the guarded client, or use the unguarded client")
     extra = kwargs.get("extra_body")
     if isinstance(extra, Mapping) and "stream" in extra:
         raise ValueError("pass 'stream' to create() itself, not in extra_body: the client reads the reply by that argument")
     # The SDK sends extra_body merged over the arguments: the guard judges that body, as sent.
-    request = Request.parse(endpoint, {**kwargs, **extra} if isinstance(extra, Mapping) else kwargs, guard.max_choices)
+    body = _schemas_as_sent(endpoint, kwargs) if parsed else kwargs
+    request = Request.parse(endpoint, {**body, **extra} if isinstance(extra, Mapping) else body, guard.max_choices,
+                            guard.refused)
     prompt, refusal = yield from prompt_flow(guard, request, parsed=parsed)
     if refusal is not None:
         return _Streamed(None, None, refusal, prompt.decision) if request.stream else refusal
@@ -247,6 +249,29 @@ def _flow(guard: OpenAIGuard, endpoint: Endpoint, kwargs: dict[str, Any], send: 
     return _Streamed(upstream, items, [], prompt.decision)
 
 
+def _refuse_raw(client: OpenAI | AsyncOpenAI, kwargs: dict[str, Any]) -> None:
+    """``NotImplementedError`` for a call the SDK would answer with the raw HTTP body: the header
+    ``with_raw_response`` sets, in the call's or the client's headers."""
+    headers = [*(kwargs.get("extra_headers") or {}), *client.default_headers]
+    if any(str(k).lower() == _RAW_HEADER for k in headers):
+        raise NotImplementedError("with_raw_response / with_streaming_response (or an x-stainless-raw-response header) "
+                                  "return raw HTTP bodies that Qwen3Guard cannot moderate; call create() on the guarded "
+                                  "client, or use the unguarded client")
+
+
+def _schemas_as_sent(endpoint: Endpoint, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``parse()``'s arguments with a class given as ``response_format`` / ``text_format`` turned
+    into the JSON schema the SDK sends for it (inside the method the guard wraps), so the guard
+    judges that schema's text as it judges one given as a dict."""
+    body = dict(kwargs)
+    if endpoint == "chat" and isinstance(body.get("response_format"), type):
+        body["response_format"] = type_to_response_format_param(body["response_format"])
+    if endpoint == "responses" and isinstance(body.get("text_format"), type):
+        text = body.get("text") if isinstance(body.get("text"), Mapping) else {}
+        body["text"] = {**text, "format": type_to_text_format_param(body.pop("text_format"))}
+    return body
+
+
 def _snapshot(kwargs: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of ``kwargs``: what the guard judges and what the SDK sends.
 
@@ -255,7 +280,7 @@ def _snapshot(kwargs: dict[str, Any]) -> dict[str, Any]:
     One-shot iterables (a generator of messages or input items; the SDK accepts any iterable) are
     read into lists first, so the guard and upstream both see every item.
     """
-    replayable = {k: list(v) if k in ("messages", "input") and isinstance(v, Iterator) else v for k, v in kwargs.items()}
+    replayable = {k: list(v) if k in _LISTS and isinstance(v, Iterator) else v for k, v in kwargs.items()}
     try:
         return copy.deepcopy(replayable)
     except TypeError as exc:
@@ -272,6 +297,7 @@ def _guarded_call(endpoint: Endpoint, method: Callable[..., Any], *, parsed: boo
 
     @functools.wraps(method)
     def guarded(self: Any, **kwargs: Any) -> Any:
+        _refuse_raw(self._client, kwargs)
         kwargs = _snapshot(kwargs)
         step = Step(lambda: method(self, **kwargs), _unreachable)
         out = run(_flow(self._client._qwen3guard, endpoint, kwargs, step, parsed))
@@ -287,6 +313,7 @@ def _aguarded_call(endpoint: Endpoint, method: Callable[..., Any], *, parsed: bo
 
     @functools.wraps(method)
     async def guarded(self: Any, **kwargs: Any) -> Any:
+        _refuse_raw(self._client, kwargs)
         kwargs = _snapshot(kwargs)
         step = Step(_unreachable, lambda: method(self, **kwargs))
         out = await arun(_flow(self._client._qwen3guard, endpoint, kwargs, step, parsed))

@@ -11,7 +11,9 @@ completion ``{"prompt": decision, "choices": [{"index": i, "response": decision}
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,6 +35,8 @@ Endpoint = Literal["chat", "responses"]
 OnUnsafe = Literal["abort", "rewrite"]
 #: Chat choices (``n``) one request may ask for: each one is a guard session.
 DEFAULT_MAX_CHOICES = 8
+#: How many blocked response ids a guard remembers (``OpenAIGuard.refused``).
+REFUSED_IDS = 10_000
 
 
 class OpenAIGuard:
@@ -41,6 +45,8 @@ class OpenAIGuard:
     ``on_unsafe="abort"`` raises ``UnsafeContentError`` (the proxy answers an error);
     ``"rewrite"`` answers with the refusal and ``finish_reason="content_filter"``.
     ``max_choices`` caps ``n``, since every choice is judged by its own guard session.
+    ``refused`` holds the ids of the last ``REFUSED_IDS`` responses it blocked: upstream stored the
+    unsafe answer under each, so a request continuing from one (``previous_response_id``) is refused.
     """
 
     def __init__(self, moderator: Moderator, *, on_unsafe: OnUnsafe = "abort", max_choices: int = DEFAULT_MAX_CHOICES) -> None:
@@ -49,6 +55,17 @@ class OpenAIGuard:
         self.max_choices = check_count(max_choices, "max_choices")
         self.moderator = moderator
         self.on_unsafe: OnUnsafe = on_unsafe
+        self.refused: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def refuse_history(self, response: Any) -> None:
+        """Remember a blocked response's id (its stored text is the unsafe answer)."""
+        response_id = getattr(response, "id", None)
+        if isinstance(response_id, str) and response_id:
+            with self._lock:
+                self.refused[response_id] = None
+                while len(self.refused) > REFUSED_IDS:
+                    self.refused.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -62,8 +79,10 @@ class Request:
     model: str
 
     @classmethod
-    def parse(cls, endpoint: Endpoint, body: Mapping[str, Any], max_choices: int) -> Request:
-        """Check what the guard relies on; ``ValueError`` says what is wrong (the proxy's 400)."""
+    def parse(cls, endpoint: Endpoint, body: Mapping[str, Any], max_choices: int,
+              refused: Container[str] = ()) -> Request:
+        """Check what the guard relies on; ``ValueError`` says what is wrong (the proxy's 400).
+        ``refused``: ids of blocked responses a request may not continue from."""
         body = {k: v for k, v in body.items() if not isinstance(v, (NotGiven, Omit))}  # the SDK's "not given" markers
         refuse_case_variants(body, where="the request")
         stream, n, model = body.get("stream"), body.get("n"), body.get("model")
@@ -74,6 +93,13 @@ class Request:
         if endpoint == "responses" and body.get("background"):
             raise ValueError("'background' responses are fetched later with retrieve(), which Qwen3Guard cannot "
                              "moderate; send the request without 'background'")
+        if endpoint == "responses" and body.get("conversation") is not None:
+            raise ValueError("'conversation' makes the response read and extend history stored upstream, which "
+                             "Qwen3Guard cannot judge; send the history as input (or use the unguarded client)")
+        previous = body.get("previous_response_id")
+        if endpoint == "responses" and isinstance(previous, str) and previous in refused:
+            raise ValueError(f"previous_response_id {previous!r} is a response Qwen3Guard blocked, and upstream stored "
+                             "its unsafe answer; continue from an earlier response, or send the history as input")
         conversation = from_request(body, endpoint)
         return cls(endpoint, conversation, bool(stream), n or 1, model if isinstance(model, str) else "")
 
@@ -126,6 +152,8 @@ def whole_flow(guard: OpenAIGuard, request: Request, reply: Any, prompt: Decisio
     decisions = yield from guard.moderator.answers_flow(request.conversation, texts)
     judged = [(i, d) for i, d in enumerate(decisions) if d is not None]
     blocked = [(i, d) for i, d in judged if d.blocked]
+    if blocked and field == "output":
+        guard.refuse_history(completion)
     if blocked and guard.on_unsafe == "abort":
         index, decision = blocked[0]
         raise UnsafeContentError(decision, choice_index=completion.choices[index].index if field == "choices" else 0)

@@ -21,7 +21,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 from openai.types.chat import ChatCompletionChunk
@@ -36,6 +36,8 @@ from starlette.routing import Route
 
 from guard_core import CONFIGURED, METADATA_KEY, Moderator
 from guard_core.cli import one_line
+from guard_core.config import check_http_url
+from guard_core.messages import GUARDED_KEYS
 from guard_core.steps import arun
 
 from . import chunks
@@ -146,32 +148,6 @@ def _error_event(message: str, code: str, **extra: Any) -> bytes:
     return b"data: " + json.dumps({"error": {"message": message, "type": code, "code": code}, **extra}).encode() + b"\n\n"
 
 
-def check_upstream_url(url: str, where: str = "upstream ") -> str:
-    """An ``http(s)://host[:port]/...`` base URL, else ``ValueError`` (every request would otherwise fail).
-
-    Control characters are refused before ``urlsplit``, which silently drops tabs and line ends and so
-    would check another URL than the one used.
-    """
-    if not isinstance(url, str):
-        raise TypeError(f"{where}must be a URL string, got {type(url).__name__}")
-    stripped = url.strip()
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in stripped):
-        raise ValueError(f"{where}{url!r} contains a control character (a line end or tab?); remove it from the URL")
-    try:
-        parts = urlsplit(stripped)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
-    except ValueError as exc:
-        raise ValueError(f"{where}{url!r} is not a valid URL ({exc}); use one like http://127.0.0.1:8001/v1, "
-                         "with an IPv6 address in brackets: http://[::1]:8001/v1") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{where}{url!r} is not an http(s):// URL; use one like http://127.0.0.1:8001/v1")
-    try:
-        httpx.URL(stripped)
-    except httpx.InvalidURL as exc:
-        raise ValueError(f"{where}{url!r} is not a valid URL ({exc}); use one like http://127.0.0.1:8001/v1") from None
-    return stripped
-
-
 def _check_keys(api_keys: Iterable[str] | None) -> list[bytes] | None:
     """The proxy keys as bytes, ``None`` for an open proxy; a setting that holds no real key is an error,
     never an open proxy (a str would make each of its characters a key)."""
@@ -211,7 +187,7 @@ def create_app(
     is sent upstream instead of the client's key (without it and without ``api_keys`` the client's
     ``Authorization`` is passed on). ``max_choices`` caps ``n``.
     """
-    upstream = check_upstream_url(upstream)
+    upstream = check_http_url(upstream, "upstream ")
     keys = _check_keys(api_keys)
     if on_unsafe not in GUARD_MODES:
         raise ValueError(f"on_unsafe must be 'finish' or 'error', got {on_unsafe!r}")
@@ -227,6 +203,10 @@ def create_app(
             raise _HTTPError(401, "invalid or missing proxy API key", "invalid_api_key")
 
     def upstream_headers(request: HTTPRequest) -> dict[str, str]:
+        odd = next((k for k, v in request.headers.items() if not v.isascii()), None)
+        if odd is not None:
+            raise _HTTPError(400, f"the header {odd!r} has a value that is not ASCII, which cannot be sent upstream; "
+                             "percent-encode it", "invalid_header")
         headers = {**_passed(request.headers), "content-type": "application/json",
                    "accept": request.headers.get("accept", "application/json")}
         if upstream_api_key:
@@ -256,11 +236,11 @@ def create_app(
             raise _HTTPError(400, "request body is not valid JSON (or nests too deeply)", "invalid_json") from None
         if not isinstance(body, dict):
             raise _HTTPError(400, "request body must be a JSON object", "invalid_request")
-        items = body.get(_PATHS[endpoint][1])
-        if isinstance(items, list) and len(items) > max_messages:
-            raise _HTTPError(400, f"more than {max_messages} {_PATHS[endpoint][1]}", "too_many_messages")
+        for field in (_PATHS[endpoint][1], "tools", "functions", "documents"):
+            if isinstance(body.get(field), list) and len(body[field]) > max_messages:
+                raise _HTTPError(400, f"more than {max_messages} {field}", "too_many_messages")
         try:
-            return bytes(raw), Request.parse(endpoint, body, max_choices)
+            return bytes(raw), Request.parse(endpoint, body, max_choices, guard.refused)
         except ValueError as exc:
             raise _HTTPError(400, str(exc), "invalid_request") from None
 
@@ -276,6 +256,7 @@ def create_app(
         async def handle(http: HTTPRequest) -> Response:
             try:
                 authorize(http)
+                sent_headers = upstream_headers(http)
                 raw, request = await read_body(http, endpoint)
                 prompt, refusal = await arun(prompt_flow(guard, request))
             except _HTTPError as exc:
@@ -292,7 +273,7 @@ def create_app(
                 done = [b"data: [DONE]\n\n"] if endpoint == "chat" else []
                 return StreamingResponse(iter([*map(_sse, refusal), *done]), media_type="text/event-stream", headers=headers)
             upstream_request = client.build_request("POST", base + _PATHS[endpoint][0], params=http.query_params, content=raw,
-                                                    headers=upstream_headers(http))
+                                                    headers=sent_headers)
             if not request.stream:
                 return await whole(request, upstream_request, prompt.decision)
             items = stream_items(guard, request, prompt.gate, prompt.decision)
@@ -301,29 +282,25 @@ def create_app(
             except _HTTPError as exc:
                 items.close()
                 return exc.response()
-            if reply.status_code != 200 or not reply.headers.get("content-type", "").startswith("text/event-stream"):
+            streamed = reply.headers.get("content-type", "").lower().startswith("text/event-stream")
+            if not (_succeeded(reply) and streamed):
                 content = await reply.aread()
                 await reply.aclose()
                 items.close()
-                if reply.status_code == 200:
+                if _succeeded(reply):
                     return _HTTPError(502, "the upstream answered a stream request with something that is not an event "
                                       "stream; nothing unjudged was sent", "upstream_invalid").response()
-                return Response(content, reply.status_code, media_type=reply.headers.get("content-type"),
-                                headers=_passed(reply.headers))
+                return _relayed(reply, content)
             return StreamingResponse(relay(endpoint, items, reply), media_type="text/event-stream",
-                                     headers={**_passed(reply.headers), **headers})
+                                     status_code=reply.status_code, headers={**_passed(reply.headers), **headers})
         return handle
 
     async def whole(request: Request, upstream_request: httpx.Request, prompt: Any) -> Response:
         try:
             reply = await send(upstream_request, stream=False)
-            if reply.status_code != 200:
-                return Response(reply.content, reply.status_code, media_type=reply.headers.get("content-type"),
-                                headers=_passed(reply.headers))
-            try:
-                data = json.loads(reply.content)  # what is judged is re-serialised, so a key twice cannot slip by
-            except (ValueError, RecursionError):
-                raise _HTTPError(502, "the upstream answered something that is not JSON", "upstream_invalid") from None
+            if not _succeeded(reply):
+                return _relayed(reply, reply.content)
+            data = _upstream_payload(reply.content, "a reply")  # what is judged is re-serialised
             checked = await arun(whole_flow(guard, request, data, prompt))
         except _HTTPError as exc:
             return exc.response()
@@ -337,7 +314,7 @@ def create_app(
         body = checked.model_extra.get(METADATA_KEY, {}) if checked.model_extra else {}
         decisions = [body.get("response"), *(c.get("response") for c in body.get("choices", ()))]
         ids = review_ids(prompt) + [d["review_id"] for d in decisions if d and d.get("review_id")]
-        return JSONResponse(_dump(checked), headers={**_passed(reply.headers), **_review_header(ids)})
+        return JSONResponse(_dump(checked), reply.status_code, headers={**_passed(reply.headers), **_review_header(ids)})
 
     async def relay(endpoint: Endpoint, items: GuardedItems, reply: httpx.Response) -> AsyncIterator[bytes]:
         """Upstream SSE through the guard; closes upstream and the guard sessions however it ends."""
@@ -349,19 +326,22 @@ def create_app(
             return [f[1] if f is not None and f[0] is item else _sse(item) for f, item in zip(found, out)]
 
         tail: list[bytes] = []
-        buffer = b""
+        buffer = bytearray()
+        scanned = 0  # the buffer holds no event end before here (an end is at most 4 bytes long)
         got_data = False
         try:
             async for piece in _ended(reply.aiter_bytes()):
                 buffer += piece
-                while not items.done and (match := _SSE_END.search(buffer)) is not None:
-                    block, buffer = buffer[: match.end()], buffer[match.end():]
+                while not items.done and (match := _SSE_END.search(buffer, max(0, scanned - 3))) is not None:
+                    block = bytes(buffer[: match.end()])
+                    del buffer[: match.end()]
+                    scanned = 0
                     data = b"\n".join(line[5:].lstrip() for line in block.splitlines() if line.startswith(b"data:"))
                     got_data = got_data or bool(data)
                     if data == b"[DONE]":
                         tail.append(block)
                     elif data:
-                        payload = _upstream_payload(data)
+                        payload = _upstream_payload(data, "a stream event")
                         if isinstance(payload, dict) and payload.get("error") and "type" not in payload:
                             # Upstream failed mid-stream (the SDK raises on it): pass its error on, nothing else of the event.
                             yield b"data: " + json.dumps({"error": payload["error"]}).encode() + b"\n\n"
@@ -370,6 +350,7 @@ def create_app(
                         raw[id(item)] = (item, block)
                         for out in encode(await items.afeed(item)):
                             yield out
+                scanned = len(buffer)
                 if items.done:
                     break
             if not got_data:
@@ -386,7 +367,7 @@ def create_app(
         except MalformedReplyError as exc:
             log.warning("upstream stream on /v1/%s sent what the guard cannot read", _PATHS[endpoint][0])
             yield _error_event(f"{exc}; nothing unjudged was sent", "upstream_error")
-        except (httpx.HTTPError, ValueError, RecursionError) as exc:
+        except httpx.HTTPError as exc:
             log.warning("upstream stream on /v1/%s failed: %s", _PATHS[endpoint][0], type(exc).__name__)
             yield _error_event(f"the upstream stream failed ({type(exc).__name__}); nothing unjudged was sent", "upstream_error")
         except Exception as exc:  # fail closed: the client gets an error event, never a dropped connection
@@ -413,13 +394,14 @@ def create_app(
                                                     headers=upstream_headers(request)), stream=False)
         except _HTTPError as exc:
             return exc.response()
-        return Response(reply.content, reply.status_code, media_type=reply.headers.get("content-type"),
-                        headers=_passed(reply.headers))
+        return _relayed(reply, reply.content)
 
     async def healthz(request: HTTPRequest) -> Response:
         await asyncio.to_thread(core.load)
         try:
             reachable = (await client.get(base + "models", headers=upstream_headers(request), timeout=5.0)).status_code < 500
+        except _HTTPError as exc:
+            return exc.response()
         except httpx.HTTPError:
             reachable = False
         return JSONResponse({"models": "loaded", "upstream": "reachable" if reachable else "unreachable"},
@@ -446,12 +428,47 @@ def create_app(
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
 
 
-def _upstream_payload(data: bytes) -> Any:
-    """One SSE event's JSON from upstream; ``MalformedReplyError`` when it has a key twice (see ``_loads``)."""
+#: Keys of replies whose values the guard reads (or that lead to them): a case variant would be read by
+#: case-insensitive clients (Go's encoding/json) as the text the guard never saw.
+_REPLY_KEYS = GUARDED_KEYS | {"choices", "delta", "message", "item", "part", "response", "summary"}
+
+
+def _upstream_payload(data: bytes, what: str) -> Any:
+    """The JSON of an upstream reply or stream event; ``MalformedReplyError`` when it is not JSON, has
+    a key twice (see ``_loads``), or a case variant of a key the guard reads (``"Content"``)."""
     try:
-        return _loads(data)
+        payload = _loads(data)
     except _DuplicateKey as exc:
-        raise MalformedReplyError(f"the upstream sent a stream event with {exc} in one object") from None
+        raise MalformedReplyError(f"the upstream sent {what} with {exc} in one object") from None
+    except (ValueError, RecursionError):
+        raise MalformedReplyError(f"the upstream sent {what} that is not JSON") from None
+    pending = [payload]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            variant = next((k for k in node if k not in _REPLY_KEYS and k.casefold() in _REPLY_KEYS), None)
+            if variant is not None:
+                raise MalformedReplyError(f"the upstream sent {what} with the key {variant!r}, which case-insensitive "
+                                          f"clients read as {variant.casefold()!r} unjudged")
+            pending += node.values()
+        elif isinstance(node, list):
+            pending += node
+    return payload
+
+
+def _succeeded(reply: httpx.Response) -> bool:
+    """A reply the openai SDK reads as an answer (any 2xx): the guard judges it."""
+    return 200 <= reply.status_code < 300
+
+
+def _relayed(reply: httpx.Response, content: bytes) -> Response:
+    """An upstream error passed on as it came. A redirect is never passed on: the SDK follows it,
+    and would take the request to the upstream around the guard."""
+    if reply.is_redirect or 300 <= reply.status_code < 400:
+        log.warning("the upstream answered %d (a redirect); not followed", reply.status_code)
+        return _HTTPError(502, f"the upstream answered {reply.status_code} (a redirect), which the proxy does not "
+                          "follow; point it at the final upstream URL", "upstream_redirect").response()
+    return Response(content, reply.status_code, media_type=reply.headers.get("content-type"), headers=_passed(reply.headers))
 
 
 def _review_header(ids: list[str]) -> dict[str, str]:

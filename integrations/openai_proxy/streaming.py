@@ -40,6 +40,9 @@ _FULL_TEXT_EVENTS = frozenset({
 class GuardedItems:
     """The shared part: the relay, the decisions, and the feed / end / close entry points."""
 
+    #: The response a Responses stream announced (upstream stores the answer under its id); None for chat.
+    _base: Any = None
+
     def __init__(self, guard: OpenAIGuard, request: Request, prompt_gate: Any, prompt: Decision | None) -> None:
         self.guard = guard
         self.request = request
@@ -74,6 +77,7 @@ class GuardedItems:
 
     def _decided(self, key: Key, decision: Decision, relay: StreamRelay[Any]) -> None:
         if decision.blocked:
+            self.guard.refuse_history(self._base)
             if self.guard.on_unsafe == "abort":
                 raise UnsafeContentError(decision, delivered=relay.handed_out(key), choice_index=self._index(key))
             self._rewrite(key, decision, relay.released(key))
