@@ -3,7 +3,7 @@
 Prints one JSON object per conversation, so the command composes with ``jq`` and shell scripts;
 the exit status says the verdict: 0 allowed, 1 blocked by the policy, 2 an error (usage, a bad
 input line, a model that cannot be loaded, a guard server that cannot be reached while failing
-closed), always with one line on stderr and never a traceback. Input is checked before the model
+closed), always with one line on stderr and never a traceback; 130 after Ctrl-C. Input is checked before the model
 loads. With ``--lines`` every stdin line (split on ``\\n`` only) is one prompt, and every output
 line carries its ``"line"`` number. The guard comes from ``--model`` or the environment
 (``QWEN3GUARD_GEN_URL`` / ``QWEN3GUARD_GEN_MODEL``, see ``guard_core.config``).
@@ -31,6 +31,8 @@ from .types import GuardUnavailableError
 EXIT_ALLOWED, EXIT_BLOCKED, EXIT_ERROR = 0, 1, 2
 #: 128 + SIGPIPE: the status a shell reports for a filter whose reader closed the pipe (``yes | head``).
 EXIT_BROKEN_PIPE = 141
+#: 128 + SIGINT: the status a shell reports for a command stopped by Ctrl-C.
+EXIT_INTERRUPTED = 130
 #: What loading a model can raise besides our own errors (bad files, a device torch lacks).
 LOAD_ERRORS = (ValueError, TypeError, GuardUnavailableError, OSError, RuntimeError, ImportError, AssertionError)
 
@@ -174,13 +176,19 @@ def stdout_closed() -> int:
     return EXIT_BROKEN_PIPE
 
 
+def interrupted(program: str) -> int:
+    """Ctrl-C: one line on stderr instead of a ``KeyboardInterrupt`` traceback, and exit status 130."""
+    print(f"\n{program}: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def _error(message: str) -> int:
     print(f"qwen3guard: error: {message}", file=sys.stderr)
     return EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qwen3guard`` console script; returns the exit status."""
+    """Entry point of the ``qwen3guard`` console script; returns the exit status (130 after Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["eval"]:
         from .eval.__main__ import main as eval_main
@@ -190,6 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .review_cli import main as review_main
 
         return review_main(argv[1:])
+    try:
+        return _moderate(argv)
+    except KeyboardInterrupt:  # while reading stdin, loading the model or waiting on the guard
+        return interrupted("qwen3guard")
+
+
+def _moderate(argv: list[str]) -> int:
+    """The verdict command: moderate the texts of ``argv`` / stdin and print one JSON line each."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL, stream=sys.stderr)
     try:

@@ -54,12 +54,15 @@ class StreamRelay(Generic[T]):
     decided key must not be fed again (strip blocked choices from later chunks). ``first_gate`` (from a
     Stream prompt check) serves the first key, so a single stream is prefilled once.
     ``record_reviews=False`` leaves review items to a later check of the same answer (e.g. Gen's).
-    A moderator without a Stream guard judges each key's whole text with Gen once it has ended:
-    nothing of it is released before.
+    ``whole=True`` (and a moderator without a Stream guard) holds each key's chunks until its text
+    has ended and judges it whole (Gen if configured, else a Stream gate), as ``read`` makes it
+    (structured output: what its JSON says, ``guard_core.structured.json_source_text``): nothing of
+    it is released before.
     """
 
     def __init__(self, moderator: Moderator, conversation: Conversation, on_decision: DecisionHandler, *,
-                 first_gate: StreamGate | None = None, request_id: str | None = None, record_reviews: bool = True) -> None:
+                 first_gate: StreamGate | None = None, request_id: str | None = None, record_reviews: bool = True,
+                 whole: bool = False, read: Callable[[str], str] = str) -> None:
         self.moderator = moderator
         self.conversation = conversation
         self.request_id = request_id
@@ -71,7 +74,8 @@ class StreamRelay(Generic[T]):
         self._spare = first_gate
         self._fed: dict[Key, int] = {}
         self._handed: dict[Key, int] = {}
-        self._whole: dict[Key, str] | None = None if moderator.has_stream else {}  # each key's text, Gen-only
+        self._whole: dict[Key, str] | None = {} if whole or not moderator.has_stream else None  # each key's text
+        self._read = read
 
     @property
     def blocked(self) -> dict[Key, Decision]:
@@ -128,8 +132,8 @@ class StreamRelay(Generic[T]):
                 self._whole[key] = self._whole.get(key, "") + text
             for key in dict.fromkeys(ended):
                 if key in self._whole and key not in self.decisions:
-                    (decision,) = yield from self.moderator.answers_flow(self.conversation, [self._whole[key]],
-                                                                         self.request_id, "gen")
+                    (decision,) = yield from self.moderator.answers_flow(self.conversation, [self._read(self._whole[key])],
+                                                                         self.request_id)
                     if decision is not None:  # None: no text, nothing held for it
                         self._decide(key, decision)
             return self._release()

@@ -12,14 +12,19 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
+import stat
 import sys
+import tempfile
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from .cli import Parser, stdout_closed
+from .cli import Parser, interrupted, stdout_closed
 from .config import REVIEW_DB_ENV, Settings
 from .review import STATUSES, ReviewItem, ReviewQueue
 from .review.queue import check_limit
+from .review.store import database_url, sqlite_file
 
 PROG = "qwen3guard review"
 EXIT_OK, EXIT_ERROR = 0, 2
@@ -76,8 +81,13 @@ def _parser() -> Parser:
     return parser
 
 
+def _location(args: argparse.Namespace) -> str | None:
+    """The queue's database from ``--db``, else the environment (``None``: the default SQLite file)."""
+    return getattr(args, "db", None) or Settings.from_env().review_db
+
+
 def _open_queue(args: argparse.Namespace) -> ReviewQueue:
-    location = getattr(args, "db", None) or Settings.from_env().review_db
+    location = _location(args)
     try:
         return ReviewQueue(location, create=False)
     except FileNotFoundError as exc:
@@ -110,14 +120,57 @@ def _run(args: argparse.Namespace, out: TextIO) -> None:
             if args.output is None:
                 queue.export(out, args.format, status=args.status, since=args.since)
             else:
-                with open(args.output, "w", encoding="utf-8", newline="") as fp:
-                    count = queue.export(fp, args.format, status=args.status, since=args.since)
+                _check_not_database(args.output, _location(args))
+                count = _export_to_file(queue, args)
                 print(f"exported {count} items to {args.output}", file=out)
         else:
             rows = queue.stats(since=args.since)
             print(_table(("DAY", "RISK", "CATEGORY", "ITEMS", *(s.upper() for s in STATUSES)),
                          [[r["day"], r["risk"], r["category"], r["items"], *(r[s] for s in STATUSES)] for r in rows])
                   if rows else "no review items", file=out)
+
+
+def _check_not_database(output: str, location: str | None) -> None:
+    """Refuse to export over the queue's own SQLite file (or its journal files): that would destroy the queue."""
+    database = sqlite_file(database_url(location))
+    if database is None:
+        return
+    target = Path(output).expanduser()
+    same = target.resolve() in {Path(f"{database}{suffix}").resolve() for suffix in ("", "-wal", "-shm", "-journal")}
+    if same or (target.exists() and database.exists() and os.path.samefile(target, database)):
+        raise ValueError(f"--output {output} is the review database itself; write the export to another file")
+
+
+def _export_to_file(queue: ReviewQueue, args: argparse.Namespace) -> int:
+    """Export into a temporary file beside ``--output``, renamed over it only once the export succeeded.
+
+    A failed export (database unreachable, disk full) so leaves an existing file as it was. The
+    new file gets the old file's permissions, or the usual ones of a new file. A target that is
+    no regular file (``/dev/stdout``, a named pipe) is written directly.
+    """
+    target = Path(args.output).expanduser()
+    if target.exists() and not target.is_file():
+        with open(target, "w", encoding="utf-8", newline="") as fp:
+            return queue.export(fp, args.format, status=args.status, since=args.since)
+    try:
+        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OSError(f"cannot write {args.output}: {exc.strerror}") from None
+    try:
+        with open(fd, "w", encoding="utf-8", newline="") as fp:
+            count = queue.export(fp, args.format, status=args.status, since=args.since)
+        os.chmod(temporary, stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_umask())
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return count
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _login_name() -> str | None:
@@ -128,7 +181,7 @@ def _login_name() -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``qwen3guard review``; returns the exit status (0 success, 2 error, 141 reader gone)."""
+    """Entry point of ``qwen3guard review``; returns the exit status (0 success, 2 error, 130 Ctrl-C, 141 reader gone)."""
     from .review import ReviewStoreError
 
     try:
@@ -137,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
     except BrokenPipeError:  # the reader went away (``| head``): quiet, like the verdict command
         return stdout_closed()
+    except KeyboardInterrupt:  # e.g. waiting on a locked or slow database
+        return interrupted(PROG)
     except SystemExit as exc:  # --help, or a usage error (already printed on one line by Parser)
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except (ValueError, LookupError, ImportError, OSError, ReviewStoreError) as exc:

@@ -40,6 +40,7 @@ class Script:
     is appended for chat streams by ``chat_events``); ``body`` is the JSON of a non-streamed
     answer. ``fail_after`` events into the stream the server fails: ``"error"`` sends an
     ``{"error": ...}`` event (openai raises ``APIError``), ``"drop"`` cuts the connection.
+    ``headers`` are sent with the reply; ``content_type`` is a 2xx stream's.
     """
 
     events: list[dict[str, Any] | str] = field(default_factory=list)
@@ -48,6 +49,8 @@ class Script:
     delay_s: float = 0.0
     fail_after: int | None = None
     fail_mode: Literal["error", "drop"] = "error"
+    headers: dict[str, str] = field(default_factory=dict)  # extra reply headers (a redirect's Location)
+    content_type: str = "text/event-stream"  # of a streamed answer with a 2xx status
 
 
 @dataclass
@@ -137,7 +140,7 @@ def _handler(upstream: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 elif exchange.body.get("stream"):
                     self._stream(script, exchange)
                 else:
-                    self._json(script.status, script.body or {})
+                    self._json(script.status, script.body or {}, script.headers)
                     exchange.completed = True
             except (BrokenPipeError, ConnectionResetError):
                 exchange.disconnected = True
@@ -145,20 +148,22 @@ def _handler(upstream: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             finally:
                 exchange.closed.set()
 
-        def _json(self, status: int, body: dict[str, Any]) -> None:
+        def _json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
         def _stream(self, script: Script, exchange: Exchange) -> None:
-            if script.status != 200:
-                self._json(script.status, script.body or {"error": {"message": "scripted failure"}})
+            if not 200 <= script.status < 300:
+                self._json(script.status, script.body or {"error": {"message": "scripted failure"}}, script.headers)
                 return
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
+            self.send_response(script.status)
+            self.send_header("content-type", script.content_type)
             self.send_header("transfer-encoding", "chunked")
             self.end_headers()
             for i, event in enumerate(script.events):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -95,3 +97,32 @@ def test_concurrent_moderate_calls_get_their_own_verdicts(gen_guard: GenGuard) -
     assert [(v.risk, v.categories) for v in verdicts] == [(c.risk, c.categories) for c in cases]
     with pytest.raises(ValueError, match="empty"):
         gen_guard.moderate([{"role": "user", "content": " "}])  # bad input fails its own call, never a batch
+
+
+def test_a_caller_interrupted_while_it_waits_leaves_the_queue_to_the_others() -> None:
+    release = threading.Event()
+
+    def batch(items: list[int]) -> list[int]:
+        if items == [0]:
+            assert release.wait(30), "the interrupted caller never queued"
+        return [i * 10 for i in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(batch)
+
+    def interrupt_the_waiter() -> None:
+        while len(coalescer._queue) < 1:
+            time.sleep(0.001)
+        time.sleep(0.05)  # the waiter is in wait() by now; a Ctrl-C arrives there
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with ThreadPoolExecutor(2) as pool:
+        leader = pool.submit(coalescer, 0)
+        while not coalescer._running:
+            time.sleep(0.001)
+        threading.Thread(target=interrupt_the_waiter, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            coalescer(1)
+        release.set()
+        assert leader.result(timeout=30) == 0
+        assert pool.submit(coalescer, 2).result(timeout=30) == 20  # nobody waits behind the abandoned call
+    assert coalescer._queue == [] and not coalescer._running

@@ -79,6 +79,26 @@ def test_bad_lines_get_one_error_line_each_and_the_others_are_judged(gen_dir: Pa
     assert b"Traceback" not in result.stderr
 
 
+class _CtrlCOnRead:
+    """A terminal pipe on stdin where the user presses Ctrl-C instead of typing a prompt."""
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def buffer(self) -> object:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from guard_core.cli import main
+
+    monkeypatch.setattr(sys, "stdin", _CtrlCOnRead())
+    assert main(["--lines"]) == 130
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "\nqwen3guard: interrupted\n")
+
+
 def test_a_reader_that_closes_the_pipe_ends_the_program_quietly(gen_dir: Path) -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)  # like `qwen3guard --lines | head -1` once head has exited

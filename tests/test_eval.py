@@ -73,14 +73,14 @@ def test_unknown_and_missing_sets_are_refused_with_the_reason(datasets_dir: Path
 def test_generic_files_report_bad_columns_and_values(tmp_path: Path) -> None:
     data = tmp_path / "d.csv"
     data.write_text("text,verdict\nhello,bad\nbye,ok\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"row 0: column 'verdict' has value 'bad', which is neither"):
+    with pytest.raises(ValueError, match=r"d.csv:2: column 'verdict' has value 'bad', which is neither"):
         load_set(file_spec(data, text_col="text", label_col="verdict", positive=["harmful"], negative=["ok"]))
     with pytest.raises(ValueError, match=r"no column 'label' \(columns: text, verdict\)"):
         load_set(file_spec(data, text_col="text", label_col="label"))
     loose = load_set(file_spec(data, text_col="text", label_col="verdict", positive=["BAD"]))
     assert [i.unsafe for i in loose.items] == [True, False]
     (tmp_path / "nul.jsonl").write_text('{"t": "ok", "l": 1}\n{"t": "a\\u0000b", "l": 0}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"nul.jsonl row 1: message 0: content contains NUL"):  # caught before any model runs
+    with pytest.raises(ValueError, match=r"nul.jsonl:2: message 0: content contains NUL"):  # caught before any model runs
         load_set(file_spec(tmp_path / "nul.jsonl", text_col="t", label_col="l", positive=["1"]))
     with pytest.raises(ValueError, match="unsupported file type"):
         (tmp_path / "d.txt").write_text("x", encoding="utf-8")
@@ -263,6 +263,30 @@ def test_the_command_exits_130_on_ctrl_c_and_the_rerun_resumes(gen_guard: GenGua
     assert main(args) == 0
     assert state["items"] == 2  # only the batch that was interrupted
     assert _results(tmp_path)[("gen", "aegis-1.0-test")]["n"] == 4
+
+
+def test_an_unreachable_guard_fails_the_run_and_the_rerun_judges_its_rows(gen_dir: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from gen_server import GenServer, load_gen_model, unused_url
+
+    data = tmp_path / "set.jsonl"
+    data.write_text(json.dumps({"text": SAFE_PROMPT, "label": "safe"}) + "\n"
+                    + json.dumps({"text": UNSAFE_PROMPT, "label": "unsafe"}) + "\n", encoding="utf-8")
+    url, out = unused_url(), tmp_path / "out"
+    monkeypatch.setenv("QWEN3GUARD_GEN_MODEL", "qwen3guard-gen-test")
+    args = ["--file", str(data), "--text-col", "text", "--label-col", "label", "--gen", url, "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "could not judge 2 of 2 items" in captured.err and "run the same command again" in captured.err
+    assert not (out / "results.json").exists() and (out / "predictions.jsonl").read_text(encoding="utf-8") == ""
+
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with GenServer(*load_gen_model(gen_dir), port=port):
+        assert main(args) == 0
+    section = _results(out)[("gen", "set")]
+    assert section["errors"] == 0 and _counts(section["strict"]) == (1, 0, 0, 1)
 
 
 class _Named:

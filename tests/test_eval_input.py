@@ -73,7 +73,8 @@ def test_broken_gzip_json_and_non_object_rows_are_one_line_errors_with_the_file(
         "plain.jsonl.gz": (b'{"text": "hi", "label": "safe"}\n', "not a readable gzip file"),
         "flipped.jsonl.gz": (bytes(corrupt), "not a readable gzip file"),
         "broken.json": (b'[{"text": "hi", "label": "safe"},\n {"text": }]', r":2: not valid JSON \(Expecting value\)"),
-        "list.jsonl": (b'{"text": "hi", "label": "safe"}\n["hi", "safe"]\n', "row 1: expected an object of columns, got list"),
+        "list.jsonl": (b'{"text": "hi", "label": "safe"}\n["hi", "safe"]\n', ":2: expected an object of columns, got list"),
+        "list.json": (b'[{"text": "hi", "label": "safe"}, ["hi", "safe"]]', " record 2: expected an object of columns, got list"),
     }
     for name, (data, message) in cases.items():
         path = tmp_path / name
@@ -88,9 +89,28 @@ def test_a_row_without_a_label_is_an_error_not_a_safe_row(tmp_path: Path, missin
     path = tmp_path / "mine.jsonl"
     path.write_text(json.dumps({"text": "one", "label": "unsafe"}) + "\n" + json.dumps({"text": "two", "label": missing}) + "\n",
                     encoding="utf-8")
-    with pytest.raises(ValueError, match=r"row 1: column 'label' is empty; a row without a label cannot be scored") as caught:
+    with pytest.raises(ValueError, match=r"mine.jsonl:2: column 'label' is empty; a row without a label cannot be scored") as caught:
         load_set(file_spec(path, text_col="text", label_col="label"))
     assert "\n" not in str(caught.value)
+
+
+def test_row_errors_name_the_line_an_editor_shows(tmp_path: Path) -> None:
+    jsonl = tmp_path / "blank.jsonl"
+    jsonl.write_text('\n\n{"text": "one", "label": "safe"}\n\n{"text": null, "label": "safe"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"blank.jsonl:5: column 'text' is empty or not text"):
+        load_set(file_spec(jsonl, text_col="text", label_col="label"))
+    multiline = tmp_path / "multi.csv"  # the bad row is on line 5, after a quoted two-line text and a blank line
+    multiline.write_text('text,label\n"two\nlines",safe\n\nthree,maybe\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"multi.csv:5: column 'label' has value 'maybe'"):
+        load_set(file_spec(multiline, text_col="text", label_col="label", negative=["safe"]))
+
+
+@pytest.mark.parametrize(("row", "cells"), [("hello, world,safe", 3), ("hello", 1)], ids=["extra", "missing"])
+def test_a_csv_row_whose_cells_do_not_match_the_header_is_an_error(tmp_path: Path, row: str, cells: int) -> None:
+    path = tmp_path / "shifted.csv"
+    path.write_text(f"text,label\nfine,safe\n{row}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"shifted.csv:3: {cells} cells under a header of 2 columns; quote a value"):
+        load_set(file_spec(path, text_col="text", label_col="label"))
 
 
 # ---- predictions follow the content of a row ----------------------------------------------------

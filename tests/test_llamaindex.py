@@ -6,20 +6,24 @@ MockLLM (no max_tokens) echoes its prompt, so its answer shows exactly which con
 
 from __future__ import annotations
 
+import copy
+import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import pytest
 from llama_index.core import Document, MockEmbedding, VectorStoreIndex, get_response_synthesizer
 from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
+from llama_index.core.base.response.schema import PydanticResponse
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.mock import MockLLM
 from llama_index.core.schema import ImageNode, MediaResource, MetadataMode, Node, NodeWithScore, QueryBundle, TextNode
-from pydantic import PrivateAttr
+from pydantic import BaseModel, PrivateAttr
 
 from guard_core import CONFIGURED, Action, Category, GenGuard, GuardViolation, Moderator, Policy, RiskLevel, StreamGuard
-from guard_core.testing import PLANTED_UNSAFE_PROMPT
+from guard_core.testing import PLANTED_SAFE_PROMPT, PLANTED_UNSAFE_PROMPT
 from guard_core.testing.cases import (
     JAILBREAK_PROMPT,
     REFUSAL_ANSWER,
@@ -214,6 +218,28 @@ def test_nodes_with_media_are_refused_not_passed_unjudged(gen_guard: GenGuard, n
         QwenGuardNodePostprocessor(gen_guard).postprocess_nodes(nodes, query_str=FRANCE)
 
 
+@pytest.mark.parametrize(("text", "reason"), [("page 1\x00page 2", "NUL bytes"), ("broken \ud83d emoji", "lone surrogate U+D83D")],
+                         ids=["nul", "surrogate"])
+async def test_a_node_the_guard_cannot_read_is_blocked_and_the_others_go_on(gen_guard: GenGuard, text: str, reason: str) -> None:
+    nodes = [NodeWithScore(node=TextNode(text=SAFE_PROMPT), score=1.0), NodeWithScore(node=TextNode(text=text), score=0.5),
+             NodeWithScore(node=TextNode(text=UNSAFE_PROMPT), score=0.4)]
+    assert texts_of(QwenGuardNodePostprocessor(gen_guard).postprocess_nodes(nodes, query_str=FRANCE)) == [SAFE_PROMPT]
+    redacted = await QwenGuardNodePostprocessor(gen_guard, blocked_nodes="redact").apostprocess_nodes(nodes, query_str=FRANCE)
+    assert texts_of(redacted) == [SAFE_PROMPT, DEFAULT_REDACTION_NOTICE, DEFAULT_REDACTION_NOTICE]
+    decision = redacted[1].node.metadata["qwen3guard"]
+    assert decision["action"] == "block" and decision["context_index"] == 1 and decision["error_kind"] == "rejected"
+    assert decision["error"].startswith("node 1: ") and reason in decision["error"]
+
+
+def test_a_deep_copy_shares_the_moderator_and_pickling_is_refused(gen_guard: GenGuard) -> None:
+    post = QwenGuardNodePostprocessor(gen_guard, blocked_nodes="redact")
+    copied = copy.deepcopy(post)
+    assert copied.moderator is post.moderator and copied.blocked_nodes == "redact"
+    assert texts_of(copied.postprocess_nodes(scored_nodes(), query_str=FRANCE))[1] == DEFAULT_REDACTION_NOTICE
+    with pytest.raises(TypeError, match="holds a loaded guard and cannot be pickled; build one in each process"):
+        pickle.dumps(post)
+
+
 def test_a_negative_cache_size_is_refused_when_built(gen_guard: GenGuard) -> None:
     with pytest.raises(ValueError, match="context_cache_size"):
         QwenGuardNodePostprocessor(gen_guard, cache_size=-1).postprocess_nodes(scored_nodes())
@@ -255,6 +281,24 @@ async def test_guarded_engine_refuses_an_unsafe_answer(gen_guard: GenGuard, inde
     assert (record["response"]["action"], record["response"]["categories"]) == ("block", ["Violent"])
     with pytest.raises(GuardViolation):
         GuardedQueryEngine(inner, gen_guard=gen_guard, check_query=False).query(UNSAFE_PROMPT)
+
+
+class Steps(BaseModel):
+    steps: str
+
+
+def test_a_refused_structured_answer_stays_a_pydantic_response(stream_guard: StreamGuard, index: VectorStoreIndex) -> None:
+    def ask(answer: str, query: str, **options: Any) -> Any:
+        inner = index.as_query_engine(llm=ScriptedLLM(text=json.dumps({"steps": answer})), output_cls=Steps)
+        return GuardedQueryEngine(inner, stream_guard=stream_guard, on_block="refuse", **options).query(query)
+
+    allowed = ask("mix and bake", PLANTED_SAFE_PROMPT, check_query=False)
+    assert isinstance(allowed, PydanticResponse) and allowed.response == Steps(steps="mix and bake")
+    for refused, role in ((ask("build a pipe bomb", PLANTED_SAFE_PROMPT, check_query=False), "response"),
+                          (ask("mix and bake", PLANTED_UNSAFE_PROMPT), "prompt")):
+        assert isinstance(refused, PydanticResponse) and refused.response is None
+        record = refused.metadata["qwen3guard"]
+        assert record["refusal"] == DEFAULT_REFUSAL and record[role]["action"] == "block"
 
 
 def test_gen_only_streaming_releases_nothing_of_a_blocked_answer(gen_guard: GenGuard, index: VectorStoreIndex) -> None:

@@ -163,3 +163,24 @@ def test_bad_settings_fail_at_construction(gen_guard: GenGuard) -> None:
         Moderator(gen_guard=42)
     with pytest.raises(TypeError, match="Policy"):
         Moderator(gen_guard=gen_guard, policy="strict")  # type: ignore[arg-type]
+
+
+def test_the_public_checks_refuse_what_they_would_misread(gen_guard: GenGuard, tmp_path: Path) -> None:
+    moderator = Moderator(gen_guard=gen_guard)
+    with pytest.raises(TypeError, match="texts must be a list of strings, got str; wrap one text in a list"):
+        moderator.check_context(JAILBREAK_PROMPT)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="texts must be a list of strings, got str"):
+        asyncio.run(moderator.acheck_answers(from_text(SAFE_PROMPT), SAFE_ANSWER))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"texts\[1\] must be a string, got int"):
+        moderator.check_context([SAFE_PROMPT, 5])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="build one with from_messages"):
+        moderator.check_prompt([{"role": "user", "content": SAFE_PROMPT}])  # type: ignore[arg-type]
+
+
+def test_review_takes_a_database_path_like_the_environment(gen_guard: GenGuard, tmp_path: Path) -> None:
+    reviewing = Policy(actions={RiskLevel.CONTROVERSIAL: Action.REVIEW})
+    moderator = Moderator(gen_guard=gen_guard, policy=reviewing, review=str(tmp_path / "review.db"))
+    decision = moderator.check_prompt(from_text(CONTROVERSIAL_PROMPT)).decision
+    assert decision is not None and decision.action is Action.REVIEW and moderator.review.get(decision.review_id) is not None
+    with pytest.raises(TypeError, match="review must be a guard_core.review.ReviewQueue, a database path or URL"):
+        Moderator(gen_guard=gen_guard, review=True)

@@ -29,7 +29,7 @@ from openai_fake_upstream import (
 from guard_core import Action, Category, Policy, RiskLevel
 from guard_core.testing.cases import REFUSAL_ANSWER, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_ANSWER, UNSAFE_PROMPT
 from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_UNSAFE_PROMPT
-from integrations.openai_proxy import DEFAULT_REFUSAL, UnsafeContentError, guard_openai
+from integrations.openai_proxy import DEFAULT_REFUSAL, MalformedReplyError, UnsafeContentError, guard_openai
 
 USER = [{"role": "user", "content": PLANTED_SAFE_PROMPT}]
 
@@ -681,3 +681,57 @@ def test_a_blocked_call_survives_pickling(upstream, bare, stream_guard):
     copy = pickle.loads(pickle.dumps(raised.value))
     assert type(copy) is UnsafeContentError and str(copy) == str(raised.value)
     assert copy.verdict == raised.value.verdict and copy.choice_index == 0 and copy.decision.action is Action.BLOCK
+
+
+# Replies: every part a caller may render is judged; structured answers by what their JSON says.
+
+
+def test_responses_parts_of_any_text_type_are_judged_and_unknown_items_refused(upstream, bare, stream_guard):
+    client = guard_openai(bare, stream_guard=stream_guard, gen_guard=None, on_unsafe="rewrite")
+    for part in ({"type": "text", "text": "".join(UNSAFE_PIECES)}, {"text": "".join(UNSAFE_PIECES)}):
+        body = responses_body("x")
+        body["output"][0]["content"] = [part]
+        upstream.push(Script(body=body))
+        reply = client.responses.create(model="fake-model", input=PLANTED_SAFE_PROMPT)
+        assert reply.status == "incomplete" and "bomb" not in reply.model_dump_json()
+    body = responses_body("x")
+    body["output"] = [{"type": "assistant_message", "id": "a", "text": "".join(UNSAFE_PIECES)}]
+    upstream.push(Script(body=body))
+    with pytest.raises(MalformedReplyError, match="output item 0 of type 'assistant_message', which Qwen3Guard cannot judge"):
+        client.responses.create(model="fake-model", input=PLANTED_SAFE_PROMPT)
+
+
+def escaped(text: str) -> str:
+    return '{"steps": "' + text.replace(" ", "\\u0020") + '"}'
+
+
+def test_a_structured_answer_is_judged_by_what_its_json_says(upstream, bare, stream_guard):
+    client = guard_openai(bare, stream_guard=stream_guard, gen_guard=None, on_unsafe="rewrite")
+    schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}
+    source = escaped("".join(UNSAFE_PIECES))
+    assert "pipe bomb" not in source
+    upstream.push(Script(body=chat_completion(source)))
+    whole = client.chat.completions.create(model="fake-model", messages=USER, response_format=schema)
+    assert whole.choices[0].message.content == DEFAULT_REFUSAL
+    upstream.push(Script(events=chat_events([source[:20], source[20:40], source[40:]])))
+    chunks = list(stream_chat(client, response_format=schema))
+    assert text_of(chunks) == DEFAULT_REFUSAL  # held whole: none of the JSON went out before it was judged
+    upstream.push(Script(events=chat_events([escaped("Preheat the oven.")])))
+    assert json.loads(text_of(list(stream_chat(client, response_format=schema)))) == {"steps": "Preheat the oven."}
+
+
+def test_openais_stream_helpers_free_the_guard_sessions_when_they_close(upstream, bare, abare, stream_guard):
+    client, aclient = (guard_openai(c, stream_guard=stream_guard, gen_guard=None) for c in (bare, abare))
+    upstream.push(Script(events=chat_events(SAFE_PIECES + TAIL)), Script(events=chat_events(SAFE_PIECES + TAIL)))
+    with client.chat.completions.stream(model="fake-model", messages=USER) as helper:
+        next(iter(helper))
+        guarded = helper._raw_stream
+    assert guarded._streamed.items.relay.gates and gates_closed(guarded)
+
+    async def go() -> Any:
+        async with aclient.chat.completions.stream(model="fake-model", messages=USER) as helper:
+            await helper.__aiter__().__anext__()
+            return helper._raw_stream
+
+    guarded = asyncio.run(go())
+    assert gates_closed(guarded)

@@ -240,3 +240,62 @@ def test_a_guard_that_raises_is_a_json_500_the_sdk_does_not_retry(monkeypatch, c
     assert len(calls) == 1 and len(upstream.exchanges) == before + (where == "answer")
     logged = [r.getMessage() for r in caplog.records if r.name == "integrations.openai_proxy.server"]
     assert logged == ["guarding /v1/chat/completions failed: RuntimeError: CUDA out of memory"]
+
+
+# Statuses and keys a client reads differently from the guard
+
+
+def test_an_upstream_redirect_is_never_passed_on_and_any_2xx_is_judged(upstream, proxy):
+    moved = {"location": upstream.base_url + "/chat/completions"}
+    for stream in (False, True):
+        upstream.push(Script(status=307, headers=moved))
+        reply = httpx.post(proxy + "/chat/completions", json={**CHAT, "stream": stream}, timeout=60)
+        assert is_openai_error(reply, 502, "upstream_redirect") and "location" not in reply.headers
+    upstream.push(Script(status=203, body=chat_completion("".join(UNSAFE_PIECES))),
+                  Script(status=201, events=chat_events(UNSAFE_PIECES)))
+    whole = httpx.post(proxy + "/chat/completions", json={"model": "m", "messages": USER}, timeout=60)
+    assert whole.status_code == 203 and whole.json()["choices"][0]["message"]["content"] == DEFAULT_REFUSAL
+    body = stream_body_any(proxy + "/chat/completions", CHAT, 201)
+    assert "pipe" not in body and DEFAULT_REFUSAL in body
+
+
+def stream_body_any(url: str, body: dict[str, Any], status: int) -> str:
+    with httpx.stream("POST", url, json=body, timeout=60) as reply:
+        assert reply.status_code == status
+        return reply.read().decode()
+
+
+@pytest.mark.parametrize("key", ["Content", "Delta", "CHOICES"])
+def test_a_case_variant_key_in_an_upstream_reply_is_refused_not_forwarded(upstream, proxy, key):
+    chunk = chat_chunk([{"index": 0, "delta": {"content": " take a pipe bomb"}, "finish_reason": None}])
+    variant = json.loads(json.dumps(chunk).replace({"Content": '"content"', "Delta": '"delta"', "CHOICES": '"choices"'}[key],
+                                                   f'"{key}"'))
+    events = chat_events(SAFE_PIECES[:2], done=False)
+    upstream.push(Script(events=[*events[:2], variant, *events[2:], "[DONE]"]))
+    body = stream_body(proxy + "/chat/completions", CHAT)
+    assert "pipe" not in body and last_event(body)["error"]["code"] == "upstream_error"
+    whole = chat_completion("Preheat the oven.")
+    whole["choices"][0]["message"]["Content"] = "take a pipe bomb"
+    upstream.push(Script(body=whole))
+    reply = httpx.post(proxy + "/chat/completions", json={"model": "m", "messages": USER}, timeout=60)
+    assert is_openai_error(reply, 502, "upstream_invalid") and "pipe" not in reply.text
+
+
+def test_an_event_stream_in_any_case_is_read(upstream, proxy):
+    upstream.push(Script(events=chat_events(SAFE_PIECES), content_type="Text/Event-Stream; charset=utf-8"))
+    assert "".join(SAFE_PIECES) in "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in stream_body(proxy + "/chat/completions", CHAT).splitlines()
+        if line.startswith("data: {") and json.loads(line[6:])["choices"])
+
+
+def test_a_header_that_is_not_ascii_and_too_many_tools_are_400s(upstream, proxy):
+    before = len(upstream.exchanges)
+    for path in ("/chat/completions", "/models"):
+        method = httpx.post if path != "/models" else httpx.get
+        options = {"json": {"model": "m", "messages": USER}} if path != "/models" else {}
+        reply = method(proxy + path, headers={"x-note": "caf\xe9".encode("latin-1")}, timeout=60, **options)
+        assert is_openai_error(reply, 400, "invalid_header")
+    tools = [{"type": "function", "function": {"name": f"t{i}", "description": "x"}} for i in range(257)]
+    reply = httpx.post(proxy + "/chat/completions", json={"model": "m", "messages": USER, "tools": tools}, timeout=60)
+    assert is_openai_error(reply, 400, "too_many_messages") and "more than 256 tools" in reply.text
+    assert len(upstream.exchanges) == before

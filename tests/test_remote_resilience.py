@@ -186,8 +186,10 @@ def test_base_urls_are_normalised_and_checked() -> None:
     assert normalize_base_url("http://gpu-1:8000") == "http://gpu-1:8000/v1"
     assert normalize_base_url(" http://gpu-1:8000/v1/ ") == "http://gpu-1:8000/v1"
     assert normalize_base_url("https://gw.example.com/qwen/openai/v1") == "https://gw.example.com/qwen/openai/v1"
-    with pytest.raises(ValueError, match="http://host:8000/v1"):
-        normalize_base_url("gpu-1:8000")
+    for url, reason in (("gpu-1:8000", "is not an http"), ("http://gpu-1:99999/v1", "Port out of range"),
+                        ("http://gpu-1:8000/\tv1", "control character")):
+        with pytest.raises(ValueError, match=reason):
+            normalize_base_url(url)
 
 
 @pytest.mark.parametrize(("options", "error", "reason"), [
@@ -199,6 +201,11 @@ def test_base_urls_are_normalised_and_checked() -> None:
     ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an int >= 1"),
     ({"max_new_tokens": -5}, ValueError, "max_new_tokens must be an int >= 1"),
     ({"max_concurrency": 2.5}, ValueError, "max_concurrency must be an int >= 1"),
+    ({"fail_open": "false"}, TypeError, "fail_open must be True or False, got str"),
+    ({"logprobs": 1}, TypeError, "logprobs must be True or False, got int"),
+    ({"top_logprobs": "5"}, ValueError, "top_logprobs must be an int from 0 to 20"),
+    ({"circuit_failures": 0}, ValueError, "circuit_failures must be an int >= 1"),
+    ({"retry": 3}, TypeError, "retry must be a guard_core.RetryPolicy or None, got int"),
 ])
 def test_bad_arguments_are_refused_when_the_guard_is_built(options: dict, error: type, reason: str) -> None:
     options = {"base_urls": "http://127.0.0.1:9/v1", **options}
@@ -240,7 +247,7 @@ def test_a_url_argument_selects_remote_without_env() -> None:
     ({"QWEN3GUARD_GEN_URL": "http://a/v1", "QWEN3GUARD_GEN_TIMEOUT": "1e10"}, "QWEN3GUARD_GEN_TIMEOUT"),
     ({"QWEN3GUARD_GEN_URL": "http://a/v1", "QWEN3GUARD_GEN_TIMEOUT": "nan"}, "QWEN3GUARD_GEN_TIMEOUT"),
     ({"QWEN3GUARD_GEN_URL": "http://a/v1", "QWEN3GUARD_FAIL_OPEN": "maybe"}, "QWEN3GUARD_FAIL_OPEN"),
-    ({"QWEN3GUARD_GEN_URL": "a:8000"}, "http://host:8000/v1"),
+    ({"QWEN3GUARD_GEN_URL": "a:8000"}, "use one like http://127.0.0.1:8001/v1"),
 ])
 def test_bad_env_values_name_the_variable(env: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
@@ -268,3 +275,17 @@ def test_the_controversial_setting_chooses_the_default_policys_action() -> None:
     assert policy_from_env(Policy.strict(), environ={"QWEN3GUARD_CONTROVERSIAL": "allow"}).actions[RiskLevel.CONTROVERSIAL] is Action.BLOCK
     with pytest.raises(ValueError, match="QWEN3GUARD_CONTROVERSIAL='pass' is not one of block, review, flag, allow"):
         policy_from_env(environ={"QWEN3GUARD_CONTROVERSIAL": "pass"})
+
+
+def test_without_model_the_guard_is_found_among_the_served_models() -> None:
+    import httpx
+
+    guard = RemoteGenGuard("http://127.0.0.1:9/v1")
+
+    def read(*names: str) -> Any:
+        return guard._read_models(httpx.Response(200, json={"data": [{"id": n} for n in names]}))
+
+    assert read("my-finetune") == "my-finetune"
+    assert read("llama-3-8b-instruct", "Qwen/Qwen3Guard-Gen-4B") == "Qwen/Qwen3Guard-Gen-4B"
+    refused = read("llama-3-8b-instruct", "mistral-7b")
+    assert isinstance(refused, Exception) and "none is named like a Qwen3Guard model; set model=" in str(refused)

@@ -179,6 +179,12 @@ class QueueContract:
         await stream.aclose()
         assert item.id in later and item.id != earlier
 
+    def test_resolved_checks_its_arguments_when_called_not_when_iterated(self, queue: ReviewQueue) -> None:
+        with pytest.raises(TypeError, match="poll_s must be a number of seconds, got str '1'"):
+            queue.resolved(poll_s="1")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="poll_s must be > 0"):
+            queue.resolved(poll_s=0)
+
     def test_a_decision_is_final_even_from_another_queue(self, db_url: str, queue: ReviewQueue) -> None:
         item_id = queue.submit(controversial(), source="test", conversation=ask("hello"))
         calls: list[ReviewItem] = []
@@ -360,7 +366,7 @@ def test_bad_arguments_get_clear_errors(tmp_path: Path) -> None:
             (lambda: queue.resolve(item_id, "maybe"), ValueError, "'approve' or 'reject'"),  # type: ignore[arg-type]
             (lambda: queue.list(status="open"), ValueError, "status must be one of"),  # type: ignore[arg-type]
             (lambda: queue.list(since=datetime(2025, 1, 1)), ValueError, "timezone-aware"),
-            (lambda: queue.list(limit=0), ValueError, "positive integer"),
+            (lambda: queue.list(limit=0), ValueError, "limit must be an int from 1"),
             (lambda: queue.export(io.StringIO(), format="xml"), ValueError, "'jsonl' or 'csv'"),  # type: ignore[arg-type]
             (lambda: queue.submit(controversial(), source="", conversation=ask("x")), ValueError, "source"),
             (lambda: queue.submit(controversial(), source="t", conversation=[]), ValueError, "empty"),

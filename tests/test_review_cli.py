@@ -88,6 +88,29 @@ def test_export_jsonl_to_stdout_and_csv_to_a_file(db: Path, tmp_path: Path, caps
         assert [row["id"] for row in csv.DictReader(fp)] == ids(db)
 
 
+def test_export_refuses_to_write_over_the_database(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = ids(db)
+    (tmp_path / "link.db").symlink_to(db)
+    for output in (db, tmp_path / "review.db-wal", tmp_path / "link.db"):
+        assert_error(run(capsys, "--db", str(db), "export", "--output", str(output)), "is the review database itself")
+    assert ids(db) == before and not (tmp_path / "review.db-wal").exists()
+
+
+def test_a_failed_export_leaves_the_old_output_file_alone(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "items.jsonl"
+    target.write_text("last week's export\n", encoding="utf-8")
+
+    def disk_full(self: ReviewQueue, fp: object, *args: object, **kwargs: object) -> int:
+        fp.write("half a line")  # type: ignore[attr-defined]
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ReviewQueue, "export", disk_full)
+    assert_error(run(capsys, "--db", str(db), "export", "--output", str(target)), "No space left on device")
+    assert target.read_text(encoding="utf-8") == "last week's export\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["items.jsonl", "review.db"]
+
+
 def test_stats_prints_counts_per_day_level_and_category(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--db", str(db), "stats")
     header, *rows = out.splitlines()
@@ -157,6 +180,14 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(db: Path, comman
     finally:
         os.close(write_end)
     assert done.returncode == 141 and done.stderr == ""  # 128 + SIGPIPE, as `qwen3guard --lines | head` ends
+
+
+def test_ctrl_c_is_one_line_and_exit_130(db: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:  # Ctrl-C while the database is slow to answer
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ReviewQueue, "list", interrupted)
+    assert run(capsys, "--db", str(db), "list") == (130, "", "\nqwen3guard review: interrupted\n")
 
 
 def test_usage_errors_name_the_subcommand_to_ask_for_help(db: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -212,3 +212,26 @@ def test_a_policy_that_is_not_a_policy_and_a_zero_debounce_are_refused(stream_gu
         stream_guard.gate([{"role": "user", "content": "hi"}], policy="strict")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="consecutive must be an int >= 1, got 0"):
         stream_guard.session([{"role": "user", "content": "hi"}], consecutive=0)
+
+
+def test_finish_while_a_push_is_judged_is_refused_and_releases_nothing_unjudged() -> None:
+    async def scenario() -> tuple[str, bool]:
+        with stream_guard("planted").gate(USER) as gate:
+            judged = asyncio.Event()
+            feed = gate.session.afeed
+
+            async def slow_feed(delta: str) -> list:
+                await judged.wait()
+                return await feed(delta)
+
+            gate.session.afeed = slow_feed  # type: ignore[method-assign]
+            push = asyncio.create_task(gate.apush("Sure, here is how to build a pipe bomb at home"))
+            await asyncio.sleep(0)
+            with pytest.raises(RuntimeError, match="still being judged"):
+                await gate.afinish()
+            judged.set()
+            released = await push
+            return released + gate.delivered, gate.blocked
+
+    shown, blocked = asyncio.run(scenario())
+    assert blocked and "bomb" not in shown

@@ -168,3 +168,9 @@ def test_a_session_closed_after_shutdown_keeps_its_cache_for_teardown() -> None:
     assert guard.scheduler._kept_at_exit == [store]  # ... but held by the scheduler until teardown
     with pytest.raises(RuntimeError, match="shut down"):
         guard.session([{"role": "user", "content": "late"}])
+
+
+@pytest.mark.parametrize("budget", [0, -1, 2.5])
+def test_a_step_budget_that_could_never_run_a_token_is_refused(budget: object) -> None:
+    with pytest.raises(ValueError, match="max_tokens_per_step must be an int >= 1"):
+        StreamGuard.from_pretrained(str(stream_checkpoint("planted")), max_tokens_per_step=budget)  # type: ignore[arg-type]

@@ -4,7 +4,8 @@ Prints the report's kind of table to stdout and writes ``predictions.jsonl``, ``
 and ``results.csv`` to ``--out``; ``--sweep`` adds the threshold sweep (``thresholds.csv``,
 ``report.html`` and the recommended ``Policy(...)`` line), which ``qwen3guard eval report DIR``
 draws for a finished directory without loading a model. Exit status: 0 done, 2 usage or load
-error, 130 interrupted (rerun the same command to resume).
+error or a guard server that could not judge an item (nothing is scored), 130 interrupted (rerun
+the same command to resume).
 """
 
 from __future__ import annotations

@@ -198,11 +198,13 @@ def _require(row: Row, column: str, where: str) -> Any:
     return row[column]
 
 
-def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Raw records of a ``.jsonl``, ``.json``, ``.csv`` file, each optionally gzipped.
+def read_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """Raw records of a ``.jsonl``, ``.json``, ``.csv`` file, each optionally gzipped, with where they are.
 
-    Every way a file can be unreadable (not UTF-8, not gzip, broken JSON) is a one-line
-    ``ValueError`` naming the file and where in it the problem is.
+    ``where`` names the file and the record's first line (``path:LINE``, the numbers an editor
+    shows) or, in a ``.json`` file, its position (``path record N``), for error messages. Every
+    way a file can be unreadable (not UTF-8, not gzip, broken JSON, a CSV row whose cells do
+    not match the header) is a one-line ``ValueError`` naming the file and where in it.
     """
     name = path.name.lower()
     compressed = name.endswith(".gz")
@@ -223,7 +225,7 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
                 for number, line in lines:
                     if line.strip():
                         try:
-                            yield json.loads(line)
+                            yield f"{path}:{number}", json.loads(line)
                         except json.JSONDecodeError as exc:
                             raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
             elif base.endswith(".json"):
@@ -232,11 +234,10 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
                     data = json.loads(text)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-                yield from _json_records(data, path)
+                yield from ((f"{path} record {n}", record) for n, record in enumerate(_json_records(data, path), 1))
             else:
-                csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
                 # newline="" splits old-Mac "\r" endings too, as csv expects, without translating any
-                yield from csv.DictReader(part for _, line in lines for part in io.StringIO(line, newline=""))
+                yield from _csv_records((part for _, line in lines for part in io.StringIO(line, newline="")), path)
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise ValueError(f"{path}: not a readable gzip file ({exc})") from None
 
@@ -253,6 +254,28 @@ def _utf8_lines(raw: Iterable[bytes], path: Path) -> Iterator[tuple[int, str]]:
             raise ValueError(f"{path}: line {number} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset "
                              f"{offset + exc.start}); save the file as UTF-8") from None
         offset += len(data)
+
+
+def _csv_records(lines: Iterable[str], path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """The rows of a CSV file under its header; a row with more or fewer cells is an error naming its line.
+
+    ``csv.DictReader`` would file extra cells under the key None and fill missing ones with None,
+    so a text with an unquoted comma would shift its columns without a word.
+    """
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    while header is not None:
+        start = reader.line_num + 1
+        cells = next(reader, None)
+        if cells is None:
+            return
+        if not cells:  # a blank line
+            continue
+        if len(cells) != len(header):
+            raise ValueError(f"{path}:{start}: {len(cells)} cells under a header of {len(header)} columns; "
+                             "quote a value that holds a comma")
+        yield f"{path}:{start}", dict(zip(header, cells))
 
 
 _RECORD_KEYS = ("instances", "data", "records", "rows", "examples")
@@ -282,11 +305,11 @@ def load_set(spec: DatasetSpec, root: Path | None = None, *, limit: int | None =
     path = Path(spec.path) if root is None else Path(root) / spec.path
     items: list[EvalItem] = []
     index = 0
-    for record in read_records(path):
+    for where, record in read_records(path):
         if not isinstance(record, Mapping):
-            raise ValueError(f"{path} row {index}: expected an object of columns, got {type(record).__name__}")
+            raise ValueError(f"{where}: expected an object of columns, got {type(record).__name__}")
         for row in (spec.rows(record) if spec.rows else (record,)):
-            items.append(_item(spec, row, index, f"{path} row {index}"))
+            items.append(_item(spec, row, index, where))
             index += 1
     if not items:
         raise ValueError(f"{path}: no rows")

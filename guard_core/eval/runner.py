@@ -7,7 +7,9 @@ already there, so an interrupted evaluation of a large model loses at most one b
 with a larger ``--limit`` reuses the items it shares with the earlier slice, and a row edited
 in the source file is predicted afresh instead of being reported with its old verdict. The
 directory remembers which model each engine ran, so results of two different models are never
-mixed.
+mixed. A verdict the guard could not give (its server unreachable: ``error_kind ==
+"unavailable"``) is no prediction: it is never stored, and the run stops with
+``GuardUnavailableError``, so an outage is neither scored nor reused by the rerun.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 from ..backends import GenBackend
 from ..debounce import Debounce
-from ..types import RiskLevel, TokenVerdict
+from ..types import GuardUnavailableError, RiskLevel, TokenVerdict
 from .datasets import EvalItem, EvalSet
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -147,7 +149,8 @@ class PredictionStore:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"{self.path}:{number} is not valid JSON; delete the file or pass --fresh") from None
-            self.records[record["key"]] = record
+            if _unavailable(record) is None:  # an outage stored by an older version is judged again
+                self.records[record["key"]] = record
 
     def get(self, engine: str, item: EvalItem) -> dict[str, Any] | None:
         """The stored record of ``engine`` on ``item``, if any."""
@@ -194,7 +197,11 @@ def run(
     batch_size: int = 16,
     progress: bool = True,
 ) -> None:
-    """Predict every item not yet in ``store``, batch by batch; interrupting loses one batch at most."""
+    """Predict every item not yet in ``store``, batch by batch; interrupting loses one batch at most.
+
+    Raises ``GuardUnavailableError`` after the first batch with an item the guard could not judge,
+    once that batch's real verdicts are stored.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     from tqdm import tqdm
@@ -210,9 +217,17 @@ def run(
             bar.set_description(f"{engine.name} {s.name}")
             for start in range(0, len(items), batch_size):
                 batch = items[start : start + batch_size]
-                fragments = engine.predict(batch)
-                store.append([_record(engine, item, fragment) for item, fragment in zip(batch, fragments)])
+                records = [_record(engine, item, fragment) for item, fragment in zip(batch, engine.predict(batch))]
+                judged = [r for r in records if _unavailable(r) is None]
+                store.append(judged)
                 bar.update(len(batch))
+                if len(judged) < len(records):
+                    failed = len(records) - len(judged)
+                    raise GuardUnavailableError(
+                        f"{engine.name}: the guard could not judge {failed} of {len(records)} items of a batch "
+                        f"({_unavailable(next(r for r in records if r not in judged))}); nothing was scored. "
+                        f"Judged items are saved in {store.directory}: run the same command again once the guard is reachable"
+                    )
 
 
 def _by_length(items: list[EvalItem]) -> list[EvalItem]:
@@ -221,6 +236,12 @@ def _by_length(items: list[EvalItem]) -> list[EvalItem]:
     Callers pass each key once: identical rows of a set share one prediction.
     """
     return sorted(items, key=lambda item: len(item.prompt) + len(item.response or ""))
+
+
+def _unavailable(record: dict[str, Any]) -> str | None:
+    """The error of a record whose verdict is an outage's fallback (``error_kind == "unavailable"``), else None."""
+    verdict = record.get("verdict") or {}
+    return verdict.get("error") or "guard unavailable" if verdict.get("error_kind") == "unavailable" else None
 
 
 def _record(engine: Engine, item: EvalItem, fragment: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-from ..config import Settings, check_count
+from ..config import Settings, check_count, check_timeout
 from ..messages import moderation_role, normalize_messages
 from ..types import RiskLevel, Verdict
 from .hooks import ResolveHook, arun_hooks, run_hooks
@@ -209,16 +209,17 @@ class ReviewQueue:
         with self._hooks_lock:
             return tuple(self._hooks)
 
-    async def resolved(self, since: datetime | None = None, poll_s: float = 1.0) -> AsyncIterator[ReviewItem]:
+    def resolved(self, since: datetime | None = None, poll_s: float = 1.0) -> AsyncIterator[ReviewItem]:
         """Items as they are resolved, by any process sharing the database, in resolution order.
 
         Starts with the items resolved at or after ``since`` (default: only resolutions from now
         on), then polls the database every ``poll_s`` seconds while nothing new arrived. Runs
-        until the consumer stops iterating.
+        until the consumer stops iterating. The arguments are checked here, not at the first
+        ``async for`` step, so a bad one fails where it is written.
         """
-        since = _check_since(since)
-        if not poll_s > 0:
-            raise ValueError(f"poll_s must be a positive number of seconds, got {poll_s!r}")
+        return self._resolved(_check_since(since), check_timeout(poll_s, "poll_s"))
+
+    async def _resolved(self, since: datetime | None, poll_s: float) -> AsyncIterator[ReviewItem]:
         cursor = await asyncio.to_thread(self._store.resolution_cursor, since)
         while True:
             page = await asyncio.to_thread(self._store.resolved_after, cursor, _RESOLVED_PAGE)

@@ -10,34 +10,55 @@ tool's own callbacks, before ``wrap_tool_call`` sees it, so ``ToolResultScrubber
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Self
 
 from langchain_core.language_models.chat_models import BaseChatModel, agenerate_from_stream, generate_from_stream
 from langchain_core.messages import AIMessageChunk, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langgraph.stream import StreamTransformer
-from pydantic import ConfigDict, Field
+from langchain_core.runnables import RunnableBinding
+from pydantic import ConfigDict, Field, model_validator
 
-from guard_core import METADATA_KEY, Decision, GuardViolation, Moderator, RiskLevel
+from guard_core import METADATA_KEY, Action, Decision, GuardViolation, Moderator, RiskLevel, Verdict
 from guard_core.conversation import Conversation
 from guard_core.messages import content_to_text
 from guard_core.moderator import strictest
 from guard_core.relay import Key, StreamRelay, cut_text
 from guard_core.steps import Flow, Step, arun, run
 
-from ._convert import args_text, chunk_text, json_source_text, messages_to_conversation
+from ._convert import args_text, as_chunk, chunk_text, json_source_text, messages_to_conversation
 from ._core import event_step
 
 def withheld(decision: Decision, tool_call_id: str = "", name: str | None = None, id: str | None = None) -> ToolMessage:
-    """What the model, the state and the ``tools`` channel get in place of blocked input: the verdict only."""
-    cats = ", ".join(decision.verdict.categories) or "no category"
-    return ToolMessage(content=f"Withheld by Qwen3Guard: {decision.verdict.risk.value} ({cats}).", status="error",
+    """What the model, the state and the ``tools`` channel get in place of blocked input: the verdict
+    only (or why there is none: the input could not be judged)."""
+    verdict = decision.verdict
+    cats = ", ".join(verdict.categories) or "no category"
+    reason = f"it could not be judged ({verdict.error})" if verdict.error else f"{verdict.risk.value} ({cats})"
+    return ToolMessage(content=f"Withheld by Qwen3Guard: {reason}.", status="error",
                        tool_call_id=tool_call_id, name=name, id=id, response_metadata={METADATA_KEY: decision.to_dict()})
 
 
 def tool_text(result: Any) -> str:
-    """The text a tool returned; image and file parts raise ``ValueError`` (they cannot be judged)."""
-    return content_to_text(result.content if isinstance(result, ToolMessage) else str(result or ""), where="tool result")
+    """The text a tool returned (a message's content, else ``str``); image and file parts, NUL bytes
+    and lone surrogates raise ``ValueError`` (they cannot be judged)."""
+    return content_to_text(result.content if isinstance(result, BaseMessage) else str(result or ""), where="tool result")
+
+
+def result_decision_flow(moderator: Moderator, result: Any) -> Flow[Decision | None]:
+    """The decision on what a tool returned, judged as untrusted context (None: it has no text).
+
+    A result the guard cannot read (``tool_text`` raises: a NUL byte or lone surrogate in a scraped
+    page, an image) is blocked, failing closed: it is third-party text the app cannot fix first,
+    so it must neither stop the run with an error nor reach the model unjudged.
+    """
+    try:
+        text = tool_text(result)
+    except ValueError as exc:
+        return Decision(Verdict(RiskLevel.UNSAFE, error=str(exc), error_kind="rejected"), Action.BLOCK)
+    if not text.strip():
+        return None
+    return (yield from moderator.context_flow([text]))[0]
 
 
 class ModelTurn:
@@ -78,8 +99,7 @@ class ModelTurn:
 
     def feed(self, chunk: AIMessageChunk) -> Flow[list[AIMessageChunk]]:
         """Take one chunk of the model's stream; returns the chunks the caller may have now."""
-        if not isinstance(chunk, AIMessageChunk):  # a model that cannot stream yields its whole message
-            chunk = AIMessageChunk(**chunk.model_dump(exclude={"type"}))
+        chunk = as_chunk(chunk)  # a model that cannot stream yields its whole message
         self.chunks.append(chunk)
         texts = self._texts(chunk)
         if self.blocked or self.relay is None:
@@ -176,13 +196,32 @@ def _cut(chunk: AIMessageChunk, keep: int) -> AIMessageChunk | None:
 
 class GuardedChatModel(BaseChatModel):
     """The agent's model behind the guard: ``inner`` (tools bound by ``bind_tools``) streamed through
-    a ``ModelTurn`` per call (``open_turn``), recorded in ``turns`` (shared with the bound copies)."""
+    a ``ModelTurn`` per call (``open_turn``), recorded in ``turns`` (shared with the bound copies).
+
+    It shows the real model's ``profile`` and ``model_name``, which ``create_agent`` reads to choose
+    how to ask for structured output (``ProviderStrategy`` or ``ToolStrategy``): the guard must not
+    change that choice. A model bound with a ``response_format`` (``ProviderStrategy``, chosen or
+    picked for a bare schema) answers JSON content, judged by what it says (``json_content``).
+    """
 
     inner: Any
     open_turn: Any
+    json_content: bool = False
     turns: list[ModelTurn] = Field(default_factory=list)
     cache: Any = False  # a cache hit would skip the guard; the real model keeps its own cache
     model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    @model_validator(mode="after")
+    def _show_inner_profile(self) -> Self:
+        if self.profile is None:
+            self.profile = getattr(_model_of(self.inner), "profile", None)
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The real model's name (``create_agent`` reads it as ``model_name``, ``model`` or ``model_id``)."""
+        real = _model_of(self.inner)
+        return getattr(real, "model_name", None) or getattr(real, "model", None) or getattr(real, "model_id", None) or ""
 
     @property
     def _llm_type(self) -> str:
@@ -190,10 +229,11 @@ class GuardedChatModel(BaseChatModel):
 
     def bind_tools(self, tools: Any, **kwargs: Any) -> GuardedChatModel:
         """Bind the tools to the real model, keeping the guard around it."""
-        return self.model_copy(update={"inner": self.inner.bind_tools(tools, **kwargs)})
+        return self.model_copy(update={"inner": self.inner.bind_tools(tools, **kwargs),
+                                       "json_content": kwargs.get("response_format") is not None})
 
     def _open(self, messages: list[BaseMessage]) -> ModelTurn:
-        self.turns.append(self.open_turn(messages_to_conversation(messages)))
+        self.turns.append(self.open_turn(messages_to_conversation(messages), json_content=self.json_content))
         return self.turns[-1]
 
     def _generate(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any) -> ChatResult:
@@ -205,7 +245,7 @@ class GuardedChatModel(BaseChatModel):
 
     def _stream(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        turn, source = self._open(messages), self.inner.stream(messages, {"callbacks": []}, stop=stop, **kwargs)
+        turn, source = self._open(messages), _silenced(self.inner).stream(messages, {"callbacks": []}, stop=stop, **kwargs)
         try:
             for chunk in source:
                 yield from (ChatGenerationChunk(message=c) for c in run(turn.feed(chunk)))
@@ -218,7 +258,7 @@ class GuardedChatModel(BaseChatModel):
 
     async def _astream(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        turn, source = self._open(messages), self.inner.astream(messages, {"callbacks": []}, stop=stop, **kwargs)
+        turn, source = self._open(messages), _silenced(self.inner).astream(messages, {"callbacks": []}, stop=stop, **kwargs)
         try:
             async for chunk in source:
                 for out in await arun(turn.feed(chunk)):
@@ -230,6 +270,22 @@ class GuardedChatModel(BaseChatModel):
         finally:
             await source.aclose()
             turn.close()
+
+
+def _model_of(runnable: Any) -> Any:
+    """The model a ``RunnableBinding`` (``bind_tools``, ``with_config``) wraps, or ``runnable`` itself."""
+    return _model_of(runnable.bound) if isinstance(runnable, RunnableBinding) else runnable
+
+
+def _silenced(runnable: Any) -> Any:
+    """``runnable`` with no callbacks of its own, on the model and on any binding around it: a
+    model's ``callbacks`` field (a UI streamer set on it) would get every raw token."""
+    if isinstance(runnable, RunnableBinding):
+        config = {k: v for k, v in runnable.config.items() if k != "callbacks"}
+        return runnable.model_copy(update={"bound": _silenced(runnable.bound), "config": config})
+    if getattr(runnable, "callbacks", None):
+        return runnable.model_copy(update={"callbacks": None})
+    return runnable
 
 
 class ToolResultScrubber(StreamTransformer):
@@ -259,8 +315,8 @@ class ToolResultScrubber(StreamTransformer):
         kind = data.get("event") if isinstance(data, dict) else None
         if kind == "tool-output-delta":
             data["delta"] = ""
-        elif kind == "tool-finished" and (text := tool_text(data.get("output"))).strip():
-            decision = (yield from self.moderator.context_flow([text]))[0]
-            if decision.blocked:
+        elif kind == "tool-finished":
+            decision = yield from result_decision_flow(self.moderator, data.get("output"))
+            if decision is not None and decision.blocked:
                 data["output"] = withheld(decision, data.get("tool_call_id") or "", getattr(data["output"], "name", None))
         return True

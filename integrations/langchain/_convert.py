@@ -11,13 +11,17 @@ import json
 from collections.abc import Container, Mapping, Sequence
 from typing import Any
 
+from langchain_core.documents import Document
+from langchain_core.load import Serializable
 from langchain_core.messages import (AIMessage, AIMessageChunk, BaseMessage, ChatMessage, FunctionMessage, HumanMessage,
                                      SystemMessage, ToolMessage, convert_to_messages)
 from langchain_core.outputs import ChatGenerationChunk, GenerationChunk
 from langchain_core.prompt_values import PromptValue
 from langchain_core.utils.json import parse_partial_json
+from pydantic import BaseModel
 
 from guard_core.conversation import Conversation, from_messages, from_text
+from guard_core.messages import content_to_text
 from guard_core.structured import json_source_text, json_text, strings
 
 #: LangChain message classes (and their chunk subclasses) -> OpenAI-style roles.
@@ -48,7 +52,9 @@ def to_conversation(value: Any, *, input_key: str | None = None) -> Conversation
     Strings and single messages are the user's turn; prompt values and message lists are whole
     conversations; a dict (the input of a prompt template) is a prompt made of its ``input_key``
     value, or of every text it holds when no key is given (strings, messages such as a
-    ``MessagesPlaceholder`` history, nested lists and dicts), so no field passes unjudged.
+    ``MessagesPlaceholder`` history, retrieved ``Document``s, nested lists and dicts, other objects
+    as the template renders them), so no field passes unjudged. Documents (one, or a list: a
+    retriever's output) are a prompt made of their text too.
     """
     if isinstance(value, str):
         return from_text(value)
@@ -57,10 +63,9 @@ def to_conversation(value: Any, *, input_key: str | None = None) -> Conversation
             if input_key not in value:
                 raise ValueError(f"input_key {input_key!r} is not in the input dict (keys: {sorted(value)})")
             return to_conversation(value[input_key])
-        texts = [t for t in _texts(value) if t.strip()]
-        if not texts:
-            raise ValueError("the input dict has no text to moderate; set input_key to the field holding the prompt")
-        return from_text("\n\n".join(texts))
+        return _prompt_of_texts(value)
+    if isinstance(value, Document) or (isinstance(value, Sequence) and any(isinstance(v, Document) for v in value)):
+        return _prompt_of_texts(value)
     messages = [value] if isinstance(value, BaseMessage) else _messages(value)
     if messages is None:
         raise ValueError(f"cannot moderate a {type(value).__name__}; pass a string, a message, a list of messages, "
@@ -69,33 +74,52 @@ def to_conversation(value: Any, *, input_key: str | None = None) -> Conversation
 
 
 def to_answer(value: Any) -> tuple[Conversation, str]:
-    """A model output as (the conversation it answers, its text: ``answer_text``): strings and
-    messages are a lone answer (the question is not in view: see ``QwenGuardRunnable.around``),
-    message lists end with it."""
+    """A model output as (the conversation it answers, its text: ``answer_text``, JSON content
+    decoded, as a JSON parser after the guard reads it): strings and messages are a lone answer
+    (the question is not in view: see ``QwenGuardRunnable.around``), message lists end with it."""
     if isinstance(value, (str, BaseMessage)):
-        return Conversation(), answer_text(value)
+        return Conversation(), answer_text(value, json_content=True)
     messages = _messages(value)
     if not messages or not isinstance(messages[-1], AIMessage):
         raise ValueError(f"cannot moderate a {type(value).__name__} as a model answer; pass a string, a message, "
                          "or messages ending with the AI message")
-    return (messages_to_conversation(messages[:-1]) if len(messages) > 1 else Conversation()), answer_text(messages[-1])
+    conversation = messages_to_conversation(messages[:-1]) if len(messages) > 1 else Conversation()
+    return conversation, answer_text(messages[-1], json_content=True)
 
 
 def answer_text(value: Any, *, json_content: bool = False) -> str:
     """The whole text of a model output an explicit output guard is given, or of a structured
     answer: its blocks' text (``chunk_text``; with ``json_content``, decoded when it is JSON) and the
     decoded arguments of its tool calls, which a parser after the guard (``PydanticToolsParser``,
-    ``with_structured_output``) turns into the answer."""
+    ``with_structured_output``) turns into the answer; a parsed value (``structured_data``) by
+    what it says (``json_text``)."""
+    data = structured_data(value)
+    if data is not None:
+        return json_text(data)
     text, args = chunk_text(value), tool_args_text(value) if isinstance(value, BaseMessage) else ""
     return "\n".join(t for t in (json_source_text(text) if json_content else text, args) if t)
 
 
+def _prompt_of_texts(value: Any) -> Conversation:
+    """A prompt made of every text ``value`` holds (``_texts``)."""
+    texts = [t for t in _texts(value) if t.strip()]
+    if not texts:
+        raise ValueError("the input has no text to moderate; set input_key to the field holding the prompt")
+    return from_text("\n\n".join(texts))
+
+
 def _texts(value: Any) -> list[str]:
-    """Every text a prompt-template input holds, in order; numbers and other scalars hold none."""
+    """Every text a prompt-template input holds, in order: a message's as the guard reads it
+    (``message_to_dict``: ``input_text`` parts too), a ``Document``'s content and string metadata,
+    and any other object as a template renders it (``str``); numbers and other scalars hold none."""
     if isinstance(value, str):
         return [value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return []
     if isinstance(value, Mapping):
         return [t for v in value.values() for t in _texts(v)]
+    if isinstance(value, Document):
+        return [value.page_content, *strings(value.metadata)]
     if isinstance(value, BaseMessage):
         value = [value]
     elif isinstance(value, PromptValue):
@@ -103,9 +127,27 @@ def _texts(value: Any) -> list[str]:
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         if value and all(isinstance(v, BaseMessage) for v in value):
             messages_to_conversation(value)  # refuses what the guard cannot read (images, unknown roles)
-            return [chunk_text(m) if isinstance(m, AIMessage) else m.text for m in value]
+            return [content_to_text(message_to_dict(m)["content"]) for m in value]
         return [t for v in value for t in _texts(v)]
-    return []
+    return [str(value)]
+
+
+def structured_data(value: Any) -> Any:
+    """The data of a parsed answer (a parser's dict or list, a pydantic model such as
+    ``with_structured_output`` returns), or None for text, messages and other LangChain values."""
+    if isinstance(value, BaseModel) and not isinstance(value, Serializable):
+        return value.model_dump(mode="json")
+    if isinstance(value, (Mapping, list, tuple)) and not any(isinstance(v, BaseMessage) for v in value):
+        return value
+    return None
+
+
+def as_chunk(message: BaseMessage) -> BaseMessage:
+    """A whole ``AIMessage`` (a model that cannot stream yields one) as the ``AIMessageChunk`` it
+    streams as, its tool calls as ``tool_call_chunks``; any other message as it is."""
+    if isinstance(message, AIMessage) and not isinstance(message, AIMessageChunk):
+        return AIMessageChunk(**message.model_dump(exclude={"type"}))
+    return message
 
 
 def _messages(value: Any) -> list[BaseMessage] | None:
@@ -113,7 +155,10 @@ def _messages(value: Any) -> list[BaseMessage] | None:
     if isinstance(value, PromptValue):
         return value.to_messages()
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):
-        return convert_to_messages(value)
+        try:
+            return convert_to_messages(value)
+        except NotImplementedError as exc:  # LangChain's answer to an item that is no message
+            raise ValueError(f"cannot moderate this list as messages: {exc}") from None
     return None
 
 
@@ -124,8 +169,11 @@ def _messages(value: Any) -> list[BaseMessage] | None:
 _TEXT_FIELDS = {"text": "text", "text-plain": "text", "refusal": "refusal", "reasoning": "reasoning"}
 #: Standard blocks that carry no answer text (tool calls are an answer only as structured output:
 #: ``tool_args_text``) and media the guard cannot read.
-_NO_TEXT = frozenset({"tool_call", "tool_call_chunk", "invalid_tool_call", "server_tool_call", "server_tool_call_chunk",
-                      "server_tool_result"})
+_NO_TEXT = frozenset({"tool_call", "tool_call_chunk", "invalid_tool_call"})
+#: Blocks judged by every string one field holds: one LangChain does not know, and what a provider's
+#: own tools ran (code a code interpreter ran, its output, search results): a UI shows them.
+_STRUCTURED_FIELDS = {"non_standard": "value", "server_tool_call": "args", "server_tool_call_chunk": "args",
+                      "server_tool_result": "output"}
 _MEDIA_BLOCKS = frozenset({"image", "image_url", "input_image", "audio", "input_audio", "video", "file", "input_file"})
 #: Fields of a block LangChain does not know that hold ids or opaque payloads, not text.
 _OPAQUE_FIELDS = frozenset({"type", "id", "index", "signature", "data", "encrypted_content"})
@@ -137,13 +185,14 @@ def chunk_text(chunk: Any) -> str:
     LangChain does not know (``non_standard``) is judged by every string it holds.
 
     Media blocks in a model's answer raise ``ValueError``, as they do in input: Qwen3Guard reads
-    text only, and passing them on would show the user something never judged.
+    text only, and passing them on would show the user something never judged. So does an audio
+    answer beside the content (``additional_kwargs["audio"]``, as langchain-openai puts it).
     """
     if isinstance(chunk, (str, GenerationChunk)):
         return chunk if isinstance(chunk, str) else chunk.text
     if isinstance(chunk, (BaseMessage, ChatGenerationChunk)):
         message = getattr(chunk, "message", chunk)
-        _refuse_media(message.content)
+        _refuse_media([{"type": "audio"}] if message.additional_kwargs.get("audio") else message.content)
         blocks = message.content_blocks
         _refuse_media(blocks)
         return "".join(map(_block_text, blocks))
@@ -165,17 +214,35 @@ def token_text(token: str | list[str | dict[str, Any]]) -> str:
     return token if isinstance(token, str) else chunk_text(AIMessageChunk(content=token))
 
 
+#: ``stream_events(version="v3")`` deltas that stream a block's text, and the block they belong to.
+_TEXT_DELTAS = {"text-delta": "text", "reasoning-delta": "reasoning"}
+
+
+def event_token(event: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The content blocks a ``stream_events(version="v3")`` protocol event adds to the answer, as an
+    ``on_llm_new_token`` token (``token_text``): each text or reasoning delta, and every other block
+    when it is finished (whole: its text, or media, refused)."""
+    kind = event.get("event")
+    if kind == "content-block-delta":
+        field = _TEXT_DELTAS.get(event["delta"].get("type"))
+        return [{"type": field, field: event["delta"][field]}] if field else []
+    if kind == "content-block-finish" and event["content"].get("type") not in _TEXT_DELTAS.values():
+        return [dict(event["content"])]
+    return []
+
+
 def _block_text(block: Mapping[str, Any]) -> str:
     """The text of one standard content block."""
     kind = block.get("type")
-    if kind == "non_standard":
-        return "\n".join(strings(block.get("value"), skip=_OPAQUE_FIELDS))
+    if kind in _STRUCTURED_FIELDS:
+        return "\n".join(strings(block.get(_STRUCTURED_FIELDS[kind]), skip=_OPAQUE_FIELDS))
     if kind in _NO_TEXT:
         return ""
     text = block.get(_TEXT_FIELDS.get(kind, ""))
     summary = block.get("summary") if kind == "reasoning" else None
     parts = [text, *(s.get("text") for s in summary if isinstance(s, Mapping))] if isinstance(summary, list) else [text]
-    return "".join(p for p in parts if isinstance(p, str))
+    quoted = [a.get("cited_text") for a in block.get("annotations") or [] if isinstance(a, Mapping)]  # citations a UI shows
+    return "".join(p for p in parts if isinstance(p, str)) + "".join(f"\n{q}" for q in quoted if isinstance(q, str) and q)
 
 
 def args_text(source: str, *, whole: bool = True) -> str:

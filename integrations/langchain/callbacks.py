@@ -33,7 +33,7 @@ from guard_core.conversation import Conversation, from_text
 from guard_core.gate import StreamGate
 from guard_core.steps import Flow, Step, arun, run
 
-from ._convert import answer_text, chunk_text, messages_to_conversation, token_text, tool_args_text
+from ._convert import answer_text, chunk_text, event_token, messages_to_conversation, token_text, tool_args_text
 from ._core import GUARD_EVENT
 
 
@@ -49,6 +49,7 @@ class _Run:
     message: Any = None  # a structured call's message so far
     args: str = ""  # the text of its arguments pushed so far
     pushed: str = ""  # all text pushed into the gate so far
+    source: str | None = None  # what feeds the gate: "token" (on_llm_new_token) or "event" (on_stream_event)
 
 
 def _calling_manager(handler: BaseCallbackHandler) -> BaseCallbackManager | BaseRunManager | None:
@@ -125,11 +126,16 @@ class _GuardHandlerBase(BaseCallbackHandler):
                     self._close(other)
             raise
 
-    def _token(self, run_id: UUID, token: Any, chunk: Any) -> Flow[None]:
+    def _token(self, run_id: UUID, token: Any, chunk: Any, source: str = "token") -> Flow[None]:
         """Push a token's text (and a structured call's new argument text) into the run's gate; a
-        block raises before LangChain yields the chunk."""
+        block raises before LangChain yields the chunk.
+
+        ``stream_events(version="v3")`` sends the answer as protocol events (``source="event"``) and
+        calls ``on_llm_new_token`` only where the model's ``_stream`` does itself, before the events
+        of the same chunk: the first source a run uses feeds its gate, so no text is pushed twice.
+        """
         state = self._runs.get(run_id)
-        if state is None or not self.moderator.has_stream:
+        if state is None or not self.moderator.has_stream or state.source not in (None, source):
             return
         delta = chunk_text(chunk) if chunk is not None else token_text(token)
         message = getattr(chunk, "message", None)
@@ -140,6 +146,7 @@ class _GuardHandlerBase(BaseCallbackHandler):
                 delta, state.args = delta + args[len(state.args):], args
         if not delta:
             return
+        state.source = source
         if state.gate is None:
             state.gate = yield from self.moderator.gate_flow(state.conversation, 0)
         state.streamed, state.pushed, gate = True, state.pushed + delta, state.gate
@@ -209,6 +216,10 @@ class QwenGuardCallbackHandler(_GuardHandlerBase):
         """Judge the token before its chunk is yielded."""
         run(self._token(run_id, token, kw.get("chunk")))
 
+    def on_stream_event(self, event: Any, *, run_id: UUID, **kw: Any) -> None:
+        """Judge a ``stream_events(version="v3")`` event's text before the event is yielded."""
+        run(self._token(run_id, event_token(event), None, "event"))
+
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kw: Any) -> None:
         """Decide the answer once the model has finished."""
         run(self._end(run_id, response))
@@ -233,6 +244,10 @@ class AsyncQwenGuardCallbackHandler(_GuardHandlerBase, AsyncCallbackHandler):
     async def on_llm_new_token(self, token: str | list[str | dict[str, Any]], *, run_id: UUID, **kw: Any) -> None:
         """Judge the token before its chunk is yielded."""
         await arun(self._token(run_id, token, kw.get("chunk")))
+
+    async def on_stream_event(self, event: Any, *, run_id: UUID, **kw: Any) -> None:
+        """Judge a ``astream_events(version="v3")`` event's text before the event is yielded."""
+        await arun(self._token(run_id, event_token(event), None, "event"))
 
     async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kw: Any) -> None:
         """Decide the answer once the model has finished."""

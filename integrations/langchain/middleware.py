@@ -29,11 +29,10 @@ from langgraph.types import Command, interrupt
 
 from guard_core import CONFIGURED, DEFAULT_REFUSAL, METADATA_KEY, Action, Decision, GuardViolation, Moderator, Policy
 from guard_core.config import DEFAULT_CONSECUTIVE
-from guard_core.conversation import definition_texts
-from guard_core.messages import content_to_text
+from guard_core.conversation import Conversation, definition_texts
 from guard_core.steps import Flow, arun, run
 
-from ._agent_stream import GuardedChatModel, ModelTurn, ToolResultScrubber, withheld
+from ._agent_stream import GuardedChatModel, ModelTurn, ToolResultScrubber, result_decision_flow, tool_text, withheld
 from ._core import event_step
 from ._convert import chunk_text, messages_to_conversation
 
@@ -125,12 +124,11 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         if blocked and self.exit_behavior == "end":
             return self._end([], blocked[0])
         judged_here = self.apply_to_tool_results  # else tool results are the app's to trust, and stay out of the check
-        mid_run = bool(results) and (not judged_here or all(METADATA_KEY in m.response_metadata or not m.text.strip()
+        mid_run = bool(results) and (not judged_here or all(METADATA_KEY in m.response_metadata or not tool_text(m).strip()
                                                             for m in results))
         if not (self.apply_to_input and messages) or mid_run:
             return None
-        seen = messages if judged_here else [m for m in messages if not isinstance(m, ToolMessage)]
-        decision = (yield from self.moderator.prompt_flow(messages_to_conversation(seen))).decision
+        decision = (yield from self.moderator.prompt_flow(self._conversation(messages))).decision
         if decision is None:
             return None
         yield event_step(decision)
@@ -143,6 +141,11 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         turn = last.model_copy(update={"content": content, "response_metadata": _noted(last, decision.to_dict())})
         return self._end([turn], decision.to_dict()) if decision.blocked else {"messages": [turn]}
 
+    def _conversation(self, messages: Sequence[AnyMessage]) -> Conversation:
+        """What the input check reads of ``messages`` (tool results only when this middleware judges them)."""
+        return messages_to_conversation(messages if self.apply_to_tool_results else
+                                        [m for m in messages if not isinstance(m, ToolMessage)])
+
     def _end(self, messages: list[AnyMessage], verdict: dict[str, Any]) -> dict[str, Any]:
         return {"messages": [*messages, self._refusal(verdict)], "jump_to": "end"}
 
@@ -152,7 +155,7 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
     def wrap_model_call(self, request: ModelRequest[ContextT],
                         handler: Callable[[ModelRequest[ContextT]], ModelResponse[ResponseT]]) -> Any:
         """Run the model behind the guard: its stream is released only as far as it is judged."""
-        request = run(self._tools_flow(request))
+        request = run(self._request_flow(request))
         if isinstance(request, ModelResponse):
             return request
         if not self.apply_to_output:
@@ -167,7 +170,7 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
     async def awrap_model_call(self, request: ModelRequest[ContextT],
                                handler: Callable[[ModelRequest[ContextT]], Awaitable[ModelResponse[ResponseT]]]) -> Any:
         """``wrap_model_call`` for asyncio."""
-        request = await arun(self._tools_flow(request))
+        request = await arun(self._request_flow(request))
         if isinstance(request, ModelResponse):
             return request
         if not self.apply_to_output:
@@ -178,6 +181,31 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         except StructuredOutputError as exc:
             response = _unparsed(exc, model)
         return self._answer(response, model, request)
+
+    def _request_flow(self, request: ModelRequest[ContextT]) -> Flow[ModelRequest[ContextT] | ModelResponse[Any]]:
+        """What ``before_model`` could not see, judged before the model reads it: messages an outer
+        middleware put in the request (retrieved text, a rewritten history), then, with
+        ``apply_to_tools``, the tools' definitions."""
+        response = yield from self._added_input_flow(request)
+        return response if response is not None else (yield from self._tools_flow(request))
+
+    def _added_input_flow(self, request: ModelRequest[ContextT]) -> Flow[ModelResponse[Any] | None]:
+        """An outer ``wrap_model_call`` that changed ``request.messages`` hands the model messages
+        not in the state, which ``before_model`` judged: the request's whole conversation is judged
+        by the one rule (an added user turn as the prompt, added tool or late system text as
+        context). A block ends the run with the refusal, with no model call (``error``: raises)."""
+        state = request.state.get("messages") or []
+        if not self.apply_to_input or all(m in state for m in request.messages):
+            return None
+        decision = (yield from self.moderator.prompt_flow(self._conversation(request.messages))).decision
+        if decision is None:
+            return None
+        yield event_step(decision)
+        if not decision.blocked:
+            return None
+        if self.exit_behavior == "error":
+            raise GuardViolation(decision.verdict)
+        return ModelResponse(result=[self._refusal(decision.to_dict())])
 
     def _tools_flow(self, request: ModelRequest[ContextT]) -> Flow[ModelRequest[ContextT] | ModelResponse[Any]]:
         """With ``apply_to_tools``, the definitions of the model's tools are judged as untrusted context
@@ -208,8 +236,7 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
     def _guarded(self, request: ModelRequest[ContextT]) -> GuardedChatModel:
         turn = partial(ModelTurn, self.moderator, raise_on_block=self.exit_behavior == "error",
                        hold_controversial=self.on_controversial == "interrupt",
-                       structured=_structured_tools(request.response_format),
-                       json_content=isinstance(request.response_format, ProviderStrategy))
+                       structured=_structured_tools(request.response_format))
         return GuardedChatModel(inner=request.model, open_turn=turn)
 
     def _answer(self, response: ModelResponse[Any], model: GuardedChatModel, request: ModelRequest[ContextT]) -> Any:
@@ -282,11 +309,11 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         return replace(command, update={**update, "messages": judged})
 
     def _result_flow(self, message: AnyMessage) -> Flow[AnyMessage]:
-        """One message a tool hands the model, judged as untrusted context: noted, or withheld (``error``: raised)."""
-        text = content_to_text(message.content, where="tool result")
-        if not text.strip():
+        """One message a tool hands the model, judged as untrusted context: noted, or withheld (``error``:
+        raised); one the guard cannot read is withheld too (``result_decision_flow``)."""
+        decision = yield from result_decision_flow(self.moderator, message)
+        if decision is None:
             return message
-        decision = (yield from self.moderator.context_flow([text]))[0]
         yield event_step(decision)
         if not decision.blocked:
             return message.model_copy(update={"response_metadata": _noted(message, decision.to_dict())})

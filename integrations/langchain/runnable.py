@@ -28,8 +28,9 @@ from guard_core.conversation import Conversation
 from guard_core.gate import StreamGate
 from guard_core.relay import StreamRelay, cut_text
 from guard_core.steps import Flow, Step, arun, run
+from guard_core.structured import json_source_text, json_text
 
-from ._convert import answer_text, chunk_text, to_answer, to_conversation, tool_args_text
+from ._convert import answer_text, as_chunk, chunk_text, structured_data, to_answer, to_conversation, tool_args_text
 from ._core import event_step
 
 _MODERATOR_OPTIONS = frozenset({"stream_guard", "gen_guard", "policy", "prompt_check", "holdback_tokens", "refusal", "review"})
@@ -75,6 +76,9 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
             raise ValueError(f"pass moderator= or {', '.join(given)}, not both")
         options = {name: getattr(self, name) for name in _MODERATOR_OPTIONS}
         self.moderator = self.moderator or Moderator(**options, source="langchain.runnable")
+        if self.role == "prompt" and self.moderator.prompt_check == "off":
+            raise ValueError("a prompt guard with prompt_check='off' would judge nothing: drop the step, or set "
+                             "prompt_check to 'gen' or 'stream'")
         return self
 
     @classmethod
@@ -130,7 +134,7 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
         if relay is None:
             yield refusal
             return
-        source, last, calls = (chunks if self.chain is None else self.chain.stream(value, config)), None, _ToolCalls()
+        source, last, calls = (chunks if self.chain is None else self.chain.stream(value, config)), None, _Structured()
         with closing(relay):
             for last in source:
                 yield from run(self._pass_on(relay, calls, last, config))
@@ -150,7 +154,7 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
         if relay is None:
             yield refusal
             return
-        source, last, calls = (chunks if self.chain is None else self.chain.astream(value, config)), None, _ToolCalls()
+        source, last, calls = (chunks if self.chain is None else self.chain.astream(value, config)), None, _Structured()
         with closing(relay):
             async for last in source:
                 for out in await arun(self._pass_on(relay, calls, last, config)):
@@ -178,7 +182,7 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
                 return refusal
             chain, inputs = self.chain, value
             value = yield Step(lambda: chain.invoke(inputs, config), lambda: chain.ainvoke(inputs, config))
-            answer = answer_text(value)
+            answer = answer_text(value, json_content=True)
         (decision,) = yield from self.moderator.answers_flow(conversation, [answer], rid)
         return (yield from self._outcome(value, decision, config))
 
@@ -210,25 +214,29 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
                 return None, refusal
         return StreamRelay(self.moderator, conversation, self._on_decision, first_gate=gate, request_id=rid), None
 
-    def _pass_on(self, relay: StreamRelay[Any], calls: _ToolCalls, chunk: Any, config: RunnableConfig,
+    def _pass_on(self, relay: StreamRelay[Any], calls: _Structured, chunk: Any, config: RunnableConfig,
                  end: bool = False) -> Flow[list[Any]]:
-        """Feed one chunk (at ``end``: the decoded arguments of the answer's tool calls, whole, and
-        finish the stream) and return what may go out, the decision applied."""
+        """Feed one chunk (at ``end``: the structured answer's text, whole, and finish the stream) and
+        return what may go out, the decision applied."""
         if end:
-            args = tool_args_text(calls.message) if calls.message is not None else ""
-            item, texts, ended = None, [(0, "\n" + args)] if args else [], [0]
+            item, texts, ended = None, [(0, "\n" + text)] if (text := calls.text()) else [], [0]
+        elif structured_data(chunk) is not None:  # a parsed value: judged whole at the end
+            item, texts, ended, calls.data = chunk, [], [], _add(calls.data, chunk)
         else:
-            item, texts, ended = chunk, [(0, chunk_text(chunk))], []
-            if getattr(chunk, "tool_call_chunks", None):
-                calls.message = chunk if calls.message is None else calls.message + chunk
+            text = chunk_text(chunk)
+            item, texts, ended, calls.content = chunk, [(0, text)], [], calls.content + text
+            message = as_chunk(chunk) if isinstance(chunk, BaseMessage) else None
+            if getattr(message, "tool_call_chunks", None):
+                calls.message = message if calls.message is None else calls.message + message
         out = yield Step(lambda: relay.feed(item, texts, ended), lambda: relay.afeed(item, texts, ended))
-        if calls.message is not None:  # from the first tool call on, chunks wait for their arguments' verdict
+        if calls.holding:
             calls.waiting, out = [*calls.waiting, *out], []
         decision = relay.decisions.get(0)
         if decision is None:
             return out
         blocked = decision.blocked and self.on_violation != "pass"
-        out, calls.waiting = [*(_without_calls(c) if blocked else c for c in calls.waiting), *out], []
+        waiting = [_without_calls(c) for c in calls.waiting if structured_data(c) is None] if blocked else calls.waiting
+        out, calls.waiting = [*waiting, *out], []
         # The refusal, or an empty chunk carrying the decision, follows what was released.
         empty = AIMessageChunk(content="") if isinstance(chunk, BaseMessageChunk) else ""
         extra = yield from self._outcome(empty, decision, config, relay.released(0))
@@ -257,20 +265,49 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
 
 
 @dataclass
-class _ToolCalls:
-    """The tool calls of a streamed answer: a parser after the guard makes their arguments the
-    answer, so they are judged whole at the end (``answer_text``), and the chunks from the first
-    of them on wait for that verdict."""
+class _Structured:
+    """What a streamed answer says beside its streamed text, judged whole at the end by what it says
+    (``json_text``): its tool calls (a parser after the guard makes their arguments the answer),
+    parsed values (around a chain ending in a parser) and content that is a JSON document (a JSON
+    parser after the guard decodes its escapes). The chunks from the first tool call or parsed
+    value on wait for that verdict."""
 
     message: Any = None  # the tool-call chunks so far, added up
+    data: Any = None  # the parsed value so far
+    content: str = ""  # the streamed text so far
     waiting: list[Any] = field(default_factory=list)
+
+    @property
+    def holding(self) -> bool:
+        return self.message is not None or self.data is not None
+
+    def text(self) -> str:
+        """The text judged at the end: decoded arguments, the parsed value, and JSON content decoded."""
+        decoded = json_source_text(self.content)
+        texts = (tool_args_text(self.message) if self.message is not None else "",
+                 json_text(structured_data(self.data)) if self.data is not None else "",
+                 decoded if decoded != self.content else "")
+        return "\n".join(t for t in texts if t)
+
+
+def _add(total: Any, chunk: Any) -> Any:
+    """A parsed value streamed so far, as LangChain adds up a stream (a parser's chunks are each the
+    whole value so far: the last one wins)."""
+    try:
+        return chunk if total is None else total + chunk
+    except TypeError:
+        return chunk
 
 
 def _without_calls(chunk: Any) -> Any:
     """A chunk of a blocked answer without tool calls (their arguments were never judged safe) or
     fields beside the content (``reasoning_content``)."""
-    return chunk.model_copy(update={"tool_call_chunks": [], "tool_calls": [], "invalid_tool_calls": [],
-                                    "additional_kwargs": {}}) if isinstance(chunk, AIMessageChunk) else chunk
+    if isinstance(chunk, AIMessageChunk):
+        return chunk.model_copy(update={"tool_call_chunks": [], "tool_calls": [], "invalid_tool_calls": [],
+                                        "additional_kwargs": {}})
+    if isinstance(chunk, AIMessage):
+        return chunk.model_copy(update={"tool_calls": [], "invalid_tool_calls": [], "additional_kwargs": {}})
+    return chunk
 
 
 def _with_decision(value: Any, decision: Decision) -> Any:

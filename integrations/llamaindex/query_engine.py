@@ -41,6 +41,9 @@ class GuardedQueryEngine(BaseQueryEngine):
     each a ``Decision.to_dict()`` or None (a stream's ``response`` is set when it ends).
     ``check_query=False`` skips the query check (a ``QwenGuardNodePostprocessor`` may do it);
     ``streaming`` says whether a refused query answers as a stream (default: the synthesizer's).
+    A refused structured answer (an engine built with ``output_cls=``) stays a ``PydanticResponse``:
+    its ``response`` is None, as LlamaIndex types an answer without an object, and
+    ``metadata["qwen3guard"]["refusal"]`` holds the refusal text.
     """
 
     def __init__(self, query_engine: BaseQueryEngine, *, gen_guard: Any = None, stream_guard: Any = None,
@@ -58,6 +61,7 @@ class GuardedQueryEngine(BaseQueryEngine):
         self._engine, self._on_block, self._check_query = query_engine, on_block, check_query
         synthesizer = getattr(query_engine, "_response_synthesizer", None)
         self._streaming = bool(getattr(synthesizer, "_streaming", False)) if streaming is None else streaming
+        self._structured = getattr(synthesizer, "_output_cls", None) is not None
         super().__init__(callback_manager or getattr(query_engine, "callback_manager", None))
 
     @property
@@ -83,7 +87,8 @@ class GuardedQueryEngine(BaseQueryEngine):
             checked = yield from moderator.prompt_flow(conversation, keep_gate=self._streaming)
         refusal = self._outcome(record, "prompt", checked.decision)
         if refusal:
-            kind = (AsyncStreamingResponse if asynchronous else StreamingResponse) if self._streaming else Response
+            kind = ((AsyncStreamingResponse if asynchronous else StreamingResponse) if self._streaming
+                    else PydanticResponse if self._structured else Response)
             return _response(kind, refusal, [], {METADATA_KEY: record})
         gate = checked.gate
         try:
@@ -107,7 +112,8 @@ class GuardedQueryEngine(BaseQueryEngine):
         answer = self._outcome(record, "response", decision) or text
         if answer is text and isinstance(response, PydanticResponse):
             return PydanticResponse(response.response, response.source_nodes, metadata)
-        return _response(type(response) if streamed else Response, answer, response.source_nodes, metadata)
+        kind = type(response) if streamed or isinstance(response, PydanticResponse) else Response
+        return _response(kind, answer, response.source_nodes, metadata)
 
     def _outcome(self, record: Record, role: str, decision: Decision | None, delivered: str = "") -> str:
         """Record a decision; for a block raise, or return the refusal to answer with ("" otherwise)."""
@@ -176,7 +182,10 @@ async def _once(text: str) -> AsyncGenerator[str, None]:
 
 
 def _response(kind: type, text: str, nodes: list[NodeWithScore], metadata: dict[str, Any]) -> RESPONSE_TYPE:
-    """``text`` as a response of ``kind`` (a stream yields it in one piece)."""
+    """``text`` as a response of ``kind`` (a stream yields it in one piece; a structured one has no object)."""
     if kind is Response:
         return Response(text, nodes, metadata)
+    if kind is PydanticResponse:
+        metadata[METADATA_KEY]["refusal"] = text
+        return PydanticResponse(None, nodes, metadata)
     return kind(_once(text) if kind is AsyncStreamingResponse else iter([text]), nodes, metadata)

@@ -120,9 +120,13 @@ class _Streamed:
 
 
 class _Decisions:
-    """What both stream classes expose: the guard's decisions."""
+    """What both stream classes share: the guard's decisions, and freeing its sessions."""
 
     _streamed: _Streamed
+
+    def _release_guard(self) -> None:
+        if self._streamed.items is not None:
+            self._streamed.items.close()
 
     @property
     def prompt_verdict(self) -> Verdict | None:
@@ -146,6 +150,14 @@ class GuardedStream(_Decisions, Stream[_T]):
     def __init__(self, streamed: _Streamed, response: httpx2.Response) -> None:
         self.response, self._streamed = response, streamed
         self._iterator = self.__stream__()
+        _closing_also(response, "close", self._abandon)
+
+    def _abandon(self) -> None:
+        """The response was closed without this stream (openai's ``stream()`` helpers end a stream so):
+        free the guard sessions, unless a reader is in the stream right now (it frees them itself)."""
+        if not self._iterator.gi_running:  # type: ignore[attr-defined]
+            self._iterator.close()
+            self._release_guard()
 
     def __stream__(self) -> Iterator[_T]:
         upstream, items = self._streamed.upstream, self._streamed.items
@@ -179,8 +191,7 @@ class GuardedStream(_Decisions, Stream[_T]):
     def _release(self) -> None:
         if self._streamed.upstream is not None:
             self._streamed.upstream.close()
-        if self._streamed.items is not None:
-            self._streamed.items.close()
+        self._release_guard()
 
 
 class AsyncGuardedStream(_Decisions, AsyncStream[_T]):
@@ -189,6 +200,13 @@ class AsyncGuardedStream(_Decisions, AsyncStream[_T]):
     def __init__(self, streamed: _Streamed, response: httpx2.Response) -> None:
         self.response, self._streamed = response, streamed
         self._iterator = self.__stream__()
+        _closing_also(response, "aclose", self._abandon)
+
+    async def _abandon(self) -> None:
+        """``GuardedStream._abandon`` for asyncio."""
+        if not self._iterator.ag_running:  # type: ignore[attr-defined]
+            await self._iterator.aclose()
+            self._release_guard()
 
     async def __stream__(self) -> AsyncIterator[_T]:
         upstream, items = self._streamed.upstream, self._streamed.items
@@ -222,8 +240,23 @@ class AsyncGuardedStream(_Decisions, AsyncStream[_T]):
     async def _release(self) -> None:
         if self._streamed.upstream is not None:
             await self._streamed.upstream.close()
-        if self._streamed.items is not None:
-            self._streamed.items.close()
+        self._release_guard()
+
+
+def _closing_also(response: httpx2.Response, name: str, then: Callable[[], Any]) -> None:
+    """Make ``response.<name>()`` (``close`` / ``aclose``) call ``then`` after it: openai's stream
+    helpers (``chat.completions.stream()``, ``responses.stream()``) end a stream by closing its
+    response only, which would leave the guard sessions open until garbage collection."""
+    original = getattr(response, name)
+    if name == "aclose":
+        async def closing() -> None:
+            await original()
+            await then()
+    else:
+        def closing() -> None:  # type: ignore[misc]
+            original()
+            then()
+    setattr(response, name, closing)
 
 
 def _flow(guard: OpenAIGuard, endpoint: Endpoint, kwargs: dict[str, Any], send: Step[Any], parsed: bool) -> Flow[Any]:

@@ -27,6 +27,7 @@ from guard_core.conversation import Conversation, from_request
 from guard_core.messages import refuse_case_variants
 from guard_core.moderator import PromptResult
 from guard_core.steps import Flow
+from guard_core.structured import json_source_text
 
 from . import chunks
 from .errors import MalformedReplyError, UnsafeContentError
@@ -77,6 +78,7 @@ class Request:
     stream: bool
     n: int
     model: str
+    structured: bool = False  #: the answer is JSON (``response_format`` / ``text.format``): judged by what it says
 
     @classmethod
     def parse(cls, endpoint: Endpoint, body: Mapping[str, Any], max_choices: int,
@@ -101,7 +103,9 @@ class Request:
             raise ValueError(f"previous_response_id {previous!r} is a response Qwen3Guard blocked, and upstream stored "
                              "its unsafe answer; continue from an earlier response, or send the history as input")
         conversation = from_request(body, endpoint)
-        return cls(endpoint, conversation, bool(stream), n or 1, model if isinstance(model, str) else "")
+        answer_format = body.get("response_format") if endpoint == "chat" else (body.get("text") or {}).get("format")
+        structured = isinstance(answer_format, Mapping) and answer_format.get("type") in ("json_schema", "json_object")
+        return cls(endpoint, conversation, bool(stream), n or 1, model if isinstance(model, str) else "", structured)
 
 
 def note(*, prompt: Decision | None = None, response: Decision | None = None, index: int | None = None) -> dict[str, Any]:
@@ -149,6 +153,7 @@ def whole_flow(guard: OpenAIGuard, request: Request, reply: Any, prompt: Decisio
     if not isinstance(getattr(completion, field, None), list):
         raise MalformedReplyError(f"the upstream's reply has no '{field}' list, so there is nothing the guard can judge")
     texts = chunks.completion_texts(completion) if field == "choices" else [chunks.response_answer(completion)]
+    texts = [json_source_text(t) for t in texts] if request.structured else texts
     decisions = yield from guard.moderator.answers_flow(request.conversation, texts)
     judged = [(i, d) for i, d in enumerate(decisions) if d is not None]
     blocked = [(i, d) for i, d in judged if d.blocked]

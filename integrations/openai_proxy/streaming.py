@@ -24,6 +24,7 @@ from openai.types.responses import Response
 
 from guard_core import Action, Decision
 from guard_core.relay import Held, StreamRelay, cut_text
+from guard_core.structured import json_source_text
 
 from . import chunks
 from .errors import MalformedReplyError, UnsafeContentError
@@ -47,7 +48,8 @@ class GuardedItems:
         self.guard = guard
         self.request = request
         self.prompt_decision = prompt
-        self.relay: StreamRelay[Any] = StreamRelay(guard.moderator, request.conversation, self._decided, first_gate=prompt_gate)
+        self.relay: StreamRelay[Any] = StreamRelay(guard.moderator, request.conversation, self._decided, first_gate=prompt_gate,
+                                                   whole=request.structured, read=json_source_text)
         self.done = False
 
     @property
