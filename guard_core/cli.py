@@ -156,15 +156,22 @@ def _check(text: str, where: str) -> str | None:
     """The problem with one input text, or None when it can be moderated."""
     if not text.strip():
         return f"{where} is empty: there is nothing to moderate"
-    undecodable = re.search("[\udc80-\udcff]", text)
-    if undecodable is not None:
-        byte = ord(undecodable.group()) - 0xDC00
-        return f"{where} is not valid UTF-8 (byte 0x{byte:02X} at character {undecodable.start()})"
     try:
+        check_utf8(text, where)
         check_text(text, where=where)
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def check_utf8(text: str, where: str) -> str:
+    """``text`` unless it holds bytes that were not UTF-8 (``surrogateescape``: stdin, ``sys.argv``), else
+    ``ValueError`` naming ``where`` and the byte, instead of a bare codec error later on."""
+    undecodable = re.search("[\udc80-\udcff]", text)
+    if undecodable is not None:
+        byte = ord(undecodable.group()) - 0xDC00
+        raise ValueError(f"{where} is not valid UTF-8 (byte 0x{byte:02X} at character {undecodable.start()})")
+    return text
 
 
 def stdout_closed() -> int:
@@ -206,7 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _moderate(argv: list[str]) -> int:
     """The verdict command: moderate the texts of ``argv`` / stdin and print one JSON line each."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        Policy(unsafe_threshold=args.threshold)
+    except ValueError as exc:  # a usage error naming the flag, as in ``qwen3guard eval``
+        parser.error(f"--threshold: {exc}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL, stream=sys.stderr)
     try:
         settings = Settings.from_env()

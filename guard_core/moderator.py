@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from .backends import CONFIGURED, GenBackend, default_policy, gen_backend, stream_backend
 from .config import DEFAULT_CONSECUTIVE, DEFAULT_REFUSAL, Settings, check_count, check_holdback_tokens
 from .conversation import Conversation
-from .messages import Message
+from .messages import Message, check_text
 from .policy import Action, Policy
 from .steps import Flow, Step, arun, call, run, value
-from .types import Verdict
+from .types import RiskLevel, Verdict
 
 if TYPE_CHECKING:
     from .gate import StreamGate
@@ -292,12 +292,27 @@ class Moderator:
             gate = None
         return PromptResult(decision, gate)
 
-    def context_flow(self, texts: list[str], request_id: str | None = None) -> Flow[list[Decision]]:
-        """``check_context`` as a flow."""
-        verdicts = yield from self._context_verdicts(texts)
+    def context_flow(self, texts: list[str], request_id: str | None = None, *,
+                     names: Sequence[str] | None = None) -> Flow[list[Decision]]:
+        """``check_context`` as a flow. A text the guard cannot read (a NUL byte, a lone surrogate:
+        scraped pages and PDF extraction leave them) is blocked, failing closed, without failing the
+        others: it is third-party text the application cannot fix first. ``names`` name the texts in
+        such an error (default ``context item i``; the LlamaIndex postprocessor's ``node i``)."""
+        rejected: dict[int, Verdict] = {}
+        for index, text in enumerate(texts):
+            try:
+                check_text(text, where=names[index] if names else f"context item {index}")
+            except ValueError as exc:
+                logger.warning("blocked context the guard cannot read: %s", exc)
+                rejected[index] = Verdict(RiskLevel.UNSAFE, error=str(exc), error_kind="rejected")
+        readable = [i for i in range(len(texts)) if i not in rejected]
+        judged = dict(zip(readable, (yield from self._context_verdicts([texts[i] for i in readable]))))
         decisions = []
-        for index, (text, verdict) in enumerate(zip(texts, verdicts)):
-            decision = yield from self._decide(verdict, self.prompt_policy, [Message("user", text)], request_id)
+        for index, text in enumerate(texts):
+            if index in rejected:
+                decisions.append(Decision(rejected[index], Action.BLOCK, context_index=index))
+                continue
+            decision = yield from self._decide(judged[index], self.prompt_policy, [Message("user", text)], request_id)
             decisions.append(Decision(decision.verdict, decision.action, decision.review_id, index))
         return decisions
 

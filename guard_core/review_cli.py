@@ -1,10 +1,12 @@
 """``qwen3guard review ...``: the reviewer's side of the review queue, from a terminal.
 
 ``list`` and ``stats`` print tables, ``show`` and ``resolve`` print the item as JSON, ``export``
-writes JSON Lines or CSV. The database comes from ``--db`` or ``QWEN3GUARD_REVIEW_DB`` (else the
+writes JSON Lines or CSV (``--output`` is replaced only once the export succeeded, and never the
+database itself). The database comes from ``--db`` or ``QWEN3GUARD_REVIEW_DB`` (else the
 default SQLite file); the CLI never creates a SQLite database, so a mistyped path is an error
 rather than an empty queue
-(``ReviewQueue(..., create=False)``). Exit status 0 on success, 2 on any error (one line on stderr).
+(``ReviewQueue(..., create=False)``). Exit status 0 on success, 2 on any error (one line on stderr),
+130 after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from .cli import Parser, interrupted, stdout_closed
+from .cli import Parser, check_utf8, interrupted, stdout_closed
 from .config import REVIEW_DB_ENV, Settings
 from .review import STATUSES, ReviewItem, ReviewQueue
 from .review.queue import check_limit
@@ -34,6 +36,14 @@ def _limit(text: str) -> int:
     """``--limit``: the queue's own check, as a usage error (a huge number would overflow the database)."""
     try:
         return check_limit(int(text) if text.strip().lstrip("+-").isdigit() else text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _utf8(text: str) -> str:
+    """An argument stored or looked up as text: bytes that are not UTF-8 are a usage error naming the argument."""
+    try:
+        return check_utf8(text, "the text")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -65,12 +75,12 @@ def _parser() -> Parser:
     ls.add_argument("--since", **since)
     ls.add_argument("--limit", type=_limit, default=100, help="at most this many items (default 100)")
     show = commands.add_parser("show", help="print one item as JSON", **sub)
-    show.add_argument("id")
+    show.add_argument("id", type=_utf8)
     resolve = commands.add_parser("resolve", help="approve or reject a pending item", **sub)
-    resolve.add_argument("id")
+    resolve.add_argument("id", type=_utf8)
     resolve.add_argument("decision", choices=("approve", "reject"))
-    resolve.add_argument("--note", help="why (kept with the decision)")
-    resolve.add_argument("--reviewer", help="who decided (default: your login name)")
+    resolve.add_argument("--note", type=_utf8, help="why (kept with the decision)")
+    resolve.add_argument("--reviewer", type=_utf8, help="who decided (default: your login name)")
     export = commands.add_parser("export", help="write items as JSON Lines or CSV", **sub)
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="default jsonl")
     export.add_argument("--output", metavar="FILE", help="write to FILE (default: stdout)")
@@ -146,9 +156,10 @@ def _export_to_file(queue: ReviewQueue, args: argparse.Namespace) -> int:
 
     A failed export (database unreachable, disk full) so leaves an existing file as it was. The
     new file gets the old file's permissions, or the usual ones of a new file. A target that is
-    no regular file (``/dev/stdout``, a named pipe) is written directly.
+    no regular file (``/dev/stdout``, a named pipe) is written directly; a symbolic link keeps
+    pointing at the new file.
     """
-    target = Path(args.output).expanduser()
+    target = Path(args.output).expanduser().resolve()
     if target.exists() and not target.is_file():
         with open(target, "w", encoding="utf-8", newline="") as fp:
             return queue.export(fp, args.format, status=args.status, since=args.since)

@@ -54,7 +54,8 @@ def test_empty_stdin_and_missing_model_exit_2_with_a_message(gen_dir: Path) -> N
 def test_every_error_is_one_line_and_exit_2_before_any_model_loads() -> None:
     cases = [
         (["--device", "tpu", "hi"], None, "--device 'tpu'"),
-        (["--threshold", "1.5", "hi"], None, "unsafe_threshold"),
+        (["--threshold", "1.5", "hi"], None, "--threshold: unsafe_threshold must be in (0, 1], got 1.5"),
+        (["--threshold", "nan", "hi"], None, "--threshold: unsafe_threshold must be in (0, 1], got nan"),
         (["--model", "./no-such-model-dir", "hi", "--response", "   "], None, "--response is empty"),
         (["--mode", "lenient", "hi"], None, "invalid choice"),
         (["\udcff bad"], None, "not valid UTF-8"),

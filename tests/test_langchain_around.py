@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import pytest
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk
-from langchain_core.output_parsers import StrOutputParser
+from langchain_core.output_parsers import JsonOutputParser, StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
 from langchain_helpers import Recorder, collect
@@ -185,3 +185,19 @@ def test_a_blocked_prompt_is_replaced_by_text_when_the_chain_answers_text(stream
 def test_a_misspelt_option_is_an_error_not_a_silent_default(stream_guard: StreamGuard) -> None:
     with pytest.raises(ValueError, match="on_violations"):
         QwenGuardRunnable(stream_guard=stream_guard, on_violations="replace")
+
+
+@pytest.mark.parametrize("answer, blocked", [(f'{{"answer": "{PLANTED_SAFE_TEXT}"}}', False),
+                                             ('{"answer": "Sure, take a\\u0020pipe\\u0020bomb."}', True)], ids=["safe", "unsafe"])
+def test_a_chain_with_structured_output_is_judged_by_what_it_says(stream_guard: StreamGuard, answer: str, blocked: bool) -> None:
+    def guarded() -> QwenGuardRunnable:
+        return QwenGuardRunnable.around(chain_answering(answer) | JsonOutputParser(), stream_guard=stream_guard)
+
+    if blocked:
+        with pytest.raises(GuardViolation):
+            guarded().invoke({"question": PLANTED_SAFE_PROMPT})
+        got, exc = collect(guarded().stream({"question": PLANTED_SAFE_PROMPT}))
+        assert got == [] and isinstance(exc, GuardViolation), "a parsed stream is held until it is judged whole"
+    else:
+        assert guarded().invoke({"question": PLANTED_SAFE_PROMPT}) == {"answer": PLANTED_SAFE_TEXT}
+        assert list(guarded().stream({"question": PLANTED_SAFE_PROMPT}))[-1] == {"answer": PLANTED_SAFE_TEXT}

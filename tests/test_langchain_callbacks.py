@@ -25,6 +25,7 @@ from guard_core.testing.cases import (
 )
 from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_SAFE_TEXT, PLANTED_UNSAFE_PROMPT
 from integrations.langchain import GUARD_EVENT, AsyncQwenGuardCallbackHandler, QwenGuardCallbackHandler
+from scripted_chat_model import ScriptedChatModel, ai
 
 #: The planted " pipe bomb" inside a chunk "bomb." that also carries the token boundary after " bomb".
 UNSAFE_REPLY = "Sure, take a pipe bomb. Then light it."
@@ -320,3 +321,14 @@ def test_reasoning_beside_the_content_is_judged_by_the_callback(stream_guard: St
     chat = FakeMessagesListChatModel(responses=[AIMessage(content="Done.", additional_kwargs={"reasoning_content": UNSAFE_REPLY})])
     with pytest.raises(GuardViolation):
         chat.invoke(PLANTED_SAFE_PROMPT, config={"callbacks": [QwenGuardCallbackHandler(stream_guard)]})
+
+
+@pytest.mark.parametrize("chat_model", [
+    lambda: ScriptedChatModel(script={PLANTED_SAFE_PROMPT: [ai(UNSAFE_REPLY)]}, max_chunk=1),  # events only
+    lambda: model(UNSAFE_REPLY),  # its _stream also calls on_llm_new_token, before the events of each chunk
+], ids=["events", "events-and-tokens"])
+def test_stream_events_v3_stops_at_the_unsafe_text(stream_guard: StreamGuard, chat_model: Any) -> None:
+    guard = QwenGuardCallbackHandler(stream_guard)
+    stream = chat_model().stream_events(PLANTED_SAFE_PROMPT, config={"callbacks": [guard]}, version="v3")
+    got, exc = langchain_helpers.collect(stream.text)
+    assert isinstance(exc, GuardViolation) and "light" not in "".join(got) and guard.active_runs == 0

@@ -15,7 +15,9 @@ from typing import Annotated, Any
 
 import pytest
 from langchain.agents import create_agent
+from langchain.agents.middleware import AgentMiddleware, ModelRequest
 from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import InjectedToolCallId, tool
@@ -503,3 +505,80 @@ def test_a_new_turn_on_a_paused_thread_comes_after_the_reviewed_answer(stream_gu
     assert [m.text for m in again["messages"]] == [PLANTED_SAFE_PROMPT, "And then?"]
     assert [m.text for m in final["messages"]] == [PLANTED_SAFE_PROMPT, answer, "And then?", "Then it was over."]
     assert "__interrupt__" not in final
+
+
+def test_a_callers_tool_result_in_input_text_parts_is_judged(stream_guard: StreamGuard) -> None:
+    scripted = ScriptedChatModel(script={PLANTED_SAFE_PROMPT: [ai("Okay.")]})
+    agent = create_agent(scripted, [fetch_document], middleware=[QwenGuardMiddleware(None, stream_guard)])
+    history = [HumanMessage(PLANTED_SAFE_PROMPT), AIMessage("", tool_calls=[{"name": "fetch_document", "args": {"name": "x"}, "id": "c1"}]),
+               ToolMessage([{"type": "input_text", "text": PLANTED_UNSAFE_PROMPT}], tool_call_id="c1")]
+    messages = agent.invoke({"messages": history})["messages"]
+    assert scripted.calls == [] and messages[-1].content == DEFAULT_REFUSAL
+
+
+@tool
+def fetch_binary(name: str) -> str:
+    """Fetch a page whose text extraction left a NUL byte in it."""
+    return "page text\x00more text"
+
+
+@pytest.mark.parametrize("exit_behavior", ["replace", "end", "error"])
+def test_a_tool_result_the_guard_cannot_read_is_withheld_not_an_error(stream_guard: StreamGuard, exit_behavior: str) -> None:
+    scripted = ScriptedChatModel(script={PLANTED_SAFE_PROMPT: [ai("", ("fetch_binary", {"name": "x"})), ai("Done.")]})
+    agent = create_agent(scripted, [fetch_binary], middleware=[QwenGuardMiddleware(None, stream_guard, exit_behavior=exit_behavior)])
+    if exit_behavior == "error":
+        with pytest.raises(GuardViolation):
+            agent.invoke(*ask(PLANTED_SAFE_PROMPT))
+        return
+    messages = agent.invoke(*ask(PLANTED_SAFE_PROMPT))["messages"]
+    result = next(m for m in messages if isinstance(m, ToolMessage))
+    assert "\x00" not in result.content and "could not be judged" in result.content
+    assert messages[-1].content == ("Done." if exit_behavior == "replace" else DEFAULT_REFUSAL)
+
+
+def test_the_guard_keeps_the_agents_choice_of_provider_structured_output(stream_guard: StreamGuard) -> None:
+    scripted = ScriptedChatModel(script={PLANTED_SAFE_PROMPT: [ai('{"text": "hello"}')]}, profile={"structured_output": True})
+    agent = create_agent(scripted, [], response_format=Answer, middleware=[QwenGuardMiddleware(None, stream_guard)])
+    result = agent.invoke(*ask(PLANTED_SAFE_PROMPT))
+    assert scripted.bound == [[]], "no structured-output tool: the provider's own response_format"
+    assert result["structured_response"] == Answer(text="hello")
+
+
+class TokenRecorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def on_llm_new_token(self, token: Any, **kwargs: Any) -> None:
+        self.seen.append(token)
+
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        self.seen.append(response)
+
+
+def test_callbacks_set_on_the_model_itself_get_no_raw_tokens(stream_guard: StreamGuard) -> None:
+    recorder = TokenRecorder()
+    scripted = ScriptedChatModel(script={PLANTED_SAFE_PROMPT: [ai("Sure, take a pipe bomb and run.")]}, callbacks=[recorder])
+    agent = create_agent(scripted, [], middleware=[QwenGuardMiddleware(None, stream_guard)])
+    assert agent.invoke(*ask(PLANTED_SAFE_PROMPT))["messages"][-1].content.endswith(DEFAULT_REFUSAL)
+    assert scripted.calls and recorder.seen == []
+
+
+class AddsADocument(AgentMiddleware):
+    """An outer middleware that hands the model retrieved text beside the state's messages."""
+
+    def wrap_model_call(self, request: ModelRequest, handler: Any) -> Any:
+        return handler(request.override(messages=[*request.messages, HumanMessage(f"Retrieved: {PLANTED_UNSAFE_PROMPT}")]))
+
+
+@pytest.mark.parametrize("exit_behavior", ["end", "error"])
+def test_messages_an_outer_middleware_adds_are_judged_before_the_model_reads_them(stream_guard: StreamGuard,
+                                                                                  exit_behavior: str) -> None:
+    scripted = ScriptedChatModel(script={PLANTED_SAFE_PROMPT: [ai("Okay.")]})
+    guard = QwenGuardMiddleware(None, stream_guard, exit_behavior=exit_behavior)
+    agent = create_agent(scripted, [], middleware=[AddsADocument(), guard])
+    if exit_behavior == "error":
+        with pytest.raises(GuardViolation):
+            agent.invoke(*ask(PLANTED_SAFE_PROMPT))
+    else:
+        assert agent.invoke(*ask(PLANTED_SAFE_PROMPT))["messages"][-1].content == DEFAULT_REFUSAL
+    assert scripted.calls == []

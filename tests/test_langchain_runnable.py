@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pytest
-from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.documents import Document
+from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel, GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
-from langchain_core.output_parsers import StrOutputParser
+from langchain_core.output_parsers import JsonOutputParser, StrOutputParser
 from langchain_core.prompt_values import ChatPromptValue
 from langchain_core.prompts import ChatPromptTemplate
 
@@ -152,7 +154,7 @@ def test_an_answer_without_text_has_nothing_to_judge_and_passes(stream_guard: St
 @pytest.mark.parametrize(
     "kwargs",
     [{}, {"role": "prompt", "on_violation": "replace"}, {"holdback_tokens": -1}, {"holdback_tokens": True},
-     {"prompt_check": "bogus"}, {"input_key": "question"}, {"on_violation": "ignore"}],
+     {"prompt_check": "bogus"}, {"input_key": "question"}, {"on_violation": "ignore"}, {"role": "prompt", "prompt_check": "off"}],
 )
 def test_bad_configuration_is_a_value_error(stream_guard: StreamGuard, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -296,3 +298,64 @@ def test_reasoning_langchain_shows_as_content_is_judged(stream_guard: StreamGuar
     assert "pipe" not in repr(out) and out[-1].content.endswith(DEFAULT_REFUSAL)
     with pytest.raises(GuardViolation):
         QwenGuardRunnable(stream_guard=stream_guard).invoke(chunk + AIMessageChunk(content="Done."))
+
+
+def test_a_template_history_is_read_as_the_guard_reads_messages(stream_guard: StreamGuard) -> None:
+    history = [HumanMessage(content=[{"type": "input_text", "text": PLANTED_UNSAFE_PROMPT}]), AIMessage("Okay.")]
+    with pytest.raises(GuardViolation):
+        QwenGuardRunnable(role="prompt", stream_guard=stream_guard).invoke({"history": history, "question": "Go on."})
+
+
+@dataclass
+class Note:
+    text: str
+
+
+@pytest.mark.parametrize("value", [
+    {"context": [Document(page_content=PLANTED_UNSAFE_PROMPT)], "question": PLANTED_SAFE_PROMPT},
+    {"context": [Document(page_content="A page.", metadata={"title": PLANTED_UNSAFE_PROMPT})], "question": PLANTED_SAFE_PROMPT},
+    {"note": Note(PLANTED_UNSAFE_PROMPT), "question": PLANTED_SAFE_PROMPT},
+    [Document(page_content=PLANTED_UNSAFE_PROMPT)],
+], ids=["document", "metadata", "object", "documents"])
+def test_retrieved_documents_and_other_objects_in_the_input_are_judged(stream_guard: StreamGuard, value: Any) -> None:
+    with pytest.raises(GuardViolation):
+        QwenGuardRunnable(role="prompt", stream_guard=stream_guard).invoke(value)
+    with pytest.raises(GuardViolation):
+        QwenGuardRunnable(role="prompt", stream_guard=stream_guard, input_key="docs").invoke({"docs": value})
+    with pytest.raises(ValueError, match="cannot moderate"):
+        QwenGuardRunnable(role="prompt", stream_guard=stream_guard).invoke([3, 4])
+
+
+def test_a_whole_message_streamed_by_a_model_that_cannot_stream_has_its_tool_calls_judged(stream_guard: StreamGuard) -> None:
+    call = {"name": "Answer", "args": {"text": UNSAFE_REPLY}, "id": "c1", "type": "tool_call"}
+    chain = FakeMessagesListChatModel(responses=[AIMessage("", tool_calls=[call])]) | QwenGuardRunnable(stream_guard=stream_guard)
+    got, exc = collect(chain.stream(PLANTED_SAFE_PROMPT))
+    assert isinstance(exc, GuardViolation) and not any(getattr(c, "tool_calls", None) for c in got)
+
+
+def test_an_audio_answer_is_refused_like_a_media_block(stream_guard: StreamGuard) -> None:
+    answer = AIMessage(content="", additional_kwargs={"audio": {"id": "a1", "data": "AAAA", "transcript": UNSAFE_REPLY}})
+    with pytest.raises(ValueError, match="media"):
+        QwenGuardRunnable(stream_guard=stream_guard).invoke(answer)
+
+
+@pytest.mark.parametrize("blocks", [
+    [{"type": "server_tool_call", "id": "s1", "name": "code_interpreter", "args": {"code": f"print('{UNSAFE_REPLY}')"}},
+     {"type": "text", "text": "Done."}],
+    [{"type": "server_tool_result", "tool_call_id": "s1", "status": "success", "output": {"stdout": UNSAFE_REPLY}},
+     {"type": "text", "text": "Done."}],
+    [{"type": "text", "text": "See the source.", "annotations": [{"type": "citation", "cited_text": UNSAFE_REPLY}]}],
+], ids=["server-tool-call", "server-tool-result", "citation"])
+def test_what_a_providers_own_tools_ran_and_quoted_is_judged(stream_guard: StreamGuard, blocks: list[dict[str, Any]]) -> None:
+    with pytest.raises(GuardViolation):
+        QwenGuardRunnable(stream_guard=stream_guard).invoke(AIMessage(content=blocks))
+
+
+def test_json_content_is_judged_by_what_a_json_parser_after_the_guard_reads(stream_guard: StreamGuard) -> None:
+    escaped = '{"answer": "Sure, take a\\u0020pipe\\u0020bomb. Then light it."}'
+    chain = model(escaped) | QwenGuardRunnable(stream_guard=stream_guard) | JsonOutputParser()
+    with pytest.raises(GuardViolation):
+        chain.invoke(PLANTED_SAFE_PROMPT)
+    # A stream is judged so at its end, before its last chunks go out: the whole answer never does.
+    got, exc = collect((model(escaped) | QwenGuardRunnable(stream_guard=stream_guard) | JsonOutputParser()).stream(PLANTED_SAFE_PROMPT))
+    assert isinstance(exc, GuardViolation) and {"answer": UNSAFE_REPLY} not in got

@@ -86,6 +86,9 @@ def test_export_jsonl_to_stdout_and_csv_to_a_file(db: Path, tmp_path: Path, caps
     assert code == 0 and out == f"exported 2 items to {target}\n"
     with target.open(encoding="utf-8", newline="") as fp:
         assert [row["id"] for row in csv.DictReader(fp)] == ids(db)
+    (tmp_path / "latest.jsonl").symlink_to(target)  # the export replaces the file the link points at
+    assert run(capsys, "--db", str(db), "export", "--output", str(tmp_path / "latest.jsonl"))[0] == 0
+    assert (tmp_path / "latest.jsonl").is_symlink() and len(target.read_text(encoding="utf-8").splitlines()) == 2
 
 
 def test_export_refuses_to_write_over_the_database(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,6 +140,7 @@ def test_the_environment_variable_names_the_database(db: Path, capsys: pytest.Ca
     (["list", "--since", "0001-01-01T00:00:00+14:00"], "is out of range once converted to UTC"),
     (["stats", "--since", "9999-12-31T23:59:59-14:00"], "is out of range once converted to UTC"),
     (["list", "--status", "open"], "invalid choice: 'open'"),
+    (["resolve", "0123", "approve", "--note", "ok \udcff"], "argument --note: the text is not valid UTF-8 (byte 0xFF at character 3)"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "required: COMMAND"),
 ])

@@ -218,15 +218,14 @@ def run(
             for start in range(0, len(items), batch_size):
                 batch = items[start : start + batch_size]
                 records = [_record(engine, item, fragment) for item, fragment in zip(batch, engine.predict(batch))]
-                judged = [r for r in records if _unavailable(r) is None]
-                store.append(judged)
+                failed = [r for r in records if _unavailable(r) is not None]
+                store.append([r for r in records if _unavailable(r) is None])
                 bar.update(len(batch))
-                if len(judged) < len(records):
-                    failed = len(records) - len(judged)
+                if failed:
                     raise GuardUnavailableError(
-                        f"{engine.name}: the guard could not judge {failed} of {len(records)} items of a batch "
-                        f"({_unavailable(next(r for r in records if r not in judged))}); nothing was scored. "
-                        f"Judged items are saved in {store.directory}: run the same command again once the guard is reachable"
+                        f"{engine.name}: the guard could not judge {len(failed)} of {len(records)} items of a batch "
+                        f"({_unavailable(failed[0])}); nothing was scored. Judged items are saved in "
+                        f"{store.directory}: run the same command again once the guard is reachable"
                     )
 
 
@@ -241,7 +240,7 @@ def _by_length(items: list[EvalItem]) -> list[EvalItem]:
 def _unavailable(record: dict[str, Any]) -> str | None:
     """The error of a record whose verdict is an outage's fallback (``error_kind == "unavailable"``), else None."""
     verdict = record.get("verdict") or {}
-    return verdict.get("error") or "guard unavailable" if verdict.get("error_kind") == "unavailable" else None
+    return (verdict.get("error") or "guard unavailable") if verdict.get("error_kind") == "unavailable" else None
 
 
 def _record(engine: Engine, item: EvalItem, fragment: dict[str, Any]) -> dict[str, Any]:

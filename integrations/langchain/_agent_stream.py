@@ -15,8 +15,8 @@ from typing import Any, Self
 from langchain_core.language_models.chat_models import BaseChatModel, agenerate_from_stream, generate_from_stream
 from langchain_core.messages import AIMessageChunk, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langgraph.stream import StreamTransformer
 from langchain_core.runnables import RunnableBinding
+from langgraph.stream import StreamTransformer
 from pydantic import ConfigDict, Field, model_validator
 
 from guard_core import METADATA_KEY, Action, Decision, GuardViolation, Moderator, RiskLevel, Verdict

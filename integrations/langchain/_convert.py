@@ -192,9 +192,11 @@ def chunk_text(chunk: Any) -> str:
         return chunk if isinstance(chunk, str) else chunk.text
     if isinstance(chunk, (BaseMessage, ChatGenerationChunk)):
         message = getattr(chunk, "message", chunk)
-        _refuse_media([{"type": "audio"}] if message.additional_kwargs.get("audio") else message.content)
+        _refuse_media(message.content)
         blocks = message.content_blocks
         _refuse_media(blocks)
+        if message.additional_kwargs.get("audio"):  # langchain-openai's audio answer, beside the content
+            _refuse_media([{"type": "audio"}])
         return "".join(map(_block_text, blocks))
     raise ValueError(f"cannot moderate a stream of {type(chunk).__name__}; expected strings or message chunks")
 

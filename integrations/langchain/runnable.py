@@ -238,7 +238,7 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
         waiting = [_without_calls(c) for c in calls.waiting if structured_data(c) is None] if blocked else calls.waiting
         out, calls.waiting = [*waiting, *out], []
         # The refusal, or an empty chunk carrying the decision, follows what was released.
-        empty = AIMessageChunk(content="") if isinstance(chunk, BaseMessageChunk) else ""
+        empty = AIMessageChunk(content="") if isinstance(chunk, BaseMessage) else ""
         extra = yield from self._outcome(empty, decision, config, relay.released(0))
         return out if extra is empty or extra == "" else [*out, extra]
 

@@ -8,7 +8,6 @@ A node the guard cannot read (a NUL byte, a lone surrogate) is blocked without a
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from typing import Any, Literal, Sequence
 
@@ -16,16 +15,13 @@ from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
-from guard_core import METADATA_KEY, Action, Decision, GuardViolation, Moderator, Policy, RiskLevel, Verdict
+from guard_core import METADATA_KEY, Action, Decision, GuardViolation, Moderator, Policy
 from guard_core.conversation import from_text
-from guard_core.messages import check_text
 from guard_core.steps import Flow, arun, run
 
 DEFAULT_REDACTION_NOTICE = "[This passage was removed by Qwen3Guard content moderation.]"
 #: Node fields holding non-text content (``ImageNode`` and the media resources of ``Node``).
 _MEDIA_FIELDS = ("image", "image_path", "image_url", "image_resource", "audio_resource", "video_resource")
-
-logger = logging.getLogger(__name__)
 
 
 def build_moderator(moderator: Moderator | None, source: str, **options: Any) -> Moderator:
@@ -111,10 +107,9 @@ class QwenGuardNodePostprocessor(BaseNodePostprocessor):
                 if self.blocked_query == "raise":
                     raise GuardViolation(decision.verdict)
                 return []
-        unreadable = {i: d for i, text in enumerate(texts) if text.strip() and (d := _unreadable(i, text)) is not None}
-        judged = [i for i, text in enumerate(texts) if text.strip() and i not in unreadable]
-        decisions = yield from self._moderator.context_flow([texts[i] for i in judged])
-        by_node = {**unreadable, **{i: replace(decision, context_index=i) for i, decision in zip(judged, decisions)}}
+        judged = [i for i, text in enumerate(texts) if text.strip()]
+        decisions = yield from self._moderator.context_flow([texts[i] for i in judged], names=[f"node {i}" for i in judged])
+        by_node = {i: replace(decision, context_index=i) for i, decision in zip(judged, decisions)}
         kept = (self._apply(item, by_node.get(i)) for i, item in enumerate(nodes))
         return [item for item in kept if item is not None]
 
@@ -152,17 +147,3 @@ class QwenGuardNodePostprocessor(BaseNodePostprocessor):
             return []
         hidden = {MetadataMode.LLM: node.excluded_llm_metadata_keys, MetadataMode.EMBED: node.excluded_embed_metadata_keys}
         return [key for key in node.metadata if key not in hidden.get(self.metadata_mode, ())]
-
-
-def _unreadable(index: int, text: str) -> Decision | None:
-    """The BLOCK decision for a node text the guard cannot read (NUL byte, lone surrogate), else None.
-
-    One such chunk (common in PDF extraction) must neither fail every query that retrieves it nor
-    reach the LLM unjudged: it is blocked like an unsafe node and the other nodes are judged as usual.
-    """
-    try:
-        check_text(text, where=f"node {index}")
-    except ValueError as exc:
-        logger.warning("blocked a retrieved node the guard cannot read: %s", exc)
-        return Decision(Verdict(RiskLevel.UNSAFE, error=str(exc), error_kind="rejected"), Action.BLOCK, context_index=index)
-    return None
