@@ -38,6 +38,7 @@ from transformers.generation import StoppingCriteria, StoppingCriteriaList
 from .gen_parser import REFUSAL_PATTERN, parse_answer
 from .gen_template import ANSWER_PREFIX, SAFE_RESPONSE_ANSWER, instruction_pieces, render_pieces
 from .batcher import Coalescer
+from .config import check_count
 from .loading import inspect_checkpoint, model_name, pick_device, pick_dtype, require_complete_weights, resolve_model_source
 from .messages import Message, MessageLike, normalize_batch, normalize_messages
 from .remote_gen import RemoteGenGuard
@@ -134,11 +135,13 @@ class GenGuard:
         self.tokenizer = tokenizer
         self.tokens = TextTokenizer(tokenizer)
         self.model_id = model_id or model_name(getattr(model.config, "_name_or_path", "") or "qwen3guard-gen")
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
+        self.max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
+        self.batch_size = check_count(batch_size, "batch_size")
         context = int(getattr(model.config, "max_position_embeddings", 32768))
+        if max_input_tokens is not None:
+            check_count(max_input_tokens, "max_input_tokens", minimum=max_new_tokens + 1)
         self.max_input_tokens = min(max_input_tokens or context, context) - max_new_tokens
-        self.window_overlap_tokens = window_overlap_tokens
+        self.window_overlap_tokens = check_count(window_overlap_tokens, "window_overlap_tokens", minimum=0)
         self._lock = threading.Lock()
         self._coalescer: Coalescer[list[Message], Verdict] = Coalescer(lambda batch: self.moderate_batch(batch), max_batch=4 * batch_size)
         self._answer_ids = self.tokens.encode_text(ANSWER_PREFIX)

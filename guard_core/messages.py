@@ -76,14 +76,14 @@ GUARDED_KEYS = frozenset({
 })
 
 
-def refuse_case_variants(obj: Mapping[str, Any], *, where: str) -> None:
-    """``ValueError`` for a key that differs from one the guard reads only in case (``"Content"``).
+def refuse_case_variants(obj: Mapping[str, Any], *, where: str, keys: frozenset[str] = GUARDED_KEYS) -> None:
+    """``ValueError`` for a key that differs from one the guard reads (``keys``) only in case (``"Content"``).
 
-    The guard reads the exact key; servers that match keys case-insensitively (Go's
+    The guard reads the exact key; servers and clients that match keys case-insensitively (Go's
     ``encoding/json``, e.g. Ollama's OpenAI API) would read the variant as that field, unjudged.
     """
     for key in obj:
-        if isinstance(key, str) and key not in GUARDED_KEYS and key.casefold() in GUARDED_KEYS:
+        if isinstance(key, str) and key not in keys and key.casefold() in keys:
             raise ValueError(f"{where}: key {key!r} differs from {key.casefold()!r} only in case; some servers read "
                              f"it as {key.casefold()!r} without the guard having judged it: send {key.casefold()!r}")
 

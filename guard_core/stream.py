@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .config import DEFAULT_CONSECUTIVE, DEFAULT_STREAM_MODEL, check_holdback_tokens
+from .config import DEFAULT_CONSECUTIVE, DEFAULT_STREAM_MODEL, check_count, check_holdback_tokens
 from .debounce import Debounce, is_flagged
 from .gate import StreamGate
 from .loading import model_name, pick_device, pick_dtype, resolve_model_source
@@ -79,9 +79,9 @@ class StreamGuard:
         self.labels = LabelMaps.from_config(model.config)
         self.model_id = model_id
         self.consecutive = Debounce(consecutive).consecutive
-        self.max_context = max_context or int(model.config.max_position_embeddings)
-        if self.max_context < 64:
-            raise ValueError(f"max_context must be at least 64 tokens, got {self.max_context}")
+        positions = int(model.config.max_position_embeddings)
+        self.max_context = positions if max_context is None else check_count(
+            max_context, "max_context", minimum=64, maximum=positions, hint=" (tokens; the model has that many positions)")
         self.scheduler = StreamScheduler(model, max_tokens_per_step=max_tokens_per_step)
 
     @classmethod

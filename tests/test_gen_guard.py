@@ -214,3 +214,14 @@ def test_missing_local_directory_says_so(tmp_path: Path) -> None:
     (tmp_path / "half" / "config.json").write_text(json.dumps({}))
     with pytest.raises(GuardUnavailableError, match="tokenizer.json"):
         GenGuard.from_pretrained(str(tmp_path / "half"))
+
+
+@pytest.mark.parametrize(("options", "reason"), [
+    ({"batch_size": "4"}, "batch_size must be an int >= 1, got '4'"),
+    ({"window_overlap_tokens": "x"}, "window_overlap_tokens must be an int >= 0"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1"),
+    ({"max_input_tokens": 10}, "max_input_tokens must be an int >= 65"),
+])
+def test_sizes_are_checked_when_the_guard_is_built(gen_dir, options, reason) -> None:
+    with pytest.raises(ValueError, match=reason):
+        GenGuard.from_pretrained(str(gen_dir), **options)

@@ -254,3 +254,13 @@ def test_the_text_tokenizer_is_built_once_per_guard(monkeypatch: pytest.MonkeyPa
         with guard.session(USER) as s:
             assert "".join(t.text for t in s.feed("two sessions, ") + s.finish()) == "two sessions, "
     assert len(clones) == 1
+
+
+@pytest.mark.parametrize(("max_context", "reason"), [
+    (32, "max_context must be an int from 64 to"), ("100", "max_context must be an int from 64 to"),
+    (10**9, "the model has that many positions"),
+])
+def test_a_context_the_model_cannot_hold_is_refused(max_context: object, reason: str) -> None:
+    guard = stream_guard("planted")
+    with pytest.raises(ValueError, match=reason):
+        StreamGuard(guard.model, guard.tokens, max_context=max_context)  # type: ignore[arg-type]

@@ -70,8 +70,8 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
     def __init__(self, gen_guard: Any = CONFIGURED, stream_guard: Any = CONFIGURED, *, policy: Policy | None = None,
                  exit_behavior: ExitBehavior = "end", violation_message: str = DEFAULT_REFUSAL,
                  apply_to_input: bool = True, apply_to_output: bool = True, apply_to_tool_results: bool = True,
-                 apply_to_tools: bool = False, holdback_tokens: int = DEFAULT_CONSECUTIVE, on_controversial: OnControversial = "policy",
-                 review: Any = CONFIGURED) -> None:
+                 apply_to_tools: bool = False, holdback_tokens: int = DEFAULT_CONSECUTIVE,
+                 on_controversial: OnControversial = "policy", review: Any = CONFIGURED) -> None:
         super().__init__()
         for name, value, allowed in (("exit_behavior", exit_behavior, ExitBehavior),
                                      ("on_controversial", on_controversial, OnControversial)):

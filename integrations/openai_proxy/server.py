@@ -37,7 +37,7 @@ from starlette.routing import Route
 from guard_core import CONFIGURED, METADATA_KEY, Moderator
 from guard_core.cli import one_line
 from guard_core.config import check_http_url
-from guard_core.messages import GUARDED_KEYS
+from guard_core.messages import GUARDED_KEYS, refuse_case_variants
 from guard_core.steps import arun
 
 from . import chunks
@@ -446,10 +446,10 @@ def _upstream_payload(data: bytes, what: str) -> Any:
     while pending:
         node = pending.pop()
         if isinstance(node, dict):
-            variant = next((k for k in node if k not in _REPLY_KEYS and k.casefold() in _REPLY_KEYS), None)
-            if variant is not None:
-                raise MalformedReplyError(f"the upstream sent {what} with the key {variant!r}, which case-insensitive "
-                                          f"clients read as {variant.casefold()!r} unjudged")
+            try:
+                refuse_case_variants(node, where=f"the upstream sent {what}", keys=_REPLY_KEYS)
+            except ValueError as exc:
+                raise MalformedReplyError(str(exc)) from None
             pending += node.values()
         elif isinstance(node, list):
             pending += node
