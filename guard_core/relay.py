@@ -8,7 +8,8 @@ chunks unchanged and in order. The adapter only says which text a chunk carries 
 (a *key*: a chat choice index, a Responses (output, content) pair, 0 for single streams) and what
 to do with each choice's decision (``on_decision``: on a block, raise or rewrite the held chunks
 of that key; on a flag or review, attach the decision to a held chunk). With no Stream guard
-configured, each key's chunks are held until its text has ended and Gen has judged it whole.
+configured, or for structured output (``whole``), each key's chunks are held until its text has
+ended and it is judged whole.
 """
 
 from __future__ import annotations
