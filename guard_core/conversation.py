@@ -53,7 +53,7 @@ _TOOL_OUTPUT_ITEMS = frozenset({
 #: reason): judged as untrusted context; the rest of the item is the model's own action.
 _HOSTED_RESULTS = {
     "file_search_call": ("results",), "code_interpreter_call": ("outputs",), "mcp_call": ("output", "error"),
-    "mcp_list_tools": ("tools",), "mcp_approval_response": ("reason",),
+    "mcp_list_tools": ("tools", "error"), "mcp_approval_response": ("reason",),
 }
 #: Fields of hosted-tool results that hold ids, links and kinds, not text.
 _RESULT_IDS = frozenset({"type", "id", "file_id", "container_id", "url", "image_url"})
@@ -184,8 +184,10 @@ def from_request(body: Mapping[str, Any], endpoint: Literal["chat", "responses"]
 #: they look like one (``_IDENTIFIER``), judged like any other value when they hold prose.
 _VOCABULARY_KEYS = frozenset({"type", "format", "$ref", "$schema", "verbosity", "name"})
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_.$#/:-]{1,128}")
-#: Schema keys whose own keys are names the client chose (property names), read by the model like any text.
-_NAMING_KEYS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
+#: Schema keys whose own keys are names the client chose (property names), read by the model like any
+#: text; compared casefolded (Go upstreams read ``Properties`` as ``properties``).
+_NAMING_KEYS = frozenset(k.casefold() for k in ("properties", "patternProperties", "$defs", "definitions",
+                                                "dependentSchemas", "dependentRequired", "dependencies"))
 #: Credentials of a remote (MCP) tool: sent to the tool's server, never to the model, so never to the guard.
 _SECRET_KEYS = frozenset({"authorization", "headers"})
 #: Request fields beside the tools that the server renders into the model's prompt: chat's
@@ -323,18 +325,18 @@ def _prompt_variables(prompt: Any) -> list[str]:
 def _hosted_result_text(item: Mapping[str, Any], kind: str, where: str) -> str:
     """What a hosted tool returned into its item (``_HOSTED_RESULTS``): an MCP server's tool list is
     read like tool definitions, every other result by all the text it holds."""
-    if kind == "mcp_list_tools":
-        return "\n".join(definition_texts({"tools": item.get("tools") or []}))
-    pending: list[Any] = [item.get(field) for field in _HOSTED_RESULTS[kind]]
-    texts = []
+    texts = definition_texts({"tools": item.get("tools") or []}) if kind == "mcp_list_tools" else []
+    pending: deque[tuple[str, Any]] = deque((f, item.get(f)) for f in _HOSTED_RESULTS[kind] if (kind, f) != ("mcp_list_tools", "tools"))
     while pending:
-        node = _plain(pending.pop(0))
+        key, node = pending.popleft()
+        node = _plain(node)
         if isinstance(node, str):
             texts.append(node)
-        elif isinstance(node, Mapping):
-            pending += [v for k, v in node.items() if k not in _RESULT_IDS]
+        elif isinstance(node, Mapping):  # search results' attributes are named by whoever indexed them: keys too
+            texts += [k for k in node if key == "attributes" and isinstance(k, str)]
+            pending.extend((k, v) for k, v in node.items() if k not in _RESULT_IDS)
         elif isinstance(node, (list, tuple)):
-            pending += node
+            pending.extend((key, v) for v in node)
     return check_text("\n".join(texts), where=where)
 
 

@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -223,19 +223,19 @@ class Moderator:
 
     def open_gate(self, conversation: Conversation, *, holdback_tokens: int | None = None) -> StreamGate:
         """A ``StreamGate`` for one streamed answer to ``conversation`` (one prefill)."""
-        return run(self.gate_flow(conversation, holdback_tokens))
+        return run(self.gate_flow(_conversation(conversation), holdback_tokens))
 
     async def aopen_gate(self, conversation: Conversation, *, holdback_tokens: int | None = None) -> StreamGate:
         """``open_gate`` without blocking the event loop (the model loads and prefills off-loop)."""
-        return await arun(self.gate_flow(conversation, holdback_tokens))
+        return await arun(self.gate_flow(_conversation(conversation), holdback_tokens))
 
     def stream_decision(self, gate: StreamGate, conversation: Conversation, *, request_id: str | None = None) -> Decision:
         """The decision on a streamed answer once its gate has finished (or blocked)."""
-        return run(self.stream_decision_flow(gate, conversation, request_id))
+        return run(self.stream_decision_flow(gate, _conversation(conversation), request_id))
 
     async def astream_decision(self, gate: StreamGate, conversation: Conversation, *, request_id: str | None = None) -> Decision:
         """``stream_decision`` for asyncio (a review item is written off the event loop)."""
-        return await arun(self.stream_decision_flow(gate, conversation, request_id))
+        return await arun(self.stream_decision_flow(gate, _conversation(conversation), request_id))
 
     def refusal_after(self, delivered: str = "") -> str:
         """The refusal that replaces blocked text, set apart from text already delivered."""
@@ -419,7 +419,7 @@ def _conversation(value: Any) -> Conversation:
 
 def _texts(texts: Any) -> list[str]:
     """The texts of a public check: a list of strings (one string would be judged letter by letter)."""
-    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+    if isinstance(texts, (str, bytes, Mapping, Set)) or not isinstance(texts, Iterable):
         raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}; wrap one text in a list: [text]")
     out = list(texts)
     for i, text in enumerate(out):

@@ -463,9 +463,13 @@ class RemoteGenGuard:
             names = [str(entry["id"]) for entry in response.json()["data"]]
         except (ValueError, KeyError, TypeError):
             names = []
-        guards = [n for n in names if "guard" in n.lower()]
-        if len(names) == 1 or guards:
-            return (guards or names)[0]
+        guards = [n for n in names if "qwen3guard" in n.lower().replace("-", "").replace("_", "")]
+        if guards:
+            return guards[0]
+        if len(names) == 1:
+            logger.warning("the guard server's only model, %r, is not named like a Qwen3Guard model; set model= (or "
+                           "QWEN3GUARD_GEN_MODEL) to silence this if it is one", names[0])
+            return names[0]
         if not names:
             return PermanentError(f"/models lists no model ({response.text[:120]!r}); set model= or QWEN3GUARD_GEN_MODEL")
         return PermanentError(f"the server serves {len(names)} models ({', '.join(names[:5])}) and none is named like a "

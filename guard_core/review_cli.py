@@ -155,27 +155,39 @@ def _export_to_file(queue: ReviewQueue, args: argparse.Namespace) -> int:
     """Export into a temporary file beside ``--output``, renamed over it only once the export succeeded.
 
     A failed export (database unreachable, disk full) so leaves an existing file as it was. The
-    new file gets the old file's permissions, or the usual ones of a new file. A target that is
-    no regular file (``/dev/stdout``, a named pipe) is written directly; a symbolic link keeps
-    pointing at the new file.
+    new file gets the old file's permissions, or the usual ones of a new file; a symbolic link keeps
+    pointing at the new file. Where no temporary file can take its place (``_temporary_beside``)
+    the target is written directly.
     """
     target = Path(args.output).expanduser().resolve()
-    if target.exists() and not target.is_file():
+    temporary = _temporary_beside(target, args.output)
+    if temporary is None:
         with open(target, "w", encoding="utf-8", newline="") as fp:
             return queue.export(fp, args.format, status=args.status, since=args.since)
-    try:
-        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise OSError(f"cannot write {args.output}: {exc.strerror}") from None
+    fd, name = temporary
     try:
         with open(fd, "w", encoding="utf-8", newline="") as fp:
             count = queue.export(fp, args.format, status=args.status, since=args.since)
-        os.chmod(temporary, stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_umask())
-        os.replace(temporary, target)
+        os.chmod(name, stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_umask())
+        os.replace(name, target)
     except BaseException:
-        os.unlink(temporary)
+        os.unlink(name)
         raise
     return count
+
+
+def _temporary_beside(target: Path, given: str) -> tuple[int, str] | None:
+    """A temporary file beside ``target`` to rename over it; None where the target must be written in
+    place: not a regular file (``/dev/stdout``, a pipe), one with other hard links (a rename would
+    part them), or a writable file in a folder that takes no new file."""
+    if target.exists() and (not target.is_file() or target.stat().st_nlink > 1):
+        return None
+    try:
+        return tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        if target.is_file() and os.access(target, os.W_OK):
+            return None
+        raise OSError(f"cannot write {given}: {exc.strerror}") from None
 
 
 def _umask() -> int:

@@ -8,6 +8,7 @@ would hide from the guard the words the reader gets. Every adapter judges them b
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Container, Mapping
 from typing import Any
 
@@ -33,8 +34,25 @@ def json_text(value: Any) -> str:
 
 def json_source_text(source: str) -> str:
     """The text of a whole JSON document (``json_text``), read strictly as ``ProviderStrategy``
-    reads it; ``source`` itself when it is not one (it then reaches the reader as it is)."""
+    reads it. A source that is not one (cut off by a token limit, in a code fence, nested past the
+    parser's depth, split over parts) is read with its string escapes decoded (``unescaped``): a
+    lenient reader (a partial parser, a model reading it back) still gets the words."""
     try:
         return json_text(json.loads(source))
     except (ValueError, RecursionError):
-        return source
+        return unescaped(source)
+
+
+_ESCAPE = re.compile(r'\\(u[0-9a-fA-F]{4}|["\\/bfnrt])')
+_SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def unescaped(source: str) -> str:
+    """``source`` with every JSON string escape decoded (``\\u0020``, ``\\n``; a surrogate pair joined,
+    a lone surrogate as U+FFFD), whether or not it is valid JSON."""
+    def decode(match: re.Match[str]) -> str:
+        escape = match.group(1)
+        return chr(int(escape[1:], 16)) if escape[0] == "u" else _SIMPLE_ESCAPES[escape]
+
+    text = _ESCAPE.sub(decode, source)
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")

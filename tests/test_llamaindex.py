@@ -235,6 +235,7 @@ def test_a_deep_copy_shares_the_moderator_and_pickling_is_refused(gen_guard: Gen
     post = QwenGuardNodePostprocessor(gen_guard, blocked_nodes="redact")
     copied = copy.deepcopy(post)
     assert copied.moderator is post.moderator and copied.blocked_nodes == "redact"
+    assert post.model_copy(deep=True).moderator is post.moderator
     assert texts_of(copied.postprocess_nodes(scored_nodes(), query_str=FRANCE))[1] == DEFAULT_REDACTION_NOTICE
     with pytest.raises(TypeError, match="holds a loaded guard and cannot be pickled; build one in each process"):
         pickle.dumps(post)

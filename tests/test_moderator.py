@@ -173,8 +173,12 @@ def test_the_public_checks_refuse_what_they_would_misread(gen_guard: GenGuard, t
         asyncio.run(moderator.acheck_answers(from_text(SAFE_PROMPT), SAFE_ANSWER))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"texts\[1\] must be a string, got int"):
         moderator.check_context([SAFE_PROMPT, 5])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="texts must be a list of strings, got dict"):
+        moderator.check_context({"doc": JAILBREAK_PROMPT})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="build one with from_messages"):
         moderator.check_prompt([{"role": "user", "content": SAFE_PROMPT}])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="build one with from_messages"):
+        moderator.stream_decision(None, [{"role": "user", "content": SAFE_PROMPT}])  # type: ignore[arg-type]
 
 
 def test_review_takes_a_database_path_like_the_environment(gen_guard: GenGuard, tmp_path: Path) -> None:

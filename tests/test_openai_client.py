@@ -29,7 +29,7 @@ from openai_fake_upstream import (
 from guard_core import Action, Category, Policy, RiskLevel
 from guard_core.testing.cases import REFUSAL_ANSWER, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_ANSWER, UNSAFE_PROMPT
 from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_UNSAFE_PROMPT
-from integrations.openai_proxy import DEFAULT_REFUSAL, MalformedReplyError, UnsafeContentError, guard_openai
+from integrations.openai_proxy import DEFAULT_REFUSAL, MalformedReplyError, OpenAIGuard, UnsafeContentError, guard_openai
 
 USER = [{"role": "user", "content": PLANTED_SAFE_PROMPT}]
 
@@ -655,12 +655,16 @@ def test_a_blocked_stored_response_cannot_be_continued_and_conversations_are_ref
     refused = client.responses.create(model="fake-model", input=PLANTED_SAFE_PROMPT)
     assert refused.status == "incomplete" and refused.id == "resp_fake"
     before = len(upstream.exchanges)
-    with pytest.raises(ValueError, match="previous_response_id 'resp_fake' is a response Qwen3Guard blocked"):
-        client.responses.create(model="fake-model", input="go on", previous_response_id=refused.id)
+    other = guard_openai(bare, stream_guard=stream_guard, gen_guard=None)  # any guard of the process knows it
+    with pytest.raises(ValueError, match="'resp_fake' is a response .or an item of one. Qwen3Guard blocked"):
+        other.responses.create(model="fake-model", input="go on", previous_response_id=refused.id)
+    with pytest.raises(ValueError, match="'msg_fake' is a response .or an item of one. Qwen3Guard blocked"):
+        client.responses.create(model="fake-model", input=[{"type": "item_reference", "id": "msg_fake"}])
     with pytest.raises(ValueError, match="'conversation' makes the response read and extend history stored upstream"):
         client.responses.create(model="fake-model", input="go on", conversation="conv_1")
     assert len(upstream.exchanges) == before
     assert client.responses.create(model="fake-model", input="go on", previous_response_id="resp_other").status == "completed"
+    OpenAIGuard.refused.clear()  # the memory is the process's: leave none for other tests
 
 
 def test_a_raw_response_header_in_the_clients_defaults_is_refused(upstream, bare, stream_guard):
@@ -710,12 +714,15 @@ def test_a_structured_answer_is_judged_by_what_its_json_says(upstream, bare, str
     schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}
     source = escaped("".join(UNSAFE_PIECES))
     assert "pipe bomb" not in source
-    upstream.push(Script(body=chat_completion(source)))
-    whole = client.chat.completions.create(model="fake-model", messages=USER, response_format=schema)
-    assert whole.choices[0].message.content == DEFAULT_REFUSAL
+    cut = source[:-2]  # cut off by max_tokens: no longer a JSON document, its escapes are still decoded
+    upstream.push(Script(body=chat_completion(source)), Script(body=chat_completion(cut)))
+    for _ in range(2):
+        whole = client.chat.completions.create(model="fake-model", messages=USER, response_format=schema).choices[0].message
+        assert whole.content is None and whole.refusal == DEFAULT_REFUSAL  # a parser reads content as JSON
     upstream.push(Script(events=chat_events([source[:20], source[20:40], source[40:]])))
     chunks = list(stream_chat(client, response_format=schema))
-    assert text_of(chunks) == DEFAULT_REFUSAL  # held whole: none of the JSON went out before it was judged
+    # Held whole: none of the JSON went out before it was judged; the refusal comes as a refusal.
+    assert text_of(chunks) == "" and "".join(c.delta.refusal or "" for ch in chunks for c in ch.choices) == DEFAULT_REFUSAL
     upstream.push(Script(events=chat_events([escaped("Preheat the oven.")])))
     assert json.loads(text_of(list(stream_chat(client, response_format=schema)))) == {"steps": "Preheat the oven."}
 

@@ -299,3 +299,12 @@ def test_a_header_that_is_not_ascii_and_too_many_tools_are_400s(upstream, proxy)
     reply = httpx.post(proxy + "/chat/completions", json={"model": "m", "messages": USER, "tools": tools}, timeout=60)
     assert is_openai_error(reply, 400, "too_many_messages") and "more than 256 tools" in reply.text
     assert len(upstream.exchanges) == before
+
+
+def test_a_reply_echoing_the_clients_own_schema_keys_is_not_refused(upstream, proxy):
+    body = responses_body("Preheat the oven.")
+    body["tools"] = [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {"Message": {"type": "string"}}}}]
+    body["metadata"] = {"Input": "web-form"}
+    upstream.push(Script(body=body))
+    reply = httpx.post(proxy + "/responses", json={"model": "m", "input": PLANTED_SAFE_PROMPT}, timeout=60)
+    assert reply.status_code == 200 and reply.json()["output"][0]["content"][0]["text"] == "Preheat the oven."

@@ -286,6 +286,6 @@ def test_without_model_the_guard_is_found_among_the_served_models() -> None:
         return guard._read_models(httpx.Response(200, json={"data": [{"id": n} for n in names]}))
 
     assert read("my-finetune") == "my-finetune"
-    assert read("llama-3-8b-instruct", "Qwen/Qwen3Guard-Gen-4B") == "Qwen/Qwen3Guard-Gen-4B"
+    assert read("llama-3-8b-instruct", "Llama-Guard-3-8B", "Qwen/Qwen3Guard-Gen-4B") == "Qwen/Qwen3Guard-Gen-4B"
     refused = read("llama-3-8b-instruct", "mistral-7b")
     assert isinstance(refused, Exception) and "none is named like a Qwen3Guard model; set model=" in str(refused)

@@ -114,6 +114,14 @@ def test_a_failed_export_leaves_the_old_output_file_alone(db: Path, tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["items.jsonl", "review.db"]
 
 
+def test_an_export_over_a_hard_linked_file_keeps_the_link(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target, link = tmp_path / "items.jsonl", tmp_path / "published.jsonl"
+    target.write_text("old\n", encoding="utf-8")
+    os.link(target, link)
+    assert run(capsys, "--db", str(db), "export", "--output", str(target))[0] == 0
+    assert link.read_text(encoding="utf-8") == target.read_text(encoding="utf-8") != "old\n"
+
+
 def test_stats_prints_counts_per_day_level_and_category(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--db", str(db), "stats")
     header, *rows = out.splitlines()

@@ -67,10 +67,11 @@ class QwenGuardNodePostprocessor(BaseNodePostprocessor):
         self._moderator = build_moderator(moderator, "llamaindex.postprocessor", gen_guard=guard, policy=policy,
                                           review=review, context_cache_size=cache_size)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> QwenGuardNodePostprocessor:
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> QwenGuardNodePostprocessor:
         """A copy shares the Moderator, as ``model_copy`` does: its loaded model and locks cannot be copied."""
         copied = self.model_copy()
-        memo[id(self)] = copied
+        if memo is not None:
+            memo[id(self)] = copied
         return copied
 
     def __getstate__(self) -> dict[str, Any]:

@@ -38,6 +38,8 @@ T = TypeVar("T")
 Part = tuple[int, int]
 #: The kind of a Responses text part the guard reads: model output text, or the model's refusal.
 PartKind = Literal["output_text", "refusal"]
+#: The chat message field that carries a text of each kind.
+_CHAT_FIELDS: dict[PartKind, str] = {"output_text": "content", "refusal": "refusal"}
 #: Extra fields (vLLM, SGLang, OpenRouter) carrying a chat choice's reasoning; passed through unjudged.
 REASONING_FIELDS = ("reasoning_content", "reasoning")
 
@@ -164,18 +166,19 @@ def cut_choice(chunk: ChatCompletionChunk, index: int, keep: int) -> ChatComplet
 
 
 def refusal_chunks(template: ChatCompletionChunk | None, index: int, text: str, note: dict[str, Any],
-                   *, model: str = "", role: bool = False) -> list[ChatCompletionChunk]:
+                   *, model: str = "", role: bool = False, kind: PartKind = "output_text") -> list[ChatCompletionChunk]:
     """The end of a rewritten choice: the refusal text, then ``finish_reason="content_filter"``.
 
     ``template`` (the last upstream chunk) supplies id, model and fingerprint so the chunks
     belong to the same completion; ``role`` adds ``role: assistant`` for a choice that never
-    started (a blocked prompt).
+    started (a blocked prompt). ``kind="refusal"`` (a structured answer, whose content a parser
+    reads as JSON) sends the text as ``refusal``, as OpenAI answers a refused structured output.
     """
     tid, created, tmodel = (getattr(template, f, None) for f in ("id", "created", "model"))
     base: dict[str, Any] = {"id": tid if isinstance(tid, str) else new_id("chatcmpl"),
                             "created": created if _int(created) else int(time.time()),
                             "model": tmodel if isinstance(tmodel, str) else model, "object": "chat.completion.chunk"}
-    delta = {"role": "assistant", "content": text} if role else {"content": text}
+    delta = {**({"role": "assistant"} if role else {}), _CHAT_FIELDS[kind]: text}
     out = [
         ChatCompletionChunk.model_validate({**base, "choices": [{"index": index, "delta": delta, "finish_reason": None}]}),
         ChatCompletionChunk.model_validate({**base, "choices": [{"index": index, "delta": {}, "finish_reason": CONTENT_FILTER}],
@@ -188,10 +191,11 @@ def refusal_chunks(template: ChatCompletionChunk | None, index: int, text: str, 
     return [c.model_copy(update=carried) for c in out]
 
 
-def refused_choice(choice: CompletionChoice, text: str) -> CompletionChoice:
-    """A whole-response choice replaced by the refusal (its refusal field, reasoning, tool calls, logprobs and parsed output dropped with it)."""
-    update: dict[str, Any] = {"content": text, "refusal": None, "tool_calls": None, "function_call": None, "audio": None,
-                              "annotations": None}
+def refused_choice(choice: CompletionChoice, text: str, kind: PartKind = "output_text") -> CompletionChoice:
+    """A whole-response choice replaced by the refusal (in ``refusal`` for ``kind="refusal"``: see
+    ``refusal_chunks``); its other text, reasoning, tool calls, logprobs and parsed output go with it."""
+    update: dict[str, Any] = {"content": None, "refusal": None, "tool_calls": None, "function_call": None, "audio": None,
+                              "annotations": None, _CHAT_FIELDS[kind]: text}
     update.update({f: None for f in REASONING_FIELDS if f in (choice.message.model_extra or {})})
     if "parsed" in type(choice.message).model_fields:
         update["parsed"] = None
@@ -199,21 +203,24 @@ def refused_choice(choice: CompletionChoice, text: str) -> CompletionChoice:
     return choice.model_copy(update={"message": message, "finish_reason": CONTENT_FILTER, "logprobs": None})
 
 
-def refusal_completion(model: str, text: str, note: dict[str, Any], n: int = 1, *, parsed: bool = False) -> ChatCompletion:
+def refusal_completion(model: str, text: str, note: dict[str, Any], n: int = 1, *, parsed: bool = False,
+                       kind: PartKind = "output_text") -> ChatCompletion:
     """The answer to a blocked prompt in ``rewrite`` mode: a completion that never reached upstream.
 
     ``parsed`` makes it the ``ParsedChatCompletion`` that ``chat.completions.parse`` returns, with
     ``message.parsed = None`` (as a refused answer from upstream is).
     """
-    choices = [{"index": i, "finish_reason": CONTENT_FILTER, "message": {"role": "assistant", "content": text}} for i in range(n)]
+    message = {"role": "assistant", "content": None, _CHAT_FIELDS[kind]: text}
+    choices = [{"index": i, "finish_reason": CONTENT_FILTER, "message": message} for i in range(n)]
     kind = ParsedChatCompletion if parsed else ChatCompletion
     return kind.model_validate({"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
                                 "model": model, "choices": choices, METADATA_KEY: note})
 
 
-def prompt_refusal_chunks(model: str, text: str, note: dict[str, Any], n: int = 1) -> list[ChatCompletionChunk]:
+def prompt_refusal_chunks(model: str, text: str, note: dict[str, Any], n: int = 1,
+                          kind: PartKind = "output_text") -> list[ChatCompletionChunk]:
     """The stream answering a blocked prompt in ``rewrite`` mode, one refused choice per ``n``."""
-    first = refusal_chunks(None, 0, text, note, model=model, role=True)
+    first = refusal_chunks(None, 0, text, note, model=model, role=True, kind=kind)
     return [c.model_copy(update={"choices": [c.choices[0].model_copy(update={"index": i})]}) for i in range(n) for c in first]
 
 
@@ -241,8 +248,9 @@ class PartText:
     item_id: Any = None
 
 
-def _field(obj: Any, name: str) -> Any:
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+def field(obj: Any, name: str) -> Any:
+    """``obj[name]`` of a dict, ``obj.name`` of an SDK object; None when it has none (or is neither)."""
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None) if isinstance(obj, BaseModel) else None
 
 
 def _part(output_index: Any, content_index: Any, what: str) -> Part:
@@ -255,38 +263,38 @@ def _part_text(part: Any, where: Part, item_id: Any) -> PartText | None:
     """The text of a message content part: output text (also written ``text`` / ``input_text`` or
     untyped by some servers) or a refusal; None for reasoning text (not read: README). Any other
     part is the upstream's fault, since its text would reach the caller unjudged."""
-    kind = _field(part, "type")
+    kind = field(part, "type")
     if part is None or kind == "reasoning_text":
         return None
     where_text = f"output {where[0]} part {where[1]}"
     if kind == "refusal":
-        return PartText(where, upstream_text(_field(part, "refusal"), f"refusal of {where_text}"), "refusal", item_id)
-    if kind in _TEXT_PARTS or (kind is None and isinstance(_field(part, "text"), str)):
-        return PartText(where, upstream_text(_field(part, "text"), f"{kind or 'text'} of {where_text}"), "output_text", item_id)
+        return PartText(where, upstream_text(field(part, "refusal"), f"refusal of {where_text}"), "refusal", item_id)
+    if kind in _TEXT_PARTS or (kind is None and isinstance(field(part, "text"), str)):
+        return PartText(where, upstream_text(field(part, "text"), f"{kind or 'text'} of {where_text}"), "output_text", item_id)
     raise MalformedReplyError(f"the upstream sent {where_text} of type {kind!r}, which Qwen3Guard cannot judge")
 
 
 def item_texts(item: Any, output_index: int) -> list[PartText]:
     """The texts of an output item: those of a message's parts. Other items the SDK knows (tool
     calls, reasoning) have none the guard reads; an item type it does not know is refused."""
-    kind = _field(item, "type")
+    kind = field(item, "type")
     if not isinstance(kind, str):
         raise MalformedReplyError(f"the upstream sent output item {output_index} without a type")
     if kind != "message" and kind not in _OUTPUT_ITEM_TYPES:
         raise MalformedReplyError(f"the upstream sent output item {output_index} of type {kind!r}, which Qwen3Guard "
                                   "cannot judge")
-    content = _field(item, "content")
+    content = field(item, "content")
     if kind != "message" or content is None:
         return []
     if not isinstance(content, list):
         raise MalformedReplyError(f"the upstream sent output item {output_index} whose content is not a list")
-    found = (_part_text(part, (output_index, i), _field(item, "id")) for i, part in enumerate(content))
+    found = (_part_text(part, (output_index, i), field(item, "id")) for i, part in enumerate(content))
     return [f for f in found if f is not None]
 
 
 def response_texts(response: Any) -> list[PartText]:
     """The texts of a response's output, part by part."""
-    output = _field(response, "output")
+    output = field(response, "output")
     if output is None:
         return []
     if not isinstance(output, list):
@@ -372,10 +380,11 @@ def incomplete_response(base: Response | None, output: list[Any], note: dict[str
     return sdk_object(kind, data)  # type: ignore[no-any-return]
 
 
-def refused_response(response: Response, text: str, note: dict[str, Any]) -> Response:
+def refused_response(response: Response, text: str, note: dict[str, Any], kind: PartKind = "output_text") -> Response:
     """A whole response whose text was blocked: its output becomes one message with the refusal."""
-    item_id = next((_field(o, "id") for o in response.output if _field(o, "type") == "message"), None)
-    return incomplete_response(response, [message_item(item_id if isinstance(item_id, str) else new_id("msg"), text)], note)
+    item_id = next((field(o, "id") for o in response.output if field(o, "type") == "message"), None)
+    item = message_item(item_id if isinstance(item_id, str) else new_id("msg"), text, kind=kind)
+    return incomplete_response(response, [item], note)
 
 
 def responses_refusal_events(base: Response | None, *, item_id: str, output_index: int, content_index: int,

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Container, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from openai import NotGiven, Omit
 from openai.types.chat import ChatCompletion
@@ -46,9 +46,13 @@ class OpenAIGuard:
     ``on_unsafe="abort"`` raises ``UnsafeContentError`` (the proxy answers an error);
     ``"rewrite"`` answers with the refusal and ``finish_reason="content_filter"``.
     ``max_choices`` caps ``n``, since every choice is judged by its own guard session.
-    ``refused`` holds the ids of the last ``REFUSED_IDS`` responses it blocked: upstream stored the
-    unsafe answer under each, so a request continuing from one (``previous_response_id``) is refused.
+    ``refused`` holds the ids of the last ``REFUSED_IDS`` responses (and their output items) that a
+    guard of this process blocked: upstream stored the unsafe answer under each, so a request
+    continuing from one (``previous_response_id``, an ``item_reference``) is refused.
     """
+
+    refused: ClassVar[OrderedDict[str, None]] = OrderedDict()
+    _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, moderator: Moderator, *, on_unsafe: OnUnsafe = "abort", max_choices: int = DEFAULT_MAX_CHOICES) -> None:
         if on_unsafe not in ("abort", "rewrite"):
@@ -56,17 +60,17 @@ class OpenAIGuard:
         self.max_choices = check_count(max_choices, "max_choices")
         self.moderator = moderator
         self.on_unsafe: OnUnsafe = on_unsafe
-        self.refused: OrderedDict[str, None] = OrderedDict()
-        self._lock = threading.Lock()
 
-    def refuse_history(self, response: Any) -> None:
-        """Remember a blocked response's id (its stored text is the unsafe answer)."""
-        response_id = getattr(response, "id", None)
-        if isinstance(response_id, str) and response_id:
-            with self._lock:
-                self.refused[response_id] = None
-                while len(self.refused) > REFUSED_IDS:
-                    self.refused.popitem(last=False)
+    def refuse_history(self, response: Any, item_ids: Iterable[Any] = ()) -> None:
+        """Remember a blocked response's id and its output items' (its stored text is the unsafe answer)."""
+        ids = [chunks.field(response, "id"), *(chunks.field(item, "id") for item in chunks.field(response, "output") or ()),
+               *item_ids]
+        with self._lock:
+            for stored in ids:
+                if isinstance(stored, str) and stored:
+                    self.refused[stored] = None
+            while len(self.refused) > REFUSED_IDS:
+                self.refused.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,11 @@ class Request:
     n: int
     model: str
     structured: bool = False  #: the answer is JSON (``response_format`` / ``text.format``): judged by what it says
+
+    @property
+    def refusal_kind(self) -> chunks.PartKind:
+        """Where the guard's refusal goes: a structured answer's content is read as JSON, so it is a refusal."""
+        return "refusal" if self.structured else "output_text"
 
     @classmethod
     def parse(cls, endpoint: Endpoint, body: Mapping[str, Any], max_choices: int,
@@ -98,13 +107,16 @@ class Request:
         if endpoint == "responses" and body.get("conversation") is not None:
             raise ValueError("'conversation' makes the response read and extend history stored upstream, which "
                              "Qwen3Guard cannot judge; send the history as input (or use the unguarded client)")
-        previous = body.get("previous_response_id")
-        if endpoint == "responses" and isinstance(previous, str) and previous in refused:
-            raise ValueError(f"previous_response_id {previous!r} is a response Qwen3Guard blocked, and upstream stored "
-                             "its unsafe answer; continue from an earlier response, or send the history as input")
+        items = body.get("input") if isinstance(body.get("input"), (list, tuple)) else ()
+        stored = [body.get("previous_response_id"), *(chunks.field(i, "id") for i in items if chunks.field(i, "type") == "item_reference")]
+        blocked = next((s for s in stored if endpoint == "responses" and isinstance(s, str) and s in refused), None)
+        if blocked is not None:
+            raise ValueError(f"{blocked!r} is a response (or an item of one) Qwen3Guard blocked, and upstream stored its "
+                             "unsafe answer; continue from an earlier response, or send the history as input")
         conversation = from_request(body, endpoint)
-        answer_format = body.get("response_format") if endpoint == "chat" else (body.get("text") or {}).get("format")
-        structured = isinstance(answer_format, Mapping) and answer_format.get("type") in ("json_schema", "json_object")
+        text = chunks.field(body.get("text"), "format") if endpoint == "responses" else None
+        answer_format = body.get("response_format") if endpoint == "chat" else text
+        structured = chunks.field(answer_format, "type") in ("json_schema", "json_object")
         return cls(endpoint, conversation, bool(stream), n or 1, model if isinstance(model, str) else "", structured)
 
 
@@ -122,15 +134,16 @@ def note(*, prompt: Decision | None = None, response: Decision | None = None, in
 
 def refusal_for_prompt(guard: OpenAIGuard, request: Request, decision: Decision, *, parsed: bool = False) -> Any:
     """What answers a blocked prompt in rewrite mode: a refusal stream (list of items) or object."""
-    text, model, body = guard.moderator.refusal, request.model, note(prompt=decision)
+    text, model, body, kind = guard.moderator.refusal, request.model, note(prompt=decision), request.refusal_kind
     if request.endpoint == "chat":
         if request.stream:
-            return chunks.prompt_refusal_chunks(model, text, body, request.n)
-        return chunks.refusal_completion(model, text, body, request.n, parsed=parsed)
-    item = chunks.message_item(chunks.new_id("msg"), text)
+            return chunks.prompt_refusal_chunks(model, text, body, request.n, kind)
+        return chunks.refusal_completion(model, text, body, request.n, parsed=parsed, kind=kind)
+    item = chunks.message_item(chunks.new_id("msg"), text, kind=kind)
     if request.stream:
         return chunks.responses_refusal_events(None, item_id=item["id"], output_index=0, content_index=0, delivered="",
-                                               text=text, prior=[], sequence=0, note=body, model=model, opened=False)
+                                               text=text, prior=[], sequence=0, note=body, model=model, opened=False,
+                                               kind=kind)
     return chunks.incomplete_response(None, [item], body, model=model, parsed=parsed)
 
 
@@ -165,9 +178,11 @@ def whole_flow(guard: OpenAIGuard, request: Request, reply: Any, prompt: Decisio
     refusal = guard.moderator.refusal
     if field == "output":
         body = note(prompt=prompt, response=decisions[0])
-        return chunks.refused_response(completion, refusal, body) if blocked else chunks.annotated(completion, body)
+        return chunks.refused_response(completion, refusal, body, request.refusal_kind) if blocked else chunks.annotated(
+            completion, body)
     refused = {i for i, _ in blocked}
-    choices = [chunks.refused_choice(c, refusal) if i in refused else c for i, c in enumerate(completion.choices)]
+    choices = [chunks.refused_choice(c, refusal, request.refusal_kind) if i in refused else c
+               for i, c in enumerate(completion.choices)]
     body = {**note(prompt=prompt), "choices": [{"index": completion.choices[i].index, "response": d.to_dict()} for i, d in judged]}
     return chunks.annotated(completion.model_copy(update={"choices": choices}), body)
 

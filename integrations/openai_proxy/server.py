@@ -431,6 +431,10 @@ def create_app(
 #: Keys of replies whose values the guard reads (or that lead to them): a case variant would be read by
 #: case-insensitive clients (Go's encoding/json) as the text the guard never saw.
 _REPLY_KEYS = GUARDED_KEYS | {"choices", "delta", "message", "item", "part", "response", "summary"}
+#: Fields of a Responses reply that echo the request (its tools' schemas, text format, metadata): not
+#: text the model wrote, and their keys are the client's own (a schema property ``Message``).
+_ECHOED = frozenset({"tools", "tool_choice", "text", "metadata", "instructions", "prompt", "reasoning", "usage",
+                     "parameters", "properties", "input_schema", "schema", "parsed"})
 
 
 def _upstream_payload(data: bytes, what: str) -> Any:
@@ -450,7 +454,7 @@ def _upstream_payload(data: bytes, what: str) -> Any:
                 refuse_case_variants(node, where=f"the upstream sent {what}", keys=_REPLY_KEYS)
             except ValueError as exc:
                 raise MalformedReplyError(str(exc)) from None
-            pending += node.values()
+            pending += [value for key, value in node.items() if key not in _ECHOED]
         elif isinstance(node, list):
             pending += node
     return payload

@@ -16,7 +16,8 @@ more is wanted from upstream, so the caller closes it and stops paying.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from openai.types.chat import ChatCompletionChunk
@@ -41,8 +42,10 @@ _FULL_TEXT_EVENTS = frozenset({
 class GuardedItems:
     """The shared part: the relay, the decisions, and the feed / end / close entry points."""
 
-    #: The response a Responses stream announced (upstream stores the answer under its id); None for chat.
+    #: The response a Responses stream announced (upstream stores the answer under its id, and its
+    #: message items under theirs); None and empty for chat.
     _base: Any = None
+    _item_ids: Mapping[Key, str] = MappingProxyType({})
 
     def __init__(self, guard: OpenAIGuard, request: Request, prompt_gate: Any, prompt: Decision | None) -> None:
         self.guard = guard
@@ -79,7 +82,7 @@ class GuardedItems:
 
     def _decided(self, key: Key, decision: Decision, relay: StreamRelay[Any]) -> None:
         if decision.blocked:
-            self.guard.refuse_history(self._base)
+            self.guard.refuse_history(self._base, self._item_ids.values())
             if self.guard.on_unsafe == "abort":
                 raise UnsafeContentError(decision, delivered=relay.handed_out(key), choice_index=self._index(key))
             self._rewrite(key, decision, relay.released(key))
@@ -141,7 +144,7 @@ class ChatItems(GuardedItems):
         cut_text(self.relay.pending, key, len(released), lambda c: chunks.choice_text(c, index),
                  lambda c, keep: chunks.cut_choice(c, index, keep))
         refusal = chunks.refusal_chunks(self._template, index, self.guard.moderator.refusal_after(released),
-                                        note(response=decision, index=index))
+                                        note(response=decision, index=index), kind=self.request.refusal_kind)
         self.relay.pending.extend(Held(c) for c in refusal)
         self.done = len(self.relay.decisions) >= self.request.n
 
@@ -239,7 +242,8 @@ class ResponsesItems(GuardedItems):
             content_index=content_index, delivered=released, text=self.guard.moderator.refusal_after(released), prior=prior,
             sequence=self._sequence + 1, note=note(response=decision, index=output_index), model=self.request.model,
             opened=("response",) in self._announced, item_opened=("item", output_index) in self._announced,
-            part_opened=("part", key) in self._announced, kind=self._kinds.get(key, "output_text"))
+            part_opened=("part", key) in self._announced,
+            kind="refusal" if self.request.structured else self._kinds.get(key, "output_text"))
         self.relay.pending.clear()
         self.relay.pending.extend([*kept, *(Held(e) for e in events)])
         self.done = True
