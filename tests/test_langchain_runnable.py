@@ -326,6 +326,17 @@ def test_retrieved_documents_and_other_objects_in_the_input_are_judged(stream_gu
         QwenGuardRunnable(role="prompt", stream_guard=stream_guard).invoke([3, 4])
 
 
+def test_a_retrieved_document_is_untrusted_context_and_one_the_guard_cannot_read_is_blocked(gen_guard: Any) -> None:
+    guard = QwenGuardRunnable(role="prompt", gen_guard=gen_guard)
+    with pytest.raises(GuardViolation) as raised:  # judged on its own, as the trained injection it is
+        guard.invoke({"context": [Document(page_content=JAILBREAK_PROMPT)], "question": SAFE_PROMPT})
+    assert [c.value for c in raised.value.verdict.categories] == ["Jailbreak"]
+    with pytest.raises(GuardViolation) as raised:  # a NUL from PDF extraction: blocked, not a crash
+        guard.invoke({"context": [Document(page_content="Page one\x00two")], "question": SAFE_PROMPT})
+    assert raised.value.verdict.error_kind == "rejected"
+    assert guard.invoke({"question": SAFE_PROMPT}) == {"question": SAFE_PROMPT}
+
+
 def test_a_whole_message_streamed_by_a_model_that_cannot_stream_has_its_tool_calls_judged(stream_guard: StreamGuard) -> None:
     call = {"name": "Answer", "args": {"text": UNSAFE_REPLY}, "id": "c1", "type": "tool_call"}
     chain = FakeMessagesListChatModel(responses=[AIMessage("", tool_calls=[call])]) | QwenGuardRunnable(stream_guard=stream_guard)

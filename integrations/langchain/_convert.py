@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Container, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from langchain_core.documents import Document
@@ -101,25 +102,31 @@ def answer_text(value: Any, *, json_content: bool = False) -> str:
 
 
 def _prompt_of_texts(value: Any) -> Conversation:
-    """A prompt made of every text ``value`` holds (``_texts``)."""
-    texts = [t for t in _texts(value) if t.strip()]
-    if not texts:
+    """A prompt made of every text ``value`` holds (``_texts``); retrieved ``Document``s are untrusted
+    context, judged on their own like LlamaIndex nodes (one the guard cannot read is blocked)."""
+    documents: list[str] = []
+    texts = [t for t in _texts(value, documents) if t.strip()]
+    documents = [d for d in documents if d.strip()]
+    if not texts and not documents:
         raise ValueError("the input has no text to moderate; set input_key to the field holding the prompt")
-    return from_text("\n\n".join(texts))
+    prompt = from_text("\n\n".join(texts)) if texts else Conversation()
+    return replace(prompt, context=(*prompt.context, *documents))
 
 
-def _texts(value: Any) -> list[str]:
+def _texts(value: Any, documents: list[str]) -> list[str]:
     """Every text a prompt-template input holds, in order: a message's as the guard reads it
-    (``message_to_dict``: ``input_text`` parts too), a ``Document``'s content and string metadata,
-    and any other object as a template renders it (``str``); numbers and other scalars hold none."""
+    (``message_to_dict``: ``input_text`` parts too) and any other object as a template renders it
+    (``str``); numbers and other scalars hold none. A ``Document``'s content and string metadata go
+    to ``documents``."""
     if isinstance(value, str):
         return [value]
     if value is None or isinstance(value, (bool, int, float)):
         return []
     if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _texts(v)]
+        return [t for v in value.values() for t in _texts(v, documents)]
     if isinstance(value, Document):
-        return [value.page_content, *strings(value.metadata)]
+        documents.append("\n".join([value.page_content, *strings(value.metadata)]))
+        return []
     if isinstance(value, BaseMessage):
         value = [value]
     elif isinstance(value, PromptValue):
@@ -128,7 +135,7 @@ def _texts(value: Any) -> list[str]:
         if value and all(isinstance(v, BaseMessage) for v in value):
             messages_to_conversation(value)  # refuses what the guard cannot read (images, unknown roles)
             return [content_to_text(message_to_dict(m)["content"]) for m in value]
-        return [t for v in value for t in _texts(v)]
+        return [t for v in value for t in _texts(v, documents)]
     return [str(value)]
 
 
