@@ -453,7 +453,8 @@ def test_responses_parse_refusals_stay_parsed_responses(upstream, bare, guard):
 
     refused = guard(bare, on_unsafe="rewrite").responses.parse(model="fake-model", input=UNSAFE_PROMPT, text_format=Answer)
     assert isinstance(refused, ParsedResponse) and refused.output_parsed is None
-    assert refused.incomplete_details.reason == "content_filter" and refused.output_text == DEFAULT_REFUSAL
+    part = refused.output[0].content[0]  # a structured answer's refusal is a refusal part, not JSON-less text
+    assert refused.incomplete_details.reason == "content_filter" and (part.type, part.refusal) == ("refusal", DEFAULT_REFUSAL)
     upstream.push(Script(body=responses_body('{"answer": "fine"}')))
     parsed = bare.responses.parse(model="fake-model", input=PLANTED_SAFE_PROMPT, text_format=Answer)
     cut = chunks.refused_response(parsed, DEFAULT_REFUSAL, {})

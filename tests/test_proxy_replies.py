@@ -31,6 +31,7 @@ from openai_fake_upstream import (
 from guard_core import GenGuard, Moderator
 from guard_core.gate import StreamGate
 from guard_core.stream import StreamGuard
+from guard_core.testing.cases import SAFE_ANSWER
 from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT
 from integrations.openai_proxy import DEFAULT_REFUSAL
 from integrations.openai_proxy.server import create_app
@@ -245,18 +246,20 @@ def test_a_guard_that_raises_is_a_json_500_the_sdk_does_not_retry(monkeypatch, c
 # Statuses and keys a client reads differently from the guard
 
 
-def test_an_upstream_redirect_is_never_passed_on_and_any_2xx_is_judged(upstream, proxy):
-    moved = {"location": upstream.base_url + "/chat/completions"}
-    for stream in (False, True):
-        upstream.push(Script(status=307, headers=moved))
-        reply = httpx.post(proxy + "/chat/completions", json={**CHAT, "stream": stream}, timeout=60)
-        assert is_openai_error(reply, 502, "upstream_redirect") and "location" not in reply.headers
-    upstream.push(Script(status=203, body=chat_completion("".join(UNSAFE_PIECES))),
-                  Script(status=201, events=chat_events(UNSAFE_PIECES)))
-    whole = httpx.post(proxy + "/chat/completions", json={"model": "m", "messages": USER}, timeout=60)
-    assert whole.status_code == 203 and whole.json()["choices"][0]["message"]["content"] == DEFAULT_REFUSAL
-    body = stream_body_any(proxy + "/chat/completions", CHAT, 201)
-    assert "pipe" not in body and DEFAULT_REFUSAL in body
+def test_an_upstream_redirect_is_never_passed_on_and_any_2xx_is_judged(upstream, stream_guard):
+    # Stream alone judges whole answers too: the planted checkpoint blocks " pipe bomb" whatever the question.
+    with serve_app(create_app(upstream.base_url, moderator=Moderator(stream_guard=stream_guard))) as proxy:
+        moved = {"location": upstream.base_url + "/chat/completions"}
+        for stream in (False, True):
+            upstream.push(Script(status=307, headers=moved))
+            reply = httpx.post(proxy + "/chat/completions", json={**CHAT, "stream": stream}, timeout=60)
+            assert is_openai_error(reply, 502, "upstream_redirect") and "location" not in reply.headers
+        upstream.push(Script(status=203, body=chat_completion("".join(UNSAFE_PIECES))),
+                      Script(status=201, events=chat_events(UNSAFE_PIECES)))
+        whole = httpx.post(proxy + "/chat/completions", json={"model": "m", "messages": USER}, timeout=60)
+        assert whole.status_code == 203 and whole.json()["choices"][0]["message"]["content"] == DEFAULT_REFUSAL
+        body = stream_body_any(proxy + "/chat/completions", CHAT, 201)
+        assert "pipe" not in body and DEFAULT_REFUSAL in body
 
 
 def stream_body_any(url: str, body: dict[str, Any], status: int) -> str:
@@ -302,9 +305,9 @@ def test_a_header_that_is_not_ascii_and_too_many_tools_are_400s(upstream, proxy)
 
 
 def test_a_reply_echoing_the_clients_own_schema_keys_is_not_refused(upstream, proxy):
-    body = responses_body("Preheat the oven.")
+    body = responses_body(SAFE_ANSWER)  # the answer the tiny Gen guard is trained to pass for this question
     body["tools"] = [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {"Message": {"type": "string"}}}}]
     body["metadata"] = {"Input": "web-form"}
     upstream.push(Script(body=body))
     reply = httpx.post(proxy + "/responses", json={"model": "m", "input": PLANTED_SAFE_PROMPT}, timeout=60)
-    assert reply.status_code == 200 and reply.json()["output"][0]["content"][0]["text"] == "Preheat the oven."
+    assert reply.status_code == 200 and reply.json()["output"][0]["content"][0]["text"] == SAFE_ANSWER
