@@ -266,8 +266,7 @@ def _flow(guard: OpenAIGuard, endpoint: Endpoint, kwargs: dict[str, Any], send: 
         raise ValueError("pass 'stream' to create() itself, not in extra_body: the client reads the reply by that argument")
     # The SDK sends extra_body merged over the arguments: the guard judges that body, as sent.
     body = _schemas_as_sent(endpoint, kwargs) if parsed else kwargs
-    request = Request.parse(endpoint, {**body, **extra} if isinstance(extra, Mapping) else body, guard.max_choices,
-                            guard.refused)
+    request = Request.parse(endpoint, {**body, **extra} if isinstance(extra, Mapping) else body, guard.max_choices)
     prompt, refusal = yield from prompt_flow(guard, request, parsed=parsed)
     if refusal is not None:
         return _Streamed(None, None, refusal, prompt.decision) if request.stream else refusal

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -90,10 +90,9 @@ class Request:
         return "refusal" if self.structured else "output_text"
 
     @classmethod
-    def parse(cls, endpoint: Endpoint, body: Mapping[str, Any], max_choices: int,
-              refused: Container[str] = ()) -> Request:
-        """Check what the guard relies on; ``ValueError`` says what is wrong (the proxy's 400).
-        ``refused``: ids of blocked responses a request may not continue from."""
+    def parse(cls, endpoint: Endpoint, body: Mapping[str, Any], max_choices: int) -> Request:
+        """Check what the guard relies on; ``ValueError`` says what is wrong (the proxy's 400), also for
+        a request continuing from a response the process's guards blocked (``OpenAIGuard.refused``)."""
         body = {k: v for k, v in body.items() if not isinstance(v, (NotGiven, Omit))}  # the SDK's "not given" markers
         refuse_case_variants(body, where="the request")
         stream, n, model = body.get("stream"), body.get("n"), body.get("model")
@@ -109,7 +108,7 @@ class Request:
                              "Qwen3Guard cannot judge; send the history as input (or use the unguarded client)")
         items = body.get("input") if isinstance(body.get("input"), (list, tuple)) else ()
         stored = [body.get("previous_response_id"), *(chunks.field(i, "id") for i in items if chunks.field(i, "type") == "item_reference")]
-        blocked = next((s for s in stored if endpoint == "responses" and isinstance(s, str) and s in refused), None)
+        blocked = next((s for s in stored if endpoint == "responses" and isinstance(s, str) and s in OpenAIGuard.refused), None)
         if blocked is not None:
             raise ValueError(f"{blocked!r} is a response (or an item of one) Qwen3Guard blocked, and upstream stored its "
                              "unsafe answer; continue from an earlier response, or send the history as input")

@@ -240,7 +240,7 @@ def create_app(
             if isinstance(body.get(field), list) and len(body[field]) > max_messages:
                 raise _HTTPError(400, f"more than {max_messages} {field}", "too_many_messages")
         try:
-            return bytes(raw), Request.parse(endpoint, body, max_choices, guard.refused)
+            return bytes(raw), Request.parse(endpoint, body, max_choices)
         except ValueError as exc:
             raise _HTTPError(400, str(exc), "invalid_request") from None
 
