@@ -148,7 +148,8 @@ def refusal_for_prompt(guard: OpenAIGuard, request: Request, decision: Decision,
 
 def prompt_flow(guard: OpenAIGuard, request: Request, *, parsed: bool = False) -> Flow[tuple[PromptResult, Any]]:
     """Judge the prompt; a block raises (abort) or comes back as the refusal to answer with (rewrite)."""
-    result = yield from guard.moderator.prompt_flow(request.conversation, keep_gate=request.stream)
+    # A structured stream is held and judged whole by its own check, so a Stream prompt gate would be prefilled for nothing.
+    result = yield from guard.moderator.prompt_flow(request.conversation, keep_gate=request.stream and not request.structured)
     decision = result.decision
     if decision is None or not decision.blocked:
         return result, None
