@@ -116,9 +116,9 @@ def test_a_stream_request_answered_with_something_else_is_a_502(proxied: tuple[R
 
 
 @pytest.mark.parametrize("path", ["/v1/models/%2e%2e/responses/resp_1", "/v1/models/%2E%2E/%2E%2E/admin", "/v1/models/..%2fresponses",
-                                  "/v1/models/..", "/v1/models/.", "/v1/models/org/model-1", "/v1/models/org%2Fmodel-1"])
+                                  "/v1/models/..", "/v1/models/.", "/v1/models/org/../../files", "/v1/models/org//x"])
 def test_only_the_models_and_one_model_id_are_forwarded(proxied: tuple[RawUpstream, str], path: str) -> None:
-    """A dot segment or a slash in the id would reach another upstream path (a stored response, a file), with the upstream key."""
+    """A dot segment in the id would reach another upstream path (a stored response, a file), with the upstream key."""
     upstream, url = proxied
     before = len(upstream.seen)
     host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
@@ -128,6 +128,16 @@ def test_only_the_models_and_one_model_id_are_forwarded(proxied: tuple[RawUpstre
     assert reply.status == 404 and json.loads(reply.read())["error"]["code"] == "not_found"
     conn.close()
     assert len(upstream.seen) == before
+
+
+def test_a_hub_style_model_id_is_forwarded_as_the_sdk_spells_it(proxied: tuple[RawUpstream, str]) -> None:
+    """vLLM serves models under hub ids; ``models.retrieve("Qwen/Qwen3-8B")`` sends ``Qwen%2FQwen3-8B``."""
+    upstream, url = proxied
+    for sent in ("/models/Qwen%2FQwen3-8B", "/models/Qwen/Qwen3-8B"):
+        upstream.answers.append((200, {"content-type": "application/json"}, b'{"id": "Qwen/Qwen3-8B", "object": "model"}'))
+        reply = httpx.get(url + sent)
+        assert reply.status_code == 200 and reply.json()["id"] == "Qwen/Qwen3-8B"
+        assert upstream.seen[-1][0] == "/v1/models/Qwen%2FQwen3-8B"
 
 
 @pytest.mark.parametrize("status, kind, body", [(200, "application/json", json.dumps(chat_completion(SAFE_TEXT)).encode()),

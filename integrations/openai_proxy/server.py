@@ -380,13 +380,14 @@ def create_app(
     async def models(request: HTTPRequest) -> Response:
         """``GET /v1/models`` and ``/v1/models/{id}``, passed through (they carry no content to judge).
 
-        Only those two: an id is one path segment (the route takes no ``/``, nor a ``%2F``, which arrives
-        decoded), and ``.`` / ``..`` (or ``%2e%2e``) are refused, since the URL sent upstream resolves dot
-        segments: the client's id would reach any upstream path, with the upstream key.
+        Only those two. A hub-style id (``Qwen/Qwen3-8B``, which the SDK sends as ``Qwen%2FQwen3-8B``)
+        is forwarded as the SDK spells it, one segment; an id with a ``.`` / ``..`` part (or
+        ``%2e%2e``) is refused, since a server that decodes ``%2F`` and resolves dot segments would
+        take the client's id to any upstream path, with the upstream key.
         """
         model = request.path_params.get("model")
         try:
-            if model in (".", ".."):
+            if model is not None and {"", ".", ".."} & set(model.split("/")):
                 raise _HTTPError(404, f"GET {request.url.path}: Not Found", "not_found")
             authorize(request)
             path = "models" if model is None else "models/" + quote(model, safe="!$&'()*+,;=:@")
@@ -422,7 +423,7 @@ def create_app(
         Route("/v1/chat/completions", handler("chat"), methods=["POST"]),
         Route("/v1/responses", handler("responses"), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{model}", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
