@@ -113,8 +113,12 @@ class StreamGuard:
     async def asession(self, messages: Iterable[MessageLike | Message], *, consecutive: int | None = None) -> StreamSession:
         """``session`` without blocking the event loop during the prefill."""
         session = StreamSession(self, messages, consecutive=self.consecutive if consecutive is None else consecutive, prefill=False)
-        await session._prefill_ticket.wait_async()
-        session._check_prefill()
+        try:
+            await session._prefill_ticket.wait_async()
+            session._check_prefill()
+        except BaseException:  # a cancelled wait (a timeout, a client gone) must not keep the cache
+            session.close()
+            raise
         return session
 
     def gate(self, messages: Iterable[MessageLike | Message], policy: Policy | None = None, holdback_tokens: int = DEFAULT_CONSECUTIVE) -> StreamGate:
@@ -173,8 +177,12 @@ class StreamSession:
         self._started = time.perf_counter()
         self._prefill_ticket = guard.scheduler.submit(self._lane, self._prompt_ids, metas)
         if prefill:
-            self._prefill_ticket.wait()
-            self._check_prefill()
+            try:
+                self._prefill_ticket.wait()
+                self._check_prefill()
+            except BaseException:  # Ctrl-C or a failed step: free the lane now, not at garbage collection
+                self.close()
+                raise
 
     def _check_prefill(self) -> None:
         self._elapsed += time.perf_counter() - self._started

@@ -200,6 +200,18 @@ async def test_sessions_isolated_under_asyncio() -> None:
         assert prompt_risk is expected and response_risk is expected
 
 
+async def test_a_session_cancelled_during_its_prefill_frees_its_lane() -> None:
+    """``asyncio.wait_for`` timing out, a client gone: the error (kept by a reporter here) must not keep the cache."""
+    guard = stream_guard("planted")
+    lanes_before = guard.scheduler.active_lanes
+    task = asyncio.create_task(guard.asession(USER))
+    await asyncio.sleep(0)  # the task now waits for its prefill
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError) as kept:
+        await task
+    assert kept.value is not None and guard.scheduler.active_lanes == lanes_before
+
+
 def test_closed_session_frees_its_memory() -> None:
     guard = stream_guard("random")
     lanes_before = guard.scheduler.active_lanes
