@@ -61,7 +61,8 @@ def resolve_model_source(source: str | os.PathLike[str]) -> str:
             )
         return str(path)
     if not _is_hub_id(text):
-        raise GuardUnavailableError(f"model directory {text!r} does not exist (and it is not a hub id like 'Qwen/Qwen3Guard-Gen-0.6B')")
+        raise GuardUnavailableError(f"model directory {text!r} does not exist (and it is not a hub id: owner/name, like "
+                                    "'Qwen/Qwen3Guard-Gen-0.6B' or 'Qwen/Qwen3Guard-Stream-0.6B')")
     return _download(text)
 
 

@@ -119,13 +119,25 @@ class TokenVerdict:
     category_probabilities: Mapping[Category, float] = field(default_factory=dict)
 
 
+def violation_message(verdict: Verdict, where: str | None = None) -> str:
+    """The one-line message of a block: the verdict, or, when no judgement was made, why not and
+    what to do (an outage must not read as "your prompt is Unsafe")."""
+    where = where or verdict.role
+    if verdict.error is None:
+        cats = ", ".join(c.value for c in verdict.categories) or "no category"
+        return f"{where} blocked by Qwen3Guard: {verdict.risk.value} ({cats})"
+    if verdict.error_kind == "unavailable":
+        return (f"{where} not judged, so blocked (fail closed): {verdict.error}; retry when the guard is back, or let "
+                "content through while it is down with QWEN3GUARD_FAIL_OPEN=1 / Policy(on_error=RiskLevel.SAFE)")
+    return f"{where} blocked: Qwen3Guard could not judge it ({verdict.error})"
+
+
 class GuardViolation(Exception):
     """Raised when a policy blocks content; carries the verdict that caused it."""
 
     def __init__(self, verdict: Verdict, message: str | None = None) -> None:
         self.verdict = verdict
-        cats = ", ".join(c.value for c in verdict.categories) or "no category"
-        super().__init__(message or f"{verdict.role} blocked by Qwen3Guard: {verdict.risk.value} ({cats})")
+        super().__init__(message or violation_message(verdict))
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled with its verdict (process pools, task queues send exceptions that way); a subclass

@@ -13,7 +13,7 @@ import httpx2
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
-from openai.types.chat import ParsedChatCompletion
+from openai.types.chat import ChatCompletion, ParsedChatCompletion
 from openai.types.chat.parsed_chat_completion import ParsedChatCompletionMessage
 from openai_fake_upstream import (
     SAFE_PIECES,
@@ -29,7 +29,7 @@ from openai_fake_upstream import (
 from guard_core import Action, Category, Policy, RiskLevel
 from guard_core.testing.cases import REFUSAL_ANSWER, SAFE_ANSWER, SAFE_PROMPT, UNSAFE_ANSWER, UNSAFE_PROMPT
 from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT, PLANTED_UNSAFE_PROMPT
-from integrations.openai_proxy import DEFAULT_REFUSAL, MalformedReplyError, OpenAIGuard, UnsafeContentError, guard_openai
+from integrations.openai_proxy import DEFAULT_REFUSAL, GuardFailedError, MalformedReplyError, OpenAIGuard, UnsafeContentError, guard_openai
 
 USER = [{"role": "user", "content": PLANTED_SAFE_PROMPT}]
 
@@ -184,6 +184,22 @@ def test_with_options_keeps_the_guard_and_the_client_is_still_an_openai_client(u
     list(stream_chat(client))
     assert upstream.exchanges[-1].headers["user-agent"] == upstream.exchanges[-2].headers["user-agent"]
     assert upstream.exchanges[-1].headers["user-agent"].startswith("OpenAI/Python")
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_the_clients_own_http_methods_refuse_the_moderated_paths(upstream, bare, abare, guard, is_async):
+    client = guard(abare if is_async else bare)
+    before = len(upstream.exchanges)
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": UNSAFE_PROMPT}]}
+    for call in (lambda: client.post("/chat/completions", body=body, cast_to=ChatCompletion),
+                 lambda: client.get("/responses/resp_1", cast_to=object),
+                 lambda: client.post(str(client.base_url) + "responses", body=body, cast_to=object)):
+        with pytest.raises(NotImplementedError, match=r"past Qwen3Guard; use the guarded resources"):
+            call()
+    assert len(upstream.exchanges) == before
+    upstream.push(Script(body={"object": "list", "data": []}))
+    listed = client.get("/models", cast_to=object)
+    assert (await listed if is_async else listed) == {"object": "list", "data": []}
 
 
 def test_raw_response_wrappers_refuse_rather_than_bypass_the_guard(bare, guard):
@@ -533,6 +549,29 @@ async def test_upstream_gets_the_request_that_was_judged_even_if_the_caller_chan
     upstream.push(Script(body=chat_completion([SAFE_ANSWER])))
     call = client.chat.completions.create(model="fake-model", messages=history)
     completion = await call if is_async else call
+    assert completion.qwen3guard["prompt"]["risk"] == "Safe"
+    assert upstream.exchanges[-1].body["messages"] == [{"role": "user", "content": SAFE_PROMPT}]
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_a_guard_that_fails_is_an_openai_error_and_nothing_goes_upstream(upstream, bare, abare, gen_guard, is_async):
+    def crash() -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    client = guard_openai(abare if is_async else bare, stream_guard=None, gen_guard=_Meddling(gen_guard, crash))
+    before = len(upstream.exchanges)
+    with pytest.raises(openai.OpenAIError, match=r"^the guard failed \(RuntimeError: CUDA out of memory\)") as info:
+        call = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": SAFE_PROMPT}])
+        await call if is_async else call
+    assert isinstance(info.value, GuardFailedError) and isinstance(info.value.__cause__, RuntimeError)
+    assert len(upstream.exchanges) == before
+
+
+def test_messages_from_any_iterable_the_sdk_takes_are_judged_and_sent(upstream, bare, stream_guard, gen_guard):
+    history = {"a": {"role": "user", "content": SAFE_PROMPT}}
+    upstream.push(Script(body=chat_completion([SAFE_ANSWER])))
+    client = guard_openai(bare, stream_guard=stream_guard, gen_guard=gen_guard)
+    completion = client.chat.completions.create(model="fake-model", messages=history.values())
     assert completion.qwen3guard["prompt"]["risk"] == "Safe"
     assert upstream.exchanges[-1].body["messages"] == [{"role": "user", "content": SAFE_PROMPT}]
 

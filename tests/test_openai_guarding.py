@@ -80,6 +80,8 @@ def test_the_environment_chooses_the_guards_and_fail_open(monkeypatch, upstream,
     with pytest.raises(UnsafeContentError) as info:
         guard_openai(bare).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": SAFE_PROMPT}])
     assert info.value.verdict.error_kind == "unavailable", "fails closed by default"
+    assert str(info.value).startswith("prompt not judged, so blocked (fail closed): guard unavailable")
+    assert "QWEN3GUARD_FAIL_OPEN=1" in str(info.value) and "Unsafe" not in str(info.value)
     monkeypatch.setenv("QWEN3GUARD_FAIL_OPEN", "1")
     upstream.push(Script(events=chat_events(SAFE_PIECES)))
     streamed = guard_openai(bare).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": SAFE_PROMPT}], stream=True)

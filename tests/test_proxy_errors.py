@@ -193,6 +193,10 @@ def test_the_environment_configures_the_proxy(monkeypatch, upstream, gen_dir: Pa
         closed = post(url + "/chat/completions", {"model": "m", "messages": USER})
         assert closed.json()["qwen3guard"]["prompt"]["error_kind"] == "unavailable"
         assert closed.json()["choices"][0]["finish_reason"] == "content_filter"
+    with serve_app(create_app(upstream.base_url, on_unsafe="error")) as url:
+        down = post(url + "/chat/completions", {"model": "m", "messages": USER})
+        assert is_openai_error(down, 503, "guard_unavailable"), "an outage is no content filter, and the SDK retries a 503"
+        assert "not judged" in down.json()["error"]["message"] and "x-should-retry" not in down.headers
     monkeypatch.setenv("QWEN3GUARD_FAIL_OPEN", "1")
     upstream.push(Script(events=chat_events(SAFE_PIECES)))
     with serve_app(create_app(upstream.base_url)) as url:

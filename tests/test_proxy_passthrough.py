@@ -47,10 +47,11 @@ class RawUpstream:
                 upstream.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
                 status, headers, body = upstream.answers.pop(0)
                 self.send_response(status)
-                for key, value in {**headers, "content-length": str(len(body))}.items():
+                for key, value in {"content-length": str(len(body)), **headers}.items():
                     self.send_header(key, value)
                 self.end_headers()
                 self.wfile.write(body)
+                self.close_connection = "content-length" in headers  # a longer length promised: the body breaks off
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -103,6 +104,15 @@ def test_streams_the_sdk_reads_are_judged_and_relayed(proxied: tuple[RawUpstream
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in events if c.get("choices"))
     assert reply.status_code == 200 and text == SAFE_TEXT
     assert reply.text.rstrip().endswith("[DONE]")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_error_whose_body_breaks_off_is_a_502(proxied: tuple[RawUpstream, str], stream: bool) -> None:
+    upstream, url = proxied
+    upstream.answers.append((503, {"content-type": "application/json", "content-length": "500"}, b'{"error":'))
+    reply = httpx.post(url + "/chat/completions", json={"model": "m", "messages": USER, "stream": stream}, timeout=60)
+    assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_unavailable"
+    assert "broke off" in reply.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("kind", "body"), [("application/json", json.dumps(chat_completion(SAFE_TEXT)).encode()),

@@ -8,8 +8,8 @@ HTTP. Both decide through the same pieces (``exchange``, ``streaming``) over ``g
 from guard_core import DEFAULT_REFUSAL
 
 from .client import AsyncGuardedStream, GuardedStream, guard_openai
-from .errors import MalformedReplyError, UnsafeContentError
+from .errors import GuardFailedError, MalformedReplyError, UnsafeContentError
 from .exchange import OpenAIGuard
 
-__all__ = ["AsyncGuardedStream", "DEFAULT_REFUSAL", "GuardedStream", "MalformedReplyError", "OpenAIGuard",
+__all__ = ["AsyncGuardedStream", "DEFAULT_REFUSAL", "GuardFailedError", "GuardedStream", "MalformedReplyError", "OpenAIGuard",
            "UnsafeContentError", "guard_openai"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, TypeVar
@@ -55,6 +55,7 @@ from guard_core import CONFIGURED, DEFAULT_REFUSAL, Decision, Moderator, Policy,
 from guard_core.config import DEFAULT_CONSECUTIVE
 from guard_core.steps import Flow, Step, arun, run
 
+from .errors import guard_failures
 from .exchange import DEFAULT_MAX_CHOICES, Endpoint, OnUnsafe, OpenAIGuard, Request, prompt_flow, whole_flow
 from .streaming import GuardedItems, stream_items
 
@@ -164,10 +165,14 @@ class GuardedStream(_Decisions, Stream[_T]):
         try:
             yield from self._streamed.replay
             for item in upstream if items is not None else ():
-                yield from items.feed(item)  # type: ignore[union-attr]
+                with guard_failures():
+                    judged = items.feed(item)  # type: ignore[union-attr]
+                yield from judged
                 if items.done:  # type: ignore[union-attr]
                     break
-            yield from items.end() if items is not None else ()
+            with guard_failures():
+                judged = items.end() if items is not None else []
+            yield from judged
         finally:
             self._release()
 
@@ -215,11 +220,15 @@ class AsyncGuardedStream(_Decisions, AsyncStream[_T]):
                 yield item
             if items is not None:
                 async for item in upstream:
-                    for out in await items.afeed(item):
+                    with guard_failures():
+                        judged = await items.afeed(item)
+                    for out in judged:
                         yield out
                     if items.done:
                         break
-                for out in await items.aend():
+                with guard_failures():
+                    judged = await items.aend()
+                for out in judged:
                     yield out
         finally:
             await self._release()
@@ -309,15 +318,21 @@ def _snapshot(kwargs: dict[str, Any]) -> dict[str, Any]:
 
     The SDK serialises the arguments only after the guard has judged them, so a list the caller
     changes meanwhile (a chat history another task or thread appends to) must not be the one sent.
-    One-shot iterables (a generator of messages or input items; the SDK accepts any iterable) are
-    read into lists first, so the guard and upstream both see every item.
+    Iterables that are not sequences (a generator of messages or input items, ``dict.values()``;
+    the SDK accepts any iterable) are read into lists first, so the guard and upstream both see
+    every item.
     """
-    replayable = {k: list(v) if k in _LISTS and isinstance(v, Iterator) else v for k, v in kwargs.items()}
+    replayable = {k: list(v) if k in _LISTS and _one_pass(v) else v for k, v in kwargs.items()}
     try:
         return copy.deepcopy(replayable)
     except TypeError as exc:
         raise TypeError(f"guard_openai judges and sends a copy of the request, and an argument cannot be copied "
                         f"({exc}); pass plain values (str, list, dict, pydantic models)") from None
+
+
+def _one_pass(value: Any) -> bool:
+    """An iterable the SDK reads but that cannot be copied or read twice as it stands."""
+    return isinstance(value, Iterable) and not isinstance(value, (Sequence, Mapping))
 
 
 def _unreachable() -> Any:
@@ -332,7 +347,8 @@ def _guarded_call(endpoint: Endpoint, method: Callable[..., Any], *, parsed: boo
         _refuse_raw(self._client, kwargs)
         kwargs = _snapshot(kwargs)
         step = Step(lambda: method(self, **kwargs), _unreachable)
-        out = run(_flow(self._client._qwen3guard, endpoint, kwargs, step, parsed))
+        with guard_failures():
+            out = run(_flow(self._client._qwen3guard, endpoint, kwargs, step, parsed))
         if isinstance(out, _Streamed):
             return GuardedStream(out, out.upstream.response if out.upstream else _sse_response(self._client, endpoint))
         return out
@@ -348,7 +364,8 @@ def _aguarded_call(endpoint: Endpoint, method: Callable[..., Any], *, parsed: bo
         _refuse_raw(self._client, kwargs)
         kwargs = _snapshot(kwargs)
         step = Step(_unreachable, lambda: method(self, **kwargs))
-        out = await arun(_flow(self._client._qwen3guard, endpoint, kwargs, step, parsed))
+        with guard_failures():
+            out = await arun(_flow(self._client._qwen3guard, endpoint, kwargs, step, parsed))
         if isinstance(out, _Streamed):
             return AsyncGuardedStream(out, out.upstream.response if out.upstream else _sse_response(self._client, endpoint))
         return out
@@ -382,9 +399,15 @@ def _refusing(base: type, where: str, members: Mapping[str, Any] | None = None) 
 
 def _subresource(cls: type, doc: str | None = None, *, of_client: bool = False) -> cached_property[Any]:
     """A resource attribute as ``cls``, built and cached like openai's own: from the owner's client
-    (a sub-resource: ``messages``, ``input_items``), or ``of_client``, from the client itself."""
+    (a sub-resource: ``messages``, ``input_items``), or ``of_client``, from the client itself. It
+    sends through the client's own HTTP methods, which the guarded client refuses for the moderated
+    paths (``_checked_http``)."""
     def get(self: Any) -> Any:
-        return cls(self if of_client else self._client)
+        client = self if of_client else self._client
+        resource = cls(client)
+        for verb in _HTTP_VERBS:
+            setattr(resource, f"_{verb}", functools.partial(getattr(client._unguarded, verb), client))
+        return resource
 
     get.__doc__ = doc or cls.__doc__
     return cached_property(get)
@@ -461,6 +484,27 @@ def _beta(base: type, is_async: bool, responses: type) -> type:
 _BETAS = {False: _beta(Beta, False, _GuardedBetaResponses), True: _beta(AsyncBeta, True, _AsyncGuardedBetaResponses)}
 
 
+#: The client's HTTP methods (``client.post(path, ...)``), each taking the path first.
+_HTTP_VERBS = ("get", "post", "patch", "put", "delete", "get_api_list")
+#: Path segments of the APIs whose text the guard judges or refuses: a raw request there would pass it.
+_MODERATED_SEGMENTS = frozenset({"responses", "completions", "conversations", "realtime"})
+
+
+def _checked_http(cls: type, verb: str) -> Callable[..., Any]:
+    """``client.<verb>(path, ...)``, refused for a moderated path (``post("/chat/completions")`` would
+    send the request past the guard); every other path is openai's own method."""
+    original = getattr(cls, verb)
+
+    @functools.wraps(original)
+    def checked(self: Any, path: str, *args: Any, **kwargs: Any) -> Any:
+        if _MODERATED_SEGMENTS & set(self._prepare_url(path).path.split("/")):
+            raise NotImplementedError(f"client.{verb}({path!r}) would send a request past Qwen3Guard; use the guarded "
+                                      "resources (chat.completions.create, responses.create), or the unguarded client")
+        return original(self, path, *args, **kwargs)
+
+    return checked
+
+
 def _guarded_namespace(cls: type) -> dict[str, Any]:
     """The members a guarded client class adds to ``cls``: guarded resources, a guard-keeping ``copy``.
 
@@ -480,7 +524,8 @@ def _guarded_namespace(cls: type) -> dict[str, Any]:
         return new
 
     resources = {name: _subresource(table[is_async], doc, of_client=True) for name, (table, doc) in _CLIENT_RESOURCES.items()}
-    return {"__module__": __name__, "__doc__": cls.__doc__, "_unguarded": cls, **resources, "guard": property(guard),
+    http = {verb: _checked_http(cls, verb) for verb in _HTTP_VERBS}
+    return {"__module__": __name__, "__doc__": cls.__doc__, "_unguarded": cls, **resources, **http, "guard": property(guard),
             "copy": copy, "with_options": copy}
 
 

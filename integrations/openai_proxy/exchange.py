@@ -174,7 +174,9 @@ def whole_flow(guard: OpenAIGuard, request: Request, reply: Any, prompt: Decisio
         guard.refuse_history(completion)
     if blocked and guard.on_unsafe == "abort":
         index, decision = blocked[0]
-        raise UnsafeContentError(decision, choice_index=completion.choices[index].index if field == "choices" else 0)
+        if field == "choices":
+            raise UnsafeContentError(decision, choice_index=completion.choices[index].index)
+        raise UnsafeContentError(decision, choice_index=0, output="output")
     refusal = guard.moderator.refusal
     if field == "output":
         body = note(prompt=prompt, response=decisions[0])

@@ -99,6 +99,16 @@ def _guard_failed(exc: Exception, path: str) -> Response:
                       kind="guard_error", headers={"x-should-retry": "false"}).response()
 
 
+def _blocked(exc: UnsafeContentError, body: dict[str, Any], *, answered: bool) -> _HTTPError:
+    """A block as an error: 400 ``content_filter``, or 503 ``guard_unavailable`` when the guard could not
+    judge at all (an outage is not the client's fault). The SDK retries a 503, which is cheap before the
+    upstream ran and bills it again after (``answered``: then the header says not to)."""
+    if exc.verdict.error_kind == "unavailable":
+        return _HTTPError(503, str(exc), "guard_unavailable", kind="guard_error",
+                          headers={"x-should-retry": "false"} if answered else None, **{METADATA_KEY: body})
+    return _HTTPError(400, str(exc), "content_filter", **{METADATA_KEY: body})
+
+
 def _dump(obj: BaseModel) -> dict[str, Any]:
     """An openai object as JSON (the guard's decisions, where it wrote them, under ``qwen3guard``)."""
     return obj.model_dump(mode="json", exclude_unset=True, warnings=False)
@@ -250,7 +260,8 @@ def create_app(
         except httpx.TimeoutException:
             raise _HTTPError(504, "the upstream did not answer in time", "upstream_timeout") from None
         except httpx.HTTPError as exc:
-            raise _HTTPError(502, f"the upstream cannot be reached ({type(exc).__name__})", "upstream_unavailable") from None
+            raise _HTTPError(502, f"the upstream could not be reached or broke off its reply ({type(exc).__name__})",
+                             "upstream_unavailable") from None
 
     def handler(endpoint: Endpoint) -> Callable[[HTTPRequest], Awaitable[Response]]:
         async def handle(http: HTTPRequest) -> Response:
@@ -263,7 +274,7 @@ def create_app(
                 return exc.response()
             except UnsafeContentError as exc:
                 log.info("prompt blocked on /v1/%s: %s", _PATHS[endpoint][0], exc.verdict.risk.value)
-                return _HTTPError(400, str(exc), "content_filter", **{METADATA_KEY: note(prompt=exc.decision)}).response()
+                return _blocked(exc, note(prompt=exc.decision), answered=False).response()
             except Exception as exc:  # fail closed, as a JSON error, never a plain-text 500
                 return _guard_failed(exc, _PATHS[endpoint][0])
             headers = _review_header(review_ids(prompt.decision))
@@ -284,9 +295,13 @@ def create_app(
                 return exc.response()
             streamed = reply.headers.get("content-type", "").lower().startswith("text/event-stream")
             if not (_succeeded(reply) and streamed):
-                content = await reply.aread()
-                await reply.aclose()
-                items.close()
+                try:
+                    content = await reply.aread()
+                except httpx.HTTPError as exc:
+                    return _HTTPError(502, f"the upstream broke off its reply ({type(exc).__name__})", "upstream_unavailable").response()
+                finally:
+                    await reply.aclose()
+                    items.close()
                 if _succeeded(reply):
                     return _HTTPError(502, "the upstream answered a stream request with something that is not an event "
                                       "stream; nothing unjudged was sent", "upstream_invalid").response()
@@ -308,7 +323,7 @@ def create_app(
             return _HTTPError(502, str(exc), "upstream_invalid").response()
         except UnsafeContentError as exc:
             body = note(prompt=prompt, response=exc.decision, index=exc.choice_index)
-            return _HTTPError(400, str(exc), "content_filter", **{METADATA_KEY: body}).response()
+            return _blocked(exc, body, answered=True).response()
         except Exception as exc:  # fail closed, as a JSON error, never a plain-text 500
             return _guard_failed(exc, _PATHS[request.endpoint][0])
         body = checked.model_extra.get(METADATA_KEY, {}) if checked.model_extra else {}
@@ -363,7 +378,7 @@ def create_app(
         except UnsafeContentError as exc:
             log.info("stream blocked on /v1/%s: %s", _PATHS[endpoint][0], exc.verdict.risk.value)
             body = note(response=exc.decision, index=exc.choice_index)
-            yield _error_event(str(exc), "content_filter", **{METADATA_KEY: body})
+            yield _error_event(str(exc), _blocked(exc, body, answered=True).code, **{METADATA_KEY: body})
         except MalformedReplyError as exc:
             log.warning("upstream stream on /v1/%s sent what the guard cannot read", _PATHS[endpoint][0])
             yield _error_event(f"{exc}; nothing unjudged was sent", "upstream_error")

@@ -84,7 +84,8 @@ class GuardedItems:
         if decision.blocked:
             self.guard.refuse_history(self._base, self._item_ids.values())
             if self.guard.on_unsafe == "abort":
-                raise UnsafeContentError(decision, delivered=relay.handed_out(key), choice_index=self._index(key))
+                raise UnsafeContentError(decision, delivered=relay.handed_out(key), choice_index=self._index(key),
+                                         output="choice" if self.request.endpoint == "chat" else "output")
             self._rewrite(key, decision, relay.released(key))
         elif decision.action is not Action.ALLOW:
             last = next((h for h in reversed(relay.pending) if key in h.ends and h.item is not None), None)
