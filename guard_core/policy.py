@@ -74,10 +74,12 @@ class Policy:
       Unsafe blocks, Controversial blocks in strict mode and is allowed in loose mode). Set
       ``{RiskLevel.CONTROVERSIAL: Action.FLAG}`` to let it through with the verdict attached, or
       ``Action.REVIEW`` to let it through and queue it for human review.
-    - ``on_error``: the level assumed when the guard was unavailable (unreachable server, model
-      that could not be loaded); Unsafe by default, i.e. fail closed. Input the guard rejected
-      (e.g. longer than the server's context) and answers that could not be parsed are Unsafe
-      whatever ``on_error`` says: fail-open covers outages, never content the guard refused.
+    - ``on_error``: the level assumed when the guard was unavailable (an unreachable, overloaded
+      or failing server); Unsafe by default, i.e. fail closed. Input the guard rejected (e.g.
+      longer than the server's context) and answers that could not be parsed are Unsafe whatever
+      ``on_error`` says: fail-open covers outages, never content the guard refused. A model that
+      cannot be loaded is a configuration error, raised (``GuardUnavailableError``) whatever
+      ``on_error`` says: a mistyped path must not turn moderation off.
     """
 
     mode: Mode = Mode.STRICT

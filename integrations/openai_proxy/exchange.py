@@ -99,7 +99,8 @@ class Request:
         if stream is not None and not isinstance(stream, bool):
             raise ValueError(f"'stream' must be true or false, got {stream!r}")
         if n is not None:
-            check_count(n, "'n'", maximum=max_choices)
+            check_count(n, "'n'", maximum=max_choices, hint=" (the guard's cap on choices: max_choices of guard_openai / "
+                        "create_app)")
         if endpoint == "responses" and body.get("background"):
             raise ValueError("'background' responses are fetched later with retrieve(), which Qwen3Guard cannot "
                              "moderate; send the request without 'background'")
