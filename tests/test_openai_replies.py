@@ -114,6 +114,18 @@ def test_responses_rewritten_stream_is_consistent_for_openais_stream_helper(upst
     assert text == DEFAULT_REFUSAL and events[-1].type == "response.incomplete"
 
 
+def test_a_rewritten_shim_stream_never_opens_a_part_after_its_deltas(upstream, bare, guard):
+    """Some Responses shims send deltas alone (no ``response.created`` / ``*.added``): the refusal must
+    not announce, after the caller saw a delta of it, a part that was open all along."""
+    deltas = [{"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": d} for d in UNSAFE_PIECES]
+    upstream.push(Script(events=[*deltas, {"type": "response.completed", "response": {"id": "r", "output": [], "status": "completed"}}]))
+    events = list(respond(guard(bare, on_unsafe="rewrite")))
+    types = [e.type for e in events]
+    assert types[0] == "response.output_text.delta" and events[0].delta == UNSAFE_PIECES[0]
+    assert not {"response.created", "response.output_item.added", "response.content_part.added"} & set(types)
+    assert types[-1] == "response.incomplete" and "pipe" not in json.dumps([e.model_dump() for e in events])
+
+
 def test_responses_final_text_longer_than_the_deltas_is_judged_and_a_contradicting_one_refused(upstream, bare, guard):
     safe = "".join(SAFE_PIECES)
     longer = responses_events(SAFE_PIECES)

@@ -235,6 +235,10 @@ class ResponsesItems(GuardedItems):
             else:
                 kept.append(Held(event))
         output_index, content_index = key  # type: ignore[misc]
+        # A part whose deltas the caller was or will be shown is open to it, even where the upstream
+        # never announced it (shims send deltas alone): its opening events must not come after them.
+        shown = {d.part for held in kept if (d := chunks.event_delta(held.item)) is not None}
+        shown |= {part for part in self._texts if self.relay.handed_out(part)}
         # Items finished before, if every text in them was judged safe (what the caller was or may be shown).
         prior = [e.item for e in self._done_items if e.output_index != output_index
                  and all(self.relay.released(t.part).startswith(t.text) for t in chunks.item_texts(e.item, e.output_index))]
@@ -242,8 +246,9 @@ class ResponsesItems(GuardedItems):
             self._base, item_id=self._item_ids.get(key) or chunks.new_id("msg"), output_index=output_index,
             content_index=content_index, delivered=released, text=self.guard.moderator.refusal_after(released), prior=prior,
             sequence=self._sequence + 1, note=note(response=decision, index=output_index), model=self.request.model,
-            opened=("response",) in self._announced, item_opened=("item", output_index) in self._announced,
-            part_opened=("part", key) in self._announced,
+            opened=("response",) in self._announced or bool(shown),
+            item_opened=("item", output_index) in self._announced or any(p[0] == output_index for p in shown),
+            part_opened=("part", key) in self._announced or key in shown,
             kind="refusal" if self.request.structured else self._kinds.get(key, "output_text"))
         self.relay.pending.clear()
         self.relay.pending.extend([*kept, *(Held(e) for e in events)])
