@@ -63,6 +63,18 @@ def is_server_url(value: str) -> bool:
     return value.strip().lower().startswith(("http://", "https://"))
 
 
+def check_guard_name(kind: str, name: str) -> str:
+    """A guard name that can be seen to be wrong without loading anything (empty; a server URL for
+    Stream) is a ``ValueError`` now, so a bad option fails where it is given, not in a first request."""
+    if not name.strip():
+        raise ValueError(f"a {kind} guard name is empty; pass a model id, a directory"
+                         f"{' or a server URL' if kind == 'Gen' else ''}")
+    if kind == "Stream" and is_server_url(name):
+        raise ValueError(f"a Stream guard must be a model id or a directory, got {name!r} "
+                         "(Qwen3Guard-Stream has no server form; only Gen can run on vLLM / SGLang)")
+    return name
+
+
 def gen_backend(spec: Any = CONFIGURED, *, settings: Settings | None = None, **kwargs: Any) -> GenBackend:
     """The Gen guard ``spec`` names; ``kwargs`` go to ``RemoteGenGuard`` or ``GenGuard.from_pretrained``."""
     if spec is not CONFIGURED and not isinstance(spec, str):
@@ -74,8 +86,7 @@ def gen_backend(spec: Any = CONFIGURED, *, settings: Settings | None = None, **k
     remote = bool(env.gen_urls) if spec is CONFIGURED else is_server_url(spec)
     if spec is CONFIGURED:
         spec = env.gen_urls or env.gen_model or DEFAULT_GEN_MODEL
-    if not spec.strip():
-        raise ValueError("a Gen guard name is empty; pass a model id, a directory or a server URL")
+    check_guard_name("Gen", spec)
     if remote:
         options: dict[str, Any] = {"model": env.gen_model, "api_key": env.gen_api_key, "fail_open": env.fail_open}
         if env.gen_timeout is not None:
@@ -95,9 +106,7 @@ def stream_backend(spec: Any = CONFIGURED, *, settings: Settings | None = None, 
     env = settings or Settings.from_env()
     if spec is CONFIGURED:
         spec = env.stream_model or DEFAULT_STREAM_MODEL
-    if not spec.strip() or is_server_url(spec):
-        raise ValueError(f"a Stream guard must be a model id or a directory, got {spec!r} "
-                         "(Qwen3Guard-Stream has no server form; only Gen can run on vLLM / SGLang)")
+    check_guard_name("Stream", spec)
     from .stream import StreamGuard
 
     return StreamGuard.from_pretrained(spec, **{"device": env.device, **kwargs})

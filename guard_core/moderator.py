@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from .backends import CONFIGURED, GenBackend, default_policy, gen_backend, stream_backend
+from .backends import CONFIGURED, GenBackend, check_guard_name, default_policy, gen_backend, stream_backend
 from .config import DEFAULT_CONSECUTIVE, DEFAULT_REFUSAL, Settings, check_count, check_holdback_tokens
 from .conversation import Conversation
 from .messages import Message, check_text
@@ -133,6 +133,9 @@ class Moderator:
         self.refusal = refusal
         self.source = source
         self.review = self._review_queue(review)
+        for kind, name in (("Gen", gen_guard), ("Stream", stream_guard)):
+            if isinstance(name, str):
+                check_guard_name(kind, name)
         self._gen = gen_guard if _is_name(gen_guard) else gen_backend(gen_guard)
         self._stream = stream_guard if _is_name(stream_guard) else stream_backend(stream_guard)
         self._lock = threading.Lock()

@@ -9,20 +9,29 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 
-def strings(value: Any, *, keys: bool = False, skip: Container[str] = ()) -> list[str]:
+def strings(value: Any, *, keys: bool = False, skip: Container[str] = (),
+            other: Callable[[Any], list[str]] | None = None) -> list[str]:
     """Every non-empty string in ``value`` (nested dicts and lists), in order; with ``keys`` the
-    dicts' keys too, each before its value; ``skip`` leaves out the fields of those names."""
+    dicts' keys too, each before its value; ``skip`` leaves out the fields of those names.
+
+    Numbers, booleans and None hold no text. Any other object is read by ``other`` (an adapter's
+    own types: a message, a document nested in a parsed answer), so a caller that may be handed
+    such values can judge them, or refuse them, instead of dropping them; without ``other`` they
+    are left out (pure JSON has none)."""
     if isinstance(value, str):
         return [value] if value else []
     if isinstance(value, Mapping):
-        return [t for k, v in value.items() if k not in skip for t in ([str(k)] if keys else []) + strings(v, keys=keys, skip=skip)]
+        return [t for k, v in value.items() if k not in skip
+                for t in ([str(k)] if keys else []) + strings(v, keys=keys, skip=skip, other=other)]
     if isinstance(value, (list, tuple)):
-        return [t for v in value for t in strings(v, keys=keys, skip=skip)]
-    return []
+        return [t for v in value for t in strings(v, keys=keys, skip=skip, other=other)]
+    if other is None or value is None or isinstance(value, (bool, int, float)):
+        return []
+    return [t for t in other(value) if t]
 
 
 def json_text(value: Any) -> str:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any, Iterable
 
 import pytest
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_core.output_parsers import JsonOutputParser, StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableLambda, RunnablePassthrough
+from pydantic import BaseModel
 
 from langchain_helpers import Recorder, collect
 from guard_core import GuardViolation, Message, RiskLevel
@@ -201,3 +205,42 @@ def test_a_chain_with_structured_output_is_judged_by_what_it_says(stream_guard: 
     else:
         assert guarded().invoke({"question": PLANTED_SAFE_PROMPT}) == {"answer": PLANTED_SAFE_TEXT}
         assert list(guarded().stream({"question": PLANTED_SAFE_PROMPT}))[-1] == {"answer": PLANTED_SAFE_TEXT}
+
+
+class Answer(BaseModel):
+    """A parsed answer (``with_structured_output``)."""
+
+    text: str
+
+
+def outputs(text: str) -> dict[str, Any]:
+    """Chains whose output holds ``text`` inside a dict or list: a message, a parsed model, documents."""
+    model = GenericFakeChatModel(messages=itertools.cycle([AIMessage(content=text)]))
+    prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
+    return {"assign": RunnablePassthrough.assign(answer=prompt | model),
+            "include-raw": RunnableLambda(lambda _: {"raw": AIMessage(""), "parsed": Answer(text=text), "parsing_error": None}),
+            "documents": RunnableLambda(lambda _: [Document(text)])}
+
+
+@pytest.mark.parametrize("name", ["assign", "include-raw", "documents"])
+def test_messages_models_and_documents_in_a_chains_output_are_judged(stream_guard: StreamGuard, name: str) -> None:
+    def guarded(text: str) -> QwenGuardRunnable:
+        return QwenGuardRunnable.around(outputs(text)[name], stream_guard=stream_guard, prompt_check="off")
+
+    question = {"question": PLANTED_SAFE_PROMPT}
+    with pytest.raises(GuardViolation):
+        guarded(UNSAFE_REPLY).invoke(question)
+    got, exc = collect(guarded(UNSAFE_REPLY).stream(question))
+    assert "pipe bomb" not in repr(got) and isinstance(exc, GuardViolation)
+    got, exc = collect((outputs(UNSAFE_REPLY)[name] | QwenGuardRunnable(stream_guard=stream_guard)).stream(question))
+    assert "pipe bomb" not in repr(got) and isinstance(exc, GuardViolation), "a step after the chain judges it the same"
+    safe = guarded(PLANTED_SAFE_TEXT)
+    assert safe.invoke(question) and list(safe.stream(question)), "a safe answer comes out"
+
+
+@pytest.mark.parametrize("value", [[1, 2, 3], {}, [], [Document("")]], ids=["numbers", "empty-dict", "empty-list", "empty-document"])
+def test_a_streamed_value_without_text_comes_out_as_on_invoke(stream_guard: StreamGuard, value: Any) -> None:
+    chain = RunnableLambda(lambda _: value)
+    assert QwenGuardRunnable.around(chain, stream_guard=stream_guard, prompt_check="off").invoke("q") == value
+    assert list(QwenGuardRunnable.around(chain, stream_guard=stream_guard, prompt_check="off").stream("q")) == [value]
+    assert list((chain | QwenGuardRunnable(stream_guard=stream_guard)).stream("q")) == [value]

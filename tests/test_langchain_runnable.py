@@ -13,6 +13,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Too
 from langchain_core.output_parsers import JsonOutputParser, StrOutputParser
 from langchain_core.prompt_values import ChatPromptValue
 from langchain_core.prompts import ChatPromptTemplate
+from pydantic import BaseModel
 
 from langchain_helpers import acollect, collect
 from guard_core import Action, Category, GuardViolation, Moderator, Policy, RiskLevel
@@ -132,10 +133,51 @@ def test_accepts_strings_messages_prompt_values_and_chunks(stream_guard: StreamG
     assert guard.invoke(safe) is safe
 
 
-@pytest.mark.parametrize("value", [42, {"question": "hi"}, [("human", "hi")], [("wizard", "hi"), ("ai", "hello")]])
-def test_bad_input_is_a_value_error(stream_guard: StreamGuard, value: Any) -> None:
-    with pytest.raises(ValueError):
-        QwenGuardRunnable(stream_guard=stream_guard).invoke(value)
+@dataclass
+class Note:
+    """An object the guard has no way to read as text."""
+
+    text: str
+
+
+class Answer(BaseModel):
+    """A parsed answer (``with_structured_output``)."""
+
+    text: str
+
+
+@pytest.mark.parametrize("value,named", [(42, "int"), ([("human", "hi")], "messages"), ([("wizard", "hi"), ("ai", "hello")], "wizard"),
+                                         (Note("hi"), "Note"), ({"answer": Note("hi")}, "Note")],
+                         ids=["int", "no-ai-turn", "unknown-role", "object", "object-in-a-dict"])
+def test_an_answer_the_guard_cannot_read_is_the_same_value_error_on_invoke_and_stream(stream_guard: StreamGuard, value: Any,
+                                                                                       named: str) -> None:
+    guard = QwenGuardRunnable(stream_guard=stream_guard)
+    for attempt in (lambda: guard.invoke(value), lambda: list(guard.stream(value))):
+        with pytest.raises(ValueError, match=named) as raised:
+            attempt()
+        assert "stream" not in str(raised.value), "nothing was streamed on invoke, and the error names what was given"
+
+
+#: Values a response step is handed (a parser's output, a message list, parsed models, retrieved
+#: documents), each holding the text once: judged by that text, on invoke and on stream alike.
+STRUCTURED = [lambda t: {"answer": t}, lambda t: [t], lambda t: [AIMessage(t)], lambda t: {"answer": AIMessage(t)},
+              lambda t: [Document(t)], lambda t: Answer(text=t), lambda t: {"raw": AIMessage(""), "parsed": Answer(text=t)}]
+
+
+@pytest.mark.parametrize("make", STRUCTURED, ids=["dict", "list", "messages", "message-in-dict", "documents", "pydantic", "include-raw"])
+def test_invoke_and_stream_judge_a_structured_answer_alike(stream_guard: StreamGuard, make: Any) -> None:
+    guard = QwenGuardRunnable(stream_guard=stream_guard)
+    with pytest.raises(GuardViolation):
+        guard.invoke(make(UNSAFE_REPLY))
+    got, exc = collect(guard.stream(make(UNSAFE_REPLY)))
+    assert got == [] and isinstance(exc, GuardViolation)
+    safe = make(PLANTED_SAFE_TEXT)
+    assert guard.invoke(safe) == safe and list(guard.stream(safe)) == [safe]
+
+
+def test_a_chain_that_is_not_runnable_is_refused_when_the_guard_is_built(stream_guard: StreamGuard) -> None:
+    with pytest.raises(TypeError):
+        QwenGuardRunnable(stream_guard=stream_guard, chain=5)
 
 
 @pytest.mark.parametrize("value", [42, "   ", [], {"style": 3}])

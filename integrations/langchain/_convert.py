@@ -76,29 +76,64 @@ def to_conversation(value: Any, *, input_key: str | None = None) -> Conversation
 
 def to_answer(value: Any) -> tuple[Conversation, str]:
     """A model output as (the conversation it answers, its text: ``answer_text``, JSON content
-    decoded, as a JSON parser after the guard reads it): strings and messages are a lone answer
-    (the question is not in view: see ``QwenGuardRunnable.around``), message lists end with it."""
-    if isinstance(value, (str, BaseMessage)):
+    decoded, as a JSON parser after the guard reads it): a message list (or prompt value) ends
+    with the answer and the turns before it are its conversation; anything else is a lone answer
+    (the question is not in view: see ``QwenGuardRunnable.around``)."""
+    messages = _answer_messages(value)
+    if messages is None:
         return Conversation(), answer_text(value, json_content=True)
-    messages = _messages(value)
-    if not messages or not isinstance(messages[-1], AIMessage):
-        raise ValueError(f"cannot moderate a {type(value).__name__} as a model answer; pass a string, a message, "
-                         "or messages ending with the AI message")
     conversation = messages_to_conversation(messages[:-1]) if len(messages) > 1 else Conversation()
     return conversation, answer_text(messages[-1], json_content=True)
 
 
 def answer_text(value: Any, *, json_content: bool = False) -> str:
-    """The whole text of a model output an explicit output guard is given, or of a structured
-    answer: its blocks' text (``chunk_text``; with ``json_content``, decoded when it is JSON) and the
-    decoded arguments of its tool calls, which a parser after the guard (``PydanticToolsParser``,
-    ``with_structured_output``) turns into the answer; a parsed value (``structured_data``) by
-    what it says (``json_text``)."""
-    data = structured_data(value)
-    if data is not None:
-        return json_text(data)
-    text, args = chunk_text(value), tool_args_text(value) if isinstance(value, BaseMessage) else ""
-    return "\n".join(t for t in (json_source_text(text) if json_content else text, args) if t)
+    """The whole text of a model output an output guard is given, the same on ``invoke`` and on a
+    stream: a text or message by its blocks' text (``chunk_text``; with ``json_content``, decoded
+    when it is JSON) and the decoded arguments of its tool calls, which a parser after the guard
+    (``PydanticToolsParser``, ``with_structured_output``) turns into the answer; a message list by
+    its last, AI message; any other value (``is_structured``: a parser's dict or list, a pydantic
+    model, documents) by what it says (``json_text``), every message, model or document nested in
+    it read by its own text, never skipped. A value the guard cannot read raises ``ValueError``."""
+    if isinstance(value, (str, BaseMessage, GenerationChunk, ChatGenerationChunk)):
+        text, args = chunk_text(value), tool_args_text(value) if isinstance(value, BaseMessage) else ""
+        return "\n".join(t for t in (json_source_text(text) if json_content else text, args) if t)
+    messages = _answer_messages(value)
+    if messages is not None:
+        return answer_text(messages[-1], json_content=json_content)
+    if not isinstance(value, (Mapping, list, tuple)):  # a document, a model; a bare number is no answer
+        return "\n".join(t for t in _nested_text(value, json_content) if t)
+    return "\n".join(strings(value, keys=True, other=lambda v: _nested_text(v, json_content)))
+
+
+def _nested_text(value: Any, json_content: bool) -> list[str]:
+    """The text of an object inside (or as) a structured answer, for ``strings``."""
+    if isinstance(value, Document):
+        return [value.page_content, *strings(value.metadata)]
+    if isinstance(value, BaseModel) and not isinstance(value, Serializable):
+        return strings(value.model_dump(mode="json"), keys=True)
+    if isinstance(value, (BaseMessage, PromptValue)):
+        return [answer_text(value, json_content=json_content)]
+    raise ValueError(f"cannot moderate a {type(value).__name__} as a model answer; pass text, a message, messages "
+                     "ending with the AI message, documents, a pydantic model, or JSON-like dicts and lists of them")
+
+
+def _answer_messages(value: Any) -> list[BaseMessage] | None:
+    """The messages of a prompt value or of a list made only of messages (or ``(role, text)`` pairs),
+    which must end with the AI message; None for any other value."""
+    items = value if isinstance(value, (list, tuple)) else None
+    if not isinstance(value, PromptValue) and not (items and all(isinstance(v, (BaseMessage, tuple)) for v in items)):
+        return None
+    messages = _messages(value)
+    if not messages or not isinstance(messages[-1], AIMessage):
+        raise ValueError(f"cannot moderate these {len(messages or [])} messages as a model answer; they must end "
+                         "with the AI message")
+    return messages
+
+
+def is_structured(value: Any) -> bool:
+    """True for an answer that is a whole value rather than streamed text: a parser's dict or list,
+    a pydantic model, documents, messages in a list (judged whole: ``answer_text``)."""
+    return not isinstance(value, (str, BaseMessage, GenerationChunk, ChatGenerationChunk))
 
 
 def _prompt_of_texts(value: Any) -> Conversation:
@@ -137,16 +172,6 @@ def _texts(value: Any, documents: list[str]) -> list[str]:
             return [content_to_text(message_to_dict(m)["content"]) for m in value]
         return [t for v in value for t in _texts(v, documents)]
     return [str(value)]
-
-
-def structured_data(value: Any) -> Any:
-    """The data of a parsed answer (a parser's dict or list, a pydantic model such as
-    ``with_structured_output`` returns), or None for text, messages and other LangChain values."""
-    if isinstance(value, BaseModel) and not isinstance(value, Serializable):
-        return value.model_dump(mode="json")
-    if isinstance(value, (Mapping, list, tuple)) and not any(isinstance(v, BaseMessage) for v in value):
-        return value
-    return None
 
 
 def as_chunk(message: BaseMessage) -> BaseMessage:
@@ -205,7 +230,7 @@ def chunk_text(chunk: Any) -> str:
         if message.additional_kwargs.get("audio"):  # langchain-openai's audio answer, beside the content
             _refuse_media([{"type": "audio"}])
         return "".join(map(_block_text, blocks))
-    raise ValueError(f"cannot moderate a stream of {type(chunk).__name__}; expected strings or message chunks")
+    raise ValueError(f"cannot moderate a {type(chunk).__name__} as text; expected a string or a message")
 
 
 def _refuse_media(content: Any) -> None:

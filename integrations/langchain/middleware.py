@@ -8,7 +8,11 @@ gets text the guard has not judged. Put the middleware last, so it wraps the mod
 
 from __future__ import annotations
 
+import hashlib
+import json
 import operator
+import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial, reduce
@@ -32,7 +36,7 @@ from guard_core.config import DEFAULT_CONSECUTIVE
 from guard_core.conversation import Conversation, definition_texts
 from guard_core.steps import Flow, arun, run
 
-from ._agent_stream import GuardedChatModel, ModelTurn, ToolResultScrubber, result_decision_flow, tool_text, withheld
+from ._agent_stream import GuardedChatModel, ModelTurn, ToolResultScrubber, result_decision_flow, withheld
 from ._core import event_step
 from ._convert import chunk_text, messages_to_conversation
 
@@ -73,16 +77,27 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
                  apply_to_tools: bool = False, holdback_tokens: int = DEFAULT_CONSECUTIVE,
                  on_controversial: OnControversial = "policy", review: Any = CONFIGURED) -> None:
         super().__init__()
+        for name, flag in (("apply_to_input", apply_to_input), ("apply_to_output", apply_to_output),
+                           ("apply_to_tool_results", apply_to_tool_results), ("apply_to_tools", apply_to_tools)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         for name, value, allowed in (("exit_behavior", exit_behavior, ExitBehavior),
                                      ("on_controversial", on_controversial, OnControversial)):
             if value not in get_args(allowed):
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, get_args(allowed)))}, got {value!r}")
+        if on_controversial == "interrupt" and not apply_to_output:
+            raise ValueError("on_controversial='interrupt' holds answers for a human, but apply_to_output=False "
+                             "judges no answer: turn the output guard on, or leave on_controversial='policy'")
         self.moderator = Moderator(gen_guard=gen_guard, stream_guard=stream_guard, policy=policy, review=review,
                                    holdback_tokens=holdback_tokens, refusal=violation_message, source="langchain.middleware")
         self.exit_behavior, self.on_controversial = exit_behavior, on_controversial
         self.apply_to_input, self.apply_to_output, self.apply_to_tool_results = apply_to_input, apply_to_output, apply_to_tool_results
         self.apply_to_tools = apply_to_tools
         self.transformers = (partial(ToolResultScrubber, moderator=self.moderator),) if apply_to_tool_results else ()
+        # Fingerprints of the tool results this instance judged (``_remember``): only those count as
+        # judged in ``before_model``, since a caller can send any ``response_metadata``.
+        self._judged: OrderedDict[str, None] = OrderedDict()
+        self._judged_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, gen_model: Any = CONFIGURED, stream_model: Any = CONFIGURED, **options: Any) -> QwenGuardMiddleware:
@@ -117,29 +132,66 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
     def _input_flow(self, messages: Sequence[AnyMessage]) -> Flow[dict[str, Any] | None]:
         """Mid-run (only tool results this middleware judged since the model's last answer) there is
         nothing new to judge; otherwise the input is new, whatever its last turn (a user turn, a
-        prefill, a late system message, tool results the caller supplied), and the whole
-        conversation is judged by the one conversation rule."""
+        prefill, a late system message, tool results the caller supplied). Tool results this
+        middleware did not judge are judged first, each on its own (one it cannot read is blocked),
+        and a blocked one is replaced by the notice in the state; then the whole conversation is
+        judged by the one conversation rule."""
         results = list(takewhile(lambda m: isinstance(m, ToolMessage), reversed(messages)))
-        blocked = [verdict for m in results if (verdict := m.response_metadata.get(METADATA_KEY, {})).get("action") == "block"]
+        if not self.apply_to_tool_results:  # tool results are the app's to trust, and stay out of the check
+            if results or not (self.apply_to_input and messages):
+                return None
+            return (yield from self._prompt_update(messages, []))
+        ours = [m for m in results if self._judged_here(m)]
+        blocked = [verdict for m in ours if (verdict := m.response_metadata.get(METADATA_KEY, {})).get("action") == "block"]
         if blocked and self.exit_behavior == "end":
             return self._end([], blocked[0])
-        judged_here = self.apply_to_tool_results  # else tool results are the app's to trust, and stay out of the check
-        mid_run = bool(results) and (not judged_here or all(METADATA_KEY in m.response_metadata or not tool_text(m).strip()
-                                                            for m in results))
-        if not (self.apply_to_input and messages) or mid_run:
+        if results and len(ours) == len(results):
             return None
+        messages, notices, first_block = list(messages), [], None
+        for i, message in enumerate(messages):
+            if isinstance(message, ToolMessage) and not self._judged_here(message):
+                judged, decision = yield from self._judged_result(message)
+                if decision is not None and decision.blocked:
+                    messages[i], first_block = judged, first_block or decision
+                    notices.append(judged)
+                else:  # the state keeps it as sent
+                    self._remember(message)
+        if first_block is not None and self.exit_behavior == "end":
+            return self._end(notices, first_block.to_dict())
+        if not (self.apply_to_input and messages):
+            return {"messages": notices} if notices else None
+        return (yield from self._prompt_update(messages, notices))
+
+    def _prompt_update(self, messages: Sequence[AnyMessage], notices: list[AnyMessage]) -> Flow[dict[str, Any] | None]:
+        """The input check of the conversation, as a state update on top of ``notices`` (withheld tool
+        results): a blocked user turn is noted, or replaced by the notice (``replace``), and the run
+        ends; blocked context (a late system message, a prefill) ends the run and leaves the user's turn alone."""
         decision = (yield from self.moderator.prompt_flow(self._conversation(messages))).decision
         if decision is None:
-            return None
+            return {"messages": notices} if notices else None
         yield event_step(decision)
         if decision.blocked and self.exit_behavior == "error":
             raise GuardViolation(decision.verdict)
         last = next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
-        if last is None:
-            return self._end([], decision.to_dict()) if decision.blocked else None
+        if last is None or (decision.blocked and decision.context_index is not None):
+            return self._end(notices, decision.to_dict()) if decision.blocked else ({"messages": notices} if notices else None)
         content = withheld(decision).content if decision.blocked and self.exit_behavior == "replace" else last.content
         turn = last.model_copy(update={"content": content, "response_metadata": _noted(last, decision.to_dict())})
-        return self._end([turn], decision.to_dict()) if decision.blocked else {"messages": [turn]}
+        return self._end([*notices, turn], decision.to_dict()) if decision.blocked else {"messages": [*notices, turn]}
+
+    def _remember(self, message: AnyMessage) -> AnyMessage:
+        """Record that this middleware judged ``message`` (a tool result as the state will keep it)."""
+        with self._judged_lock:
+            self._judged[_fingerprint(message)] = None
+            while len(self._judged) > _JUDGED_SIZE:
+                self._judged.popitem(last=False)
+        return message
+
+    def _judged_here(self, message: AnyMessage) -> bool:
+        """True for a tool result this middleware judged (``_remember``); a forgotten one (evicted, or
+        judged by another process before a restart) is judged again, which costs a guard call, not safety."""
+        with self._judged_lock:
+            return _fingerprint(message) in self._judged
 
     def _conversation(self, messages: Sequence[AnyMessage]) -> Conversation:
         """What the input check reads of ``messages`` (tool results only when this middleware judges them)."""
@@ -309,20 +361,36 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         return replace(command, update={**update, "messages": judged})
 
     def _result_flow(self, message: AnyMessage) -> Flow[AnyMessage]:
-        """One message a tool hands the model, judged as untrusted context: noted, or withheld (``error``:
-        raised); one the guard cannot read is withheld too (``result_decision_flow``)."""
+        """One message a tool hands the model, judged (``_judged_result``)."""
+        return (yield from self._judged_result(message))[0]
+
+    def _judged_result(self, message: AnyMessage) -> Flow[tuple[AnyMessage, Decision | None]]:
+        """One message a tool hands the model, judged as untrusted context, and its decision: noted, or
+        withheld (``error``: raised); one the guard cannot read is withheld too (``result_decision_flow``).
+        What comes back is remembered as judged here."""
         decision = yield from result_decision_flow(self.moderator, message)
         if decision is None:
-            return message
+            return self._remember(message), None
         yield event_step(decision)
         if not decision.blocked:
-            return message.model_copy(update={"response_metadata": _noted(message, decision.to_dict())})
+            return self._remember(message.model_copy(update={"response_metadata": _noted(message, decision.to_dict())})), decision
         if self.exit_behavior == "error":
             raise GuardViolation(decision.verdict)
         notice = withheld(decision, getattr(message, "tool_call_id", ""), message.name, message.id)
-        if isinstance(message, ToolMessage):
-            return notice
-        return message.model_copy(update={"content": notice.content, "response_metadata": notice.response_metadata})
+        if not isinstance(message, ToolMessage):
+            notice = message.model_copy(update={"content": notice.content, "response_metadata": notice.response_metadata})
+        return self._remember(notice), decision
+
+
+#: How many judged tool results an instance remembers (``QwenGuardMiddleware._remember``).
+_JUDGED_SIZE = 4096
+
+
+def _fingerprint(message: AnyMessage) -> str:
+    """What identifies a tool result across the state's copies of it (its id is set only when the
+    state stores it): its tool call, content and verdict."""
+    key = [getattr(message, "tool_call_id", None), message.content, message.response_metadata.get(METADATA_KEY)]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _structured_tools(response_format: Any) -> frozenset[str]:

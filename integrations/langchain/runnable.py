@@ -28,9 +28,9 @@ from guard_core.conversation import Conversation
 from guard_core.gate import StreamGate
 from guard_core.relay import StreamRelay, cut_text
 from guard_core.steps import Flow, Step, arun, run
-from guard_core.structured import json_source_text, json_text
+from guard_core.structured import json_source_text
 
-from ._convert import answer_text, as_chunk, chunk_text, structured_data, to_answer, to_conversation, tool_args_text
+from ._convert import answer_text, as_chunk, chunk_text, is_structured, to_answer, to_conversation, tool_args_text
 from ._core import event_step
 
 _MODERATOR_OPTIONS = frozenset({"stream_guard", "gen_guard", "policy", "prompt_check", "holdback_tokens", "refusal", "review"})
@@ -70,6 +70,8 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
         if self.role == "prompt" and (self.on_violation == "replace" or self.chain is not None):
             raise ValueError("a prompt guard cannot answer for the model: raise (and add .with_fallbacks([...], "
                              "exceptions_to_handle=(GuardViolation,))), or guard the whole chain with around(chain)")
+        if self.chain is not None:  # what around() does; refused here, not at the first call
+            self.chain = coerce_to_runnable(self.chain)
         if self.input_key is not None and self.role != "prompt" and self.chain is None:
             raise ValueError("input_key picks the prompt in a template's input dict: it needs role='prompt' or around()")
         if self.moderator is not None and (given := sorted(self.model_fields_set & _MODERATOR_OPTIONS)):
@@ -94,7 +96,7 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
     def around(cls, chain: Any, **kwargs: Any) -> Self:
         """Guard ``chain`` with its input in view: the input is judged as the prompt, the output as
         the answer to it (streamed through Stream, whole through Gen)."""
-        return cls(chain=coerce_to_runnable(chain), **kwargs)
+        return cls(chain=chain, **kwargs)
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         """Judge one whole value (around a chain: its input and output) and return it, its replacement, or raise."""
@@ -220,7 +222,7 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
         return what may go out, the decision applied."""
         if end:
             item, texts, ended = None, [(0, "\n" + text)] if (text := calls.text()) else [], [0]
-        elif structured_data(chunk) is not None:  # a parsed value: judged whole at the end
+        elif is_structured(chunk):  # a parsed value: judged whole at the end
             item, texts, ended, calls.data = chunk, [], [], _add(calls.data, chunk)
         else:
             text = chunk_text(chunk)
@@ -232,10 +234,12 @@ class QwenGuardRunnable(RunnableSerializable[Any, Any]):
         if calls.holding:
             calls.waiting, out = [*calls.waiting, *out], []
         decision = relay.decisions.get(0)
-        if decision is None:
+        if decision is None:  # at the end, none means there was no text to judge: what waited goes out
+            if end:
+                out, calls.waiting = [*calls.waiting, *out], []
             return out
         blocked = decision.blocked and self.on_violation != "pass"
-        waiting = [_without_calls(c) for c in calls.waiting if structured_data(c) is None] if blocked else calls.waiting
+        waiting = [_without_calls(c) for c in calls.waiting if not is_structured(c)] if blocked else calls.waiting
         out, calls.waiting = [*waiting, *out], []
         # The refusal, or an empty chunk carrying the decision, follows what was released.
         empty = AIMessageChunk(content="") if isinstance(chunk, BaseMessage) else ""
@@ -285,7 +289,7 @@ class _Structured:
         """The text judged at the end: decoded arguments, the parsed value, and JSON content decoded."""
         decoded = json_source_text(self.content)
         texts = (tool_args_text(self.message) if self.message is not None else "",
-                 json_text(structured_data(self.data)) if self.data is not None else "",
+                 answer_text(self.data) if self.data is not None else "",
                  decoded if decoded != self.content else "")
         return "\n".join(t for t in texts if t)
 
