@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_GEN_MODEL = "Qwen/Qwen3Guard-Gen-0.6B"
 DEFAULT_STREAM_MODEL = "Qwen/Qwen3Guard-Stream-0.6B"
@@ -87,12 +87,17 @@ class Settings:
         def text(name: str) -> str | None:
             return env.get(name, "").strip() or None
 
-        keys = frozenset(k.strip() for k in env.get(PROXY_KEYS_ENV, "").split(",") if k.strip())
+        def key(name: str) -> str | None:
+            value = text(name)
+            return None if value is None else check_api_key(value, name)
+
+        keys = [k.strip() for k in env.get(PROXY_KEYS_ENV, "").split(",") if k.strip()]
         timeout = text(GEN_TIMEOUT_ENV)
+        upstream_key = UPSTREAM_API_KEY_ENV if text(UPSTREAM_API_KEY_ENV) else "OPENAI_API_KEY"
         return cls(
             gen_model=text(GEN_MODEL_ENV),
             gen_urls=text(GEN_URL_ENV),
-            gen_api_key=text(GEN_API_KEY_ENV),
+            gen_api_key=key(GEN_API_KEY_ENV),
             gen_timeout=None if timeout is None else positive_seconds(timeout, GEN_TIMEOUT_ENV),
             stream_model=text(STREAM_MODEL_ENV),
             device=check_device(text(DEVICE_ENV), f"{DEVICE_ENV}="),
@@ -101,8 +106,8 @@ class Settings:
             review_db=text(REVIEW_DB_ENV),
             review_store_content=parse_bool(env.get(REVIEW_CONTENT_ENV, ""), REVIEW_CONTENT_ENV),
             upstream=text(UPSTREAM_ENV),
-            upstream_api_key=text(UPSTREAM_API_KEY_ENV) or text("OPENAI_API_KEY"),
-            proxy_keys=keys,
+            upstream_api_key=key(upstream_key),
+            proxy_keys=frozenset(check_api_key(k, f"{PROXY_KEYS_ENV} (key {i})") for i, k in enumerate(keys, 1)),
         )
 
 
@@ -176,6 +181,26 @@ def check_holdback_tokens(value: object) -> int:
     return check_count(value, "holdback_tokens", minimum=0, hint=" (0 releases text before it is judged)")
 
 
+def check_api_key(key: str, what: str) -> str:
+    """The one check of a key sent or expected as an ``Authorization: Bearer`` token: printable ASCII with no
+    blank around it, else ``ValueError`` naming ``what`` (the variable or argument) but never the key.
+
+    A header carries bytes: a control character (a line end pasted with the key) fails every request
+    as if the server were unreachable, and a non-ASCII key can never be presented (clients encode
+    header text differently, and the proxy refuses non-ASCII headers), so either is refused up front.
+    Blanks around a key are refused too: the presented token is read without them.
+    """
+    if not isinstance(key, str):
+        raise TypeError(f"{what} must be a string, got {type(key).__name__}")
+    odd = next((i for i, c in enumerate(key) if not " " <= c <= "~"), None)
+    if odd is not None:
+        kind = "a control character (a line end or tab?)" if key[odd].isascii() else "a character that is not ASCII"
+        raise ValueError(f"{what} has {kind} at position {odd}, which an HTTP header cannot carry; remove it from the key")
+    if key != key.strip():
+        raise ValueError(f"{what} starts or ends with a space; remove it from the key")
+    return key
+
+
 def check_http_url(url: str, where: str = "") -> str:
     """An ``http(s)://host[:port]/...`` base URL (the proxy's upstream, a Gen server), else ``ValueError``
     (every request would otherwise fail); ``where`` starts the message (``"--upstream "``).
@@ -203,3 +228,12 @@ def check_http_url(url: str, where: str = "") -> str:
     except httpx.InvalidURL as exc:
         raise ValueError(f"{where}{url!r} is not a valid URL ({exc}); use one like http://127.0.0.1:8001/v1") from None
     return stripped
+
+
+def shown_url(url: str) -> str:
+    """``url`` fit to print: credentials in it (``http://user:token@host/v1``) become ``***``, since keys are
+    never logged or echoed."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))

@@ -77,11 +77,14 @@ def _download(repo_id: str) -> str:
     try:
         return snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10)
     except Exception as exc:
+        reason = (str(exc).splitlines() or [""])[0]
+        reason = reason if len(reason) <= 300 else reason[:300] + "..."  # the hub says why in a sentence or two
+        name = repo_id.split("/")[-1]
         raise GuardUnavailableError(
-            f"could not get {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-            f"Download it where the hub is reachable (`hf download {repo_id} --local-dir ./{repo_id.split('/')[-1]}`), "
-            f"copy that directory here and pass its path where you passed the id: from_pretrained('./{repo_id.split('/')[-1]}') "
-            f"in Python, --model ./{repo_id.split('/')[-1]} on the qwen3guard command line."
+            f"could not get {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {reason}). "
+            f"Download it where the hub is reachable (`hf download {repo_id} --local-dir ./{name}`), "
+            f"copy that directory here and pass its path where you passed the id: from_pretrained('./{name}') "
+            f"in Python, --model ./{name} for qwen3guard, --gen-model or --stream-model ./{name} for qwen3guard-proxy."
         ) from None
 
 

@@ -69,10 +69,13 @@ def content_to_text(content: Any, *, where: str = "message") -> str:
     return check_text(text, where=where)
 
 
-#: The request keys whose values the guard reads (top level, messages, items and parts).
+#: The request keys whose values the guard reads (top level, messages, items and parts): the text it
+#: judges, and the top-level keys that decide how it judges (``n`` choices, a ``stream``) or refuses
+#: (stored history: ``background``, ``conversation``, ``previous_response_id``).
 GUARDED_KEYS = frozenset({
     "messages", "input", "instructions", "prompt", "variables", "tools", "functions", "response_format", "text",
-    "role", "content", "refusal", "type", "output", "stdout", "stderr",
+    "documents", "chat_template", "chat_template_kwargs", "role", "content", "refusal", "type", "output", "stdout",
+    "stderr", "n", "stream", "background", "conversation", "previous_response_id",
 })
 
 

@@ -3,6 +3,7 @@ what it did not judge; the environment configures it; review ids travel in the x
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,17 @@ def test_unknown_paths_and_methods_answer_json(proxy) -> None:
     assert is_openai_error(wrong_method, 405, "method_not_allowed") and wrong_method.headers["allow"] == "POST"
 
 
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/chat/completions/"), ("POST", "/v1/responses/"), ("GET", "/v1/models/"),
+                                              ("GET", "/healthz/")])
+def test_a_trailing_slash_is_an_unknown_path_not_a_redirect(upstream, proxy, method, path) -> None:
+    """A redirect would be built from the client's Host header, and the SDK never adds the slash."""
+    before = len(upstream.exchanges)
+    reply = httpx.request(method, proxy.removesuffix("/v1") + path, json={"model": "m", "messages": USER},
+                          headers={"host": "elsewhere.example"})
+    assert is_openai_error(reply, 404, "not_found") and "location" not in reply.headers
+    assert len(upstream.exchanges) == before
+
+
 @pytest.mark.parametrize(("upstream_url", "error"), [("ftp://x/v1", ValueError), ("not a url", ValueError), (8001, TypeError),
                                                      ("http://127.0.0.1:8001\n/v1", ValueError), ("http://127.0.0.1:8001/\tv1", ValueError),
                                                      ("http://[::1/v1", ValueError)])
@@ -82,10 +94,33 @@ def test_create_app_checks_the_upstream_url_as_the_command_does(upstream_url, er
 
 
 @pytest.mark.parametrize(("keys", "error"), [("team-a-key", TypeError), (b"team-a-key", TypeError), (set(), ValueError),
-                                             ({""}, ValueError), ({"a", "  "}, ValueError), ({5}, TypeError)])
+                                             ({""}, ValueError), ({"a", "  "}, ValueError), ({5}, TypeError),
+                                             ({"cl\u00e9"}, ValueError), ({"team-a-key\n"}, ValueError), ({" team-a-key"}, ValueError)])
 def test_api_keys_that_hold_no_real_key_are_refused_not_an_open_proxy(upstream, keys, error) -> None:
+    """Also a key no client can present: not ASCII (headers are bytes), a line end, blanks around it."""
     with pytest.raises(error, match="api_keys"):
         create_app(upstream.base_url, api_keys=keys)
+
+
+@pytest.mark.parametrize(("key", "fault"), [("sk-abc\n", "a control character"), ("sk-\tabc", "a control character"),
+                                            ("sk-\u00e9abc", "not ASCII")])
+def test_an_upstream_key_that_no_header_can_carry_is_refused_without_echoing_it(upstream, key, fault) -> None:
+    """It would make every request a 502 that blames the network."""
+    with pytest.raises(ValueError, match="upstream_api_key") as info:
+        create_app(upstream.base_url, upstream_api_key=key)
+    assert fault in str(info.value) and "abc" not in str(info.value)
+
+
+def test_a_body_must_be_uncompressed_utf8_json(upstream, proxy) -> None:
+    """Python's json would read any UTF (and a BOM), forwarding bytes the upstream refuses; gzip is not unpacked."""
+    before = len(upstream.exchanges)
+    text = json.dumps({"model": "m", "messages": USER})
+    for raw in (text.encode("utf-16"), text.encode("utf-16-le"), b"\xef\xbb\xbf" + text.encode(), text.encode("latin-1") + b"\xe9"):
+        assert is_openai_error(post(proxy + "/chat/completions", content=raw), 400, "invalid_json"), raw[:8]
+    assert "UTF-8" in post(proxy + "/chat/completions", content=text.encode("utf-16")).json()["error"]["message"]
+    reply = httpx.post(proxy + "/chat/completions", content=gzip.compress(text.encode()), headers={"content-encoding": "gzip"})
+    assert is_openai_error(reply, 415, "unsupported_encoding") and "'gzip'" in reply.json()["error"]["message"]
+    assert len(upstream.exchanges) == before
 
 
 def test_an_injected_tool_result_blocks_the_request(upstream, proxy) -> None:
@@ -132,7 +167,12 @@ def test_text_in_tool_and_schema_definitions_is_judged_as_untrusted_context(upst
     ("/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "Text": UNSAFE_PROMPT}]}]}),
     ("/responses", {"input": SAFE_PROMPT, "Instructions": UNSAFE_PROMPT}),
     ("/responses", {"input": [{"type": "function_call_output", "call_id": "1", "Output": UNSAFE_PROMPT}]}),
-], ids=["assistant Content", "part Text", "Instructions", "item Output"])
+    ("/chat/completions", {"messages": USER, "N": 500}),
+    ("/chat/completions", {"messages": USER, "Stream": True}),
+    ("/chat/completions", {"messages": USER, "Documents": [{"text": UNSAFE_PROMPT}]}),
+    ("/responses", {"input": SAFE_PROMPT, "Previous_Response_Id": "resp_1"}),
+], ids=["assistant Content", "part Text", "Instructions", "item Output", "N past the cap", "Stream", "Documents",
+        "Previous_Response_Id"])
 def test_a_key_the_guard_reads_in_another_case_is_a_400(upstream, proxy, path, body) -> None:
     """Servers that match JSON keys case-insensitively (Go's encoding/json, e.g. Ollama) would read it unjudged."""
     before = len(upstream.exchanges)

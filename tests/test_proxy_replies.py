@@ -183,6 +183,18 @@ def test_whole_answers_the_guard_cannot_read_are_502s(upstream, proxy):
     assert is_openai_error(httpx.post(proxy + "/responses", json={"model": "m", "input": "hi"}, timeout=60), 502, "upstream_invalid")
 
 
+def test_a_whole_answer_with_more_choices_than_asked_for_is_a_502_as_in_a_stream(upstream, proxy):
+    """Each choice costs a guard session: the cap on 'n' holds for what upstream sends too."""
+    for body in ({"model": "m", "messages": USER}, {"model": "m", "messages": USER, "n": 2}):
+        upstream.push(Script(body=chat_completion([SAFE_ANSWER] * (body.get("n", 1) + 1))))
+        reply = httpx.post(proxy + "/chat/completions", json=body, timeout=60)
+        assert is_openai_error(reply, 502, "upstream_invalid"), reply.text
+        assert SAFE_ANSWER not in reply.text and "asked for" in reply.json()["error"]["message"]
+    upstream.push(Script(body=chat_completion([SAFE_ANSWER] * 2)))
+    reply = httpx.post(proxy + "/chat/completions", json={"model": "m", "messages": USER, "n": 2}, timeout=60)
+    assert [c["message"]["content"] for c in reply.json()["choices"]] == [SAFE_ANSWER] * 2
+
+
 # Bodies two parsers read differently
 
 

@@ -6,27 +6,41 @@ Configuration is the library's (``guard_core.config``): ``QWEN3GUARD_UPSTREAM`` 
 never show in ``ps``; set, it must hold a key), and the guards' ``QWEN3GUARD_GEN_URL`` / ``QWEN3GUARD_GEN_MODEL`` /
 ``QWEN3GUARD_STREAM_MODEL`` / ``QWEN3GUARD_FAIL_OPEN`` / ``QWEN3GUARD_REVIEW_DB``. Any error is one
 line on stderr and exit status 2; the flags, the upstream URL and the listening address are
-checked before the models load, and the port is bound then.
+checked before the models load, and the port is bound then. Ctrl-C stops it, loading or serving, with
+exit status 130.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import sys
-from argparse import Namespace
+from argparse import ArgumentTypeError, Namespace
 from collections.abc import Sequence
+from types import FrameType
 
 from guard_core import CONFIGURED, Moderator, Settings
 from guard_core.cli import LOAD_ERRORS, Parser, bounded_int, check_model_path, one_line, quiet_model_loading
-from guard_core.config import PROXY_KEYS_ENV, UPSTREAM_ENV, check_http_url
+from guard_core.config import PROXY_KEYS_ENV, UPSTREAM_ENV, check_http_url, shown_url
 
-from .exchange import DEFAULT_MAX_CHOICES
+from .exchange import DEFAULT_MAX_CHOICES, MAX_CHOICES
 from .server import GUARD_MODES, create_app
 
 PROG = "qwen3guard-proxy"
 EXIT_ERROR = 2
+#: Stopped by Ctrl-C (SIGINT), loading or serving: 128 + SIGINT, the status a shell gives a program the
+#: signal ended, so a script or supervisor tells an interrupt from a clean exit (0).
+EXIT_INTERRUPTED = 130
+
+
+def _model(text: str) -> str:
+    """An argparse ``type`` for a model flag: an empty value is a mistake, not the environment's model."""
+    if not text.strip():
+        raise ArgumentTypeError("is empty; give a model id, directory or server URL, or leave the flag out to use "
+                                "the environment's")
+    return text
 
 
 def _parser() -> Parser:
@@ -35,12 +49,12 @@ def _parser() -> Parser:
                         help=f"upstream OpenAI base URL, e.g. http://127.0.0.1:8001/v1 (default: ${UPSTREAM_ENV})")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=bounded_int(0, 65535), default=8000, help="0 to 65535 (default 8000)")
-    parser.add_argument("--gen-model", help="Qwen3Guard-Gen id, directory or server URL (default: the environment)")
-    parser.add_argument("--stream-model", help="Qwen3Guard-Stream id or directory (default: the environment)")
+    parser.add_argument("--gen-model", type=_model, help="Qwen3Guard-Gen id, directory or server URL (default: the environment)")
+    parser.add_argument("--stream-model", type=_model, help="Qwen3Guard-Stream id or directory (default: the environment)")
     parser.add_argument("--on-unsafe", choices=sorted(GUARD_MODES), default="finish",
                         help="end blocked answers with a content_filter finish, or with an error")
-    parser.add_argument("--max-choices", type=bounded_int(1), default=DEFAULT_MAX_CHOICES,
-                        help=f"the largest 'n' a request may ask for (default {DEFAULT_MAX_CHOICES})")
+    parser.add_argument("--max-choices", type=bounded_int(1, MAX_CHOICES), default=DEFAULT_MAX_CHOICES,
+                        help=f"the largest 'n' a request may ask for, 1 to {MAX_CHOICES} (default {DEFAULT_MAX_CHOICES})")
     return parser
 
 
@@ -90,8 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    with listener:
-        return _serve(args, settings, upstream, listener)
+    try:
+        with listener:
+            status = _serve(args, settings, upstream, listener)
+    except KeyboardInterrupt:  # Ctrl-C while the models load
+        status = EXIT_INTERRUPTED
+    if status == EXIT_INTERRUPTED:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+    return status
 
 
 def _serve(args: Namespace, settings: Settings, upstream: str, listener: socket.socket) -> int:
@@ -109,10 +129,24 @@ def _serve(args: Namespace, settings: Settings, upstream: str, listener: socket.
         print(f"{PROG}: error: {one_line(exc, None)}", file=sys.stderr)
         return EXIT_ERROR
     host, port = listener.getsockname()[:2]
-    print(f"{PROG}: serving http://{f'[{host}]' if ':' in host else host}:{port}/v1 in front of {upstream}", file=sys.stderr,
-          flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
-    return 0
+    print(f"{PROG}: serving http://{f'[{host}]' if ':' in host else host}:{port}/v1 in front of {shown_url(upstream)}",
+          file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    interrupted = False
+
+    def stop(sig: int, frame: FrameType | None) -> None:
+        nonlocal interrupted
+        interrupted = True
+        server.handle_exit(sig, frame)
+
+    # Ctrl-C is uvicorn's clean shutdown from here on, also before uvicorn takes the signal over (asyncio would
+    # raise KeyboardInterrupt mid-startup, with tracebacks); uvicorn hands it back here once it has shut down.
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        server.run(sockets=[listener])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return EXIT_INTERRUPTED if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ Endpoint = Literal["chat", "responses"]
 OnUnsafe = Literal["abort", "rewrite"]
 #: Chat choices (``n``) one request may ask for: each one is a guard session.
 DEFAULT_MAX_CHOICES = 8
+#: The highest ``max_choices``: OpenAI's own limit on ``n``.
+MAX_CHOICES = 128
 #: How many blocked response ids a guard remembers (``OpenAIGuard.refused``).
 REFUSED_IDS = 10_000
 
@@ -45,7 +47,7 @@ class OpenAIGuard:
 
     ``on_unsafe="abort"`` raises ``UnsafeContentError`` (the proxy answers an error);
     ``"rewrite"`` answers with the refusal and ``finish_reason="content_filter"``.
-    ``max_choices`` caps ``n``, since every choice is judged by its own guard session.
+    ``max_choices`` caps ``n`` (at most ``MAX_CHOICES``), since every choice is judged by its own guard session.
     ``refused`` holds the ids of the last ``REFUSED_IDS`` responses (and their output items) that a
     guard of this process blocked: upstream stored the unsafe answer under each, so a request
     continuing from one (``previous_response_id``, an ``item_reference``) is refused.
@@ -57,7 +59,7 @@ class OpenAIGuard:
     def __init__(self, moderator: Moderator, *, on_unsafe: OnUnsafe = "abort", max_choices: int = DEFAULT_MAX_CHOICES) -> None:
         if on_unsafe not in ("abort", "rewrite"):
             raise ValueError(f"on_unsafe must be 'abort' or 'rewrite', got {on_unsafe!r}")
-        self.max_choices = check_count(max_choices, "max_choices")
+        self.max_choices = check_count(max_choices, "max_choices", maximum=MAX_CHOICES, hint=" (OpenAI's limit on 'n')")
         self.moderator = moderator
         self.on_unsafe: OnUnsafe = on_unsafe
 
@@ -166,6 +168,8 @@ def whole_flow(guard: OpenAIGuard, request: Request, reply: Any, prompt: Decisio
     completion = reply if isinstance(reply, kind) else chunks.sdk_object(kind, reply)
     if not isinstance(getattr(completion, field, None), list):
         raise MalformedReplyError(f"the upstream's reply has no '{field}' list, so there is nothing the guard can judge")
+    if field == "choices" and len(completion.choices) > request.n:  # as a stream's extra choice is refused
+        raise MalformedReplyError(f"the upstream sent {len(completion.choices)} choices, but the request asked for {request.n}")
     texts = chunks.completion_texts(completion) if field == "choices" else [chunks.response_answer(completion)]
     texts = [json_source_text(t) for t in texts] if request.structured else texts
     decisions = yield from guard.moderator.answers_flow(request.conversation, texts)

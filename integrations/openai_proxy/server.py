@@ -4,11 +4,12 @@ Every decision is the client wrapper's (``exchange``, ``streaming``); the proxy 
 Upstream SSE events the guard hands back unchanged are forwarded as the very bytes upstream sent,
 so a safe stream is byte-identical to the upstream one; objects the guard wrote or annotated are
 serialised with their decisions in ``qwen3guard``. Errors use OpenAI's error body: 400 for the
-client's mistakes (bad JSON, a key twice in one object, wrong types, unknown roles, a blocked
-prompt in ``error`` mode), 401, 404, 413, 500 (``guard_error``, not to be retried) when the guard
-itself fails, and 502 / 504 when the upstream is down, slow or answers something unreadable;
-mid-stream, an SSE error event ends the stream cleanly. Review items opened for a request are named
-in the ``x-qwen3guard-review`` header. Content and keys are never logged.
+client's mistakes (bad JSON or JSON not in UTF-8, a key twice in one object, wrong types, unknown
+roles, a blocked prompt in ``error`` mode), 401, 404, 413, 415 (a compressed body), 500
+(``guard_error``, not to be retried) when the guard itself fails, and 502 / 504 when the upstream
+is down, slow or answers something unreadable; mid-stream, an SSE error event ends the stream
+cleanly. Review items opened for a request are named in the ``x-qwen3guard-review`` header.
+Content and keys are never logged.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from starlette.routing import Route
 
 from guard_core import CONFIGURED, METADATA_KEY, Moderator
 from guard_core.cli import one_line
-from guard_core.config import check_http_url
+from guard_core.config import check_api_key, check_http_url
 from guard_core.messages import GUARDED_KEYS, refuse_case_variants
 from guard_core.steps import arun
 
@@ -139,7 +140,18 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _loads(raw: bytes | bytearray) -> Any:
+def _utf8(raw: bytes | bytearray) -> str | None:
+    """A request body as text, or None unless it is UTF-8 without a byte order mark, as JSON must be
+    (RFC 8259): ``json.loads`` would read bytes in any UTF, which the proxy forwards as sent, to an
+    upstream that refuses them."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return None if text.startswith("\ufeff") else text
+
+
+def _loads(raw: str | bytes | bytearray) -> Any:
     """JSON with each key at most once per object: the proxy forwards the very bytes it judged, and parsers
     disagree on which of two equal keys wins (Python's json the last, others the first), so such a body
     would be judged on one value and answered on the other. Keys equal but for case count as equal: Go's
@@ -173,6 +185,7 @@ def _check_keys(api_keys: Iterable[str] | None) -> list[bytes] | None:
             raise TypeError(f"api_keys must hold strings, got {type(key).__name__}")
         if not key.strip():
             raise ValueError(f"api_keys holds the blank key {key!r}; remove it")
+        check_api_key(key, "a key in api_keys")
     return [k.encode() for k in keys]
 
 
@@ -195,10 +208,13 @@ def create_app(
     event. ``api_keys``, when given, are the Bearer keys clients must present (at least one, none blank; a
     str or an empty set is an error, not an open proxy); ``upstream_api_key``
     is sent upstream instead of the client's key (without it and without ``api_keys`` the client's
-    ``Authorization`` is passed on). ``max_choices`` caps ``n``.
+    ``Authorization`` is passed on). Every key must be printable ASCII without blanks around it
+    (``check_api_key``): any other can never be sent or presented. ``max_choices`` caps ``n``.
     """
     upstream = check_http_url(upstream, "upstream ")
     keys = _check_keys(api_keys)
+    if upstream_api_key is not None:
+        check_api_key(upstream_api_key, "upstream_api_key")
     if on_unsafe not in GUARD_MODES:
         raise ValueError(f"on_unsafe must be 'finish' or 'error', got {on_unsafe!r}")
     core = moderator or Moderator(gen_guard=CONFIGURED, stream_guard=CONFIGURED, source="openai.proxy")
@@ -226,6 +242,10 @@ def create_app(
         return headers
 
     async def read_body(request: HTTPRequest, endpoint: Endpoint) -> tuple[bytes, Request]:
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":  # the proxy judges the bytes it forwards; it does not unpack them
+            raise _HTTPError(415, f"request bodies with Content-Encoding {encoding!r} are not supported; send the JSON "
+                             "uncompressed", "unsupported_encoding")
         length = request.headers.get("content-length", "")
         raw = bytearray()
         if not (length.isdigit() and int(length) > max_body_bytes):
@@ -238,8 +258,12 @@ def create_app(
                 raise _HTTPError(400, "the client hung up before its request body arrived", "client_disconnected") from None
         if len(raw) > max_body_bytes or (length.isdigit() and int(length) > max_body_bytes):
             raise _HTTPError(413, f"request body over {max_body_bytes} bytes", "request_too_large")
+        text = _utf8(raw)
+        if text is None:
+            raise _HTTPError(400, "request body is not UTF-8 without a byte order mark, as JSON must be (RFC 8259)",
+                             "invalid_json")
         try:
-            body = _loads(raw)
+            body = _loads(text)
         except _DuplicateKey as exc:
             raise _HTTPError(400, f"request body has {exc} in one object; send each key once", "duplicate_key") from None
         except (ValueError, RecursionError):
@@ -441,7 +465,11 @@ def create_app(
         Route("/v1/models/{model:path}", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
+    # A path with a trailing slash is unknown, a 404 like any other: Starlette's default redirect to the
+    # path without it would be a bare 307 built from the client's Host header, and the SDK never adds one.
+    app.router.redirect_slashes = False
+    return app
 
 
 #: Keys of replies whose values the guard reads (or that lead to them): a case variant would be read by
