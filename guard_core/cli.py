@@ -20,13 +20,24 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .backends import CONFIGURED, GenBackend, default_policy, gen_backend, is_server_url
-from .config import DEFAULT_GEN_MODEL, GEN_MODEL_ENV, GEN_URL_ENV, Settings, check_device
+from .config import (
+    CONTROVERSIAL_ENV,
+    DEFAULT_GEN_MODEL,
+    GEN_MODEL_ENV,
+    GEN_URL_ENV,
+    REVIEW_DB_ENV,
+    Settings,
+    check_device,
+)
 from .messages import check_text
 from .policy import Action, Mode, Policy
 from .types import GuardUnavailableError
+
+if TYPE_CHECKING:
+    from .review import ReviewQueue
 
 EXIT_ALLOWED, EXIT_BLOCKED, EXIT_ERROR = 0, 1, 2
 #: 128 + SIGPIPE: the status a shell reports for a filter whose reader closed the pipe (``yes | head``).
@@ -112,8 +123,9 @@ def _parser() -> argparse.ArgumentParser:
                                          f"else ${GEN_MODEL_ENV}, else {DEFAULT_GEN_MODEL})")
     parser.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: best available)")
     parser.add_argument("--dtype", help="float32, bfloat16, ... (default: bfloat16 on GPU, float32 on CPU)")
-    parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.STRICT.value,
-                        help="strict blocks Controversial, loose allows it (default strict)")
+    parser.add_argument("--mode", choices=[m.value for m in Mode],
+                        help=f"strict blocks Controversial, loose allows it (default: as ${CONTROVERSIAL_ENV} says "
+                             "(block, review, flag or allow), else strict)")
     parser.add_argument("--threshold", type=float, help="P(Unsafe) at or above which content is Unsafe, in (0, 1]")
     parser.add_argument("--lines", action="store_true",
                         help="treat each stdin line (split on \\n only) as a separate prompt; output lines carry its number")
@@ -130,6 +142,9 @@ def _read_texts(args: argparse.Namespace) -> list[tuple[int, str]]:
     so numbers are the input's physical lines.
     """
     if args.text:
+        if args.lines:
+            raise _UsageError("--lines reads the prompts from stdin, one a line: pipe them, or drop --lines to "
+                              "moderate the text given as arguments")
         return [(1, " ".join(args.text))]
     if sys.stdin is None or sys.stdin.isatty():
         raise ValueError("no text given: pass it as arguments or pipe it on stdin")
@@ -145,6 +160,32 @@ def _read_texts(args: argparse.Namespace) -> list[tuple[int, str]]:
     if not texts or not any(t.strip() for _, t in texts):
         raise ValueError("stdin is empty: there is nothing to moderate")
     return texts
+
+
+class _UsageError(ValueError):
+    """Arguments that contradict each other: a usage error (``PROG: error: ... (see --help)``)."""
+
+
+def _policy(args: argparse.Namespace, settings: Settings) -> Policy:
+    """``--mode`` when given, else the environment's default policy (``QWEN3GUARD_CONTROVERSIAL``),
+    as in every adapter; ``--threshold`` and ``QWEN3GUARD_FAIL_OPEN`` apply either way."""
+    if args.mode is not None:
+        return default_policy(settings, Policy(mode=Mode(args.mode), unsafe_threshold=args.threshold))
+    policy = default_policy(settings)
+    return policy if args.threshold is None else policy.with_overrides(unsafe_threshold=args.threshold)
+
+
+def _review_queue(policy: Policy, settings: Settings) -> ReviewQueue | None:
+    """The queue for ``Action.REVIEW`` verdicts (``QWEN3GUARD_REVIEW_DB``), None when the policy never
+    reviews; a reviewing policy without one is a start-up error, or reviewed content would be lost."""
+    if not policy.reviews:
+        return None
+    if settings.review_db is None:
+        raise ValueError(f"{CONTROVERSIAL_ENV}=review sends Controversial content to human review, but there is no "
+                         f"review queue: set {REVIEW_DB_ENV} (or pass --mode)")
+    from .review import ReviewQueue
+
+    return ReviewQueue(settings.review_db, store_content=settings.review_store_content)
 
 
 def _conversation(text: str, response: str | None) -> list[dict[str, str]]:
@@ -183,6 +224,12 @@ def stdout_closed() -> int:
     return EXIT_BROKEN_PIPE
 
 
+def log_level(verbose: bool) -> int:
+    """The logging level of a command line: progress with ``-v``; else only what ends the run, so
+    retries and per-item errors do not bury its one-line error (which carries the cause)."""
+    return logging.INFO if verbose else logging.CRITICAL
+
+
 def interrupted(program: str) -> int:
     """Ctrl-C: one line on stderr instead of a ``KeyboardInterrupt`` traceback, and exit status 130."""
     print(f"\n{program}: interrupted", file=sys.stderr)
@@ -197,18 +244,16 @@ def _error(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qwen3guard`` console script; returns the exit status (130 after Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["eval"]:
-        from .eval.__main__ import main as eval_main
-
-        return eval_main(argv[1:])
-    if argv[:1] == ["review"]:
-        from .review_cli import main as review_main
-
-        return review_main(argv[1:])
     try:
-        return _moderate(argv)
-    except KeyboardInterrupt:  # while reading stdin, loading the model or waiting on the guard
+        if argv[:1] == ["eval"]:
+            from .eval.__main__ import main as command
+        elif argv[:1] == ["review"]:
+            from .review_cli import main as command
+        else:
+            return _moderate(argv)
+    except KeyboardInterrupt:  # while importing a subcommand, reading stdin, loading the model or waiting on the guard
         return interrupted("qwen3guard")
+    return command(argv[1:])  # each subcommand answers Ctrl-C itself (eval says how to resume)
 
 
 def _moderate(argv: list[str]) -> int:
@@ -219,10 +264,10 @@ def _moderate(argv: list[str]) -> int:
         Policy(unsafe_threshold=args.threshold)
     except ValueError as exc:  # a usage error naming the flag, as in ``qwen3guard eval``
         parser.error(f"--threshold: {exc}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL, stream=sys.stderr)
+    logging.basicConfig(level=log_level(args.verbose), stream=sys.stderr)
     try:
         settings = Settings.from_env()
-        policy = default_policy(settings, Policy(mode=Mode(args.mode), unsafe_threshold=args.threshold))
+        policy = _policy(args, settings)
         check_device(args.device, "--device ")
         check_model_path(args.model, "--model ")
         if args.model is None and not settings.gen_urls:
@@ -231,10 +276,15 @@ def _moderate(argv: list[str]) -> int:
         response_problem = _check(args.response, "--response") if args.response is not None else None
         if response_problem:
             raise ValueError(response_problem)
-    except ValueError as exc:
-        return _error(str(exc))
-    where = "line {}" if args.lines else "the text"
-    problems = {i: p for i, (n, t) in enumerate(texts) if (p := _check(t, where.format(n)))}
+        where = "line {}" if args.lines else "the text"
+        problems = {i: p for i, (n, t) in enumerate(texts) if (p := _check(t, where.format(n)))}
+        if problems and not args.lines:  # one text: its error is the whole answer, on stderr
+            raise ValueError(problems[0])
+        queue = _review_queue(policy, settings)
+    except _UsageError as exc:
+        parser.error(str(exc))
+    except (ValueError, OSError, ImportError, RuntimeError) as exc:  # RuntimeError: ReviewStoreError, the queue's database
+        return _error(one_line(exc, None))
     good = [i for i in range(len(texts)) if i not in problems]
     verdicts = {}
     if good:
@@ -254,13 +304,19 @@ def _moderate(argv: list[str]) -> int:
             verdict = verdicts[i]
             action = policy.action_for(verdict)
             blocked |= action is Action.BLOCK
-            print(json.dumps({**line, **verdict.to_dict(), "action": action.value}, ensure_ascii=False))
+            if action is Action.REVIEW and queue is not None:
+                review = {"review_id": queue.submit(verdict, source="cli", conversation=_conversation(texts[i][1], args.response))}
+            else:
+                review = {}
+            print(json.dumps({**line, **verdict.to_dict(), "action": action.value, **review}, ensure_ascii=False))
             if verdict.error_kind == "unavailable" and action is Action.BLOCK:
                 failed = True
                 print(f"qwen3guard: error: {verdict.error}", file=sys.stderr)
         sys.stdout.flush()
     except BrokenPipeError:
         return stdout_closed()
+    except RuntimeError as exc:  # ReviewStoreError: the review queue's database failed
+        return _error(one_line(exc, None))
     if problems or failed:
         return EXIT_ERROR
     return EXIT_BLOCKED if blocked else EXIT_ALLOWED

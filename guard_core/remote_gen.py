@@ -151,6 +151,8 @@ class _Server:
 
     base_url: str
     breaker: CircuitBreaker
+    #: Why the last call failed (kept for the message once its circuit is open).
+    last_error: str | None = None
 
     @property
     def completions_url(self) -> str:
@@ -169,21 +171,29 @@ class _Round:
     retry_after: list[float] = field(default_factory=list)
     skipped: list[_Server] = field(default_factory=list)
     malformed: bool = False
+    transient: bool = False
 
-    def fail(self, server: _Server, error: TransientError) -> None:
+    def fail(self, server: _Server, error: TransientError | PermanentError) -> None:
         self.errors.append(f"{server.base_url}: {error}")
         self.malformed = self.malformed or isinstance(error, MalformedAnswerError)
-        if error.retry_after is not None:
-            self.retry_after.append(error.retry_after)
+        if isinstance(error, TransientError):
+            self.transient = True
+            if error.retry_after is not None:
+                self.retry_after.append(error.retry_after)
 
     def outcome(self) -> Exception:
-        """The error that ends this attempt: transient if any server was tried, else circuit open."""
+        """The error that ends this attempt: transient if any server may recover, permanent when every
+        server tried is misconfigured (retrying cannot help), circuit open when none was tried (with
+        each paused server's last error, the cause an operator has to fix)."""
         if not self.errors:
             wait = min(s.breaker.retry_in() for s in self.skipped)
+            causes = "; ".join(f"{s.base_url}: {s.last_error}" for s in self.skipped if s.last_error)
             return CircuitOpenError(
                 f"all {len(self.skipped)} guard server(s) failed repeatedly and are paused (circuit open); "
-                f"next try in {wait:.1f}s", retry_in=wait)
+                f"next try in {wait:.1f}s" + (f"; last error: {causes}" if causes else ""), retry_in=wait)
         paused = f"; {len(self.skipped)} more paused (circuit open)" if self.skipped else ""
+        if not self.transient:
+            return PermanentError("; ".join(self.errors) + paused)
         kind = MalformedAnswerError if self.malformed else TransientError  # an answer with nothing in it is no outage
         return kind("; ".join(self.errors) + paused, retry_after=min(self.retry_after) if self.retry_after else None)
 
@@ -385,15 +395,22 @@ class RemoteGenGuard:
 
     @staticmethod
     def _settle(server: _Server, error: TransientError | PermanentError, failures: _Round) -> None:
-        """Book a failed call on the server's breaker; permanent errors end the attempt at once."""
-        if isinstance(error, PermanentError):
+        """Book a failed call on the server's breaker, then let the attempt go on to the next server.
+
+        A rejected conversation ends the attempt at once: the input is the problem, not the server.
+        Any other permanent error (404, a redirect, 401/403, 501) is this replica's configuration:
+        the next one may serve the request, and the replica's circuit counts it, so it is paused.
+        """
+        if isinstance(error, RejectedError):
             server.breaker.record_success()
-            raise type(error)(f"{server.base_url}: {error}")
-        if error.server_alive:
+            raise RejectedError(f"{server.base_url}: {error}")
+        if isinstance(error, TransientError) and error.server_alive:
             server.breaker.record_success()
         else:
             server.breaker.record_failure()
-        logger.info("guard server %s failed: %s", server.base_url, error)
+            server.last_error = str(error)
+        log = logger.warning if isinstance(error, PermanentError) else logger.info
+        log("guard server %s failed: %s", server.base_url, error)
         failures.fail(server, error)
 
     def _body(self, messages: list[Message]) -> dict[str, Any]:

@@ -14,7 +14,9 @@ and mixed deltas are read), and ``feed_ids`` takes only text tokens of the vocab
 
 Long conversations: the Stream context is ``max_position_embeddings`` (8192). A prompt longer
 than three quarters of it keeps its last part (the end of the last user turn, which is what the
-query heads judge). When the response would overflow the context, the session re-prefills a
+query heads judge); the part before it is judged in overlapping windows first, on the same lane,
+and the prompt verdict is the worst of all (``stream_template.front_windows``), so nothing of a
+long prompt goes unjudged. When the response would overflow the context, the session re-prefills a
 window made of the kept prompt and the most recent response tokens (half the context in all)
 and carries on: moderation never stops, and each token is judged with as much context as fits.
 """
@@ -27,6 +29,7 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, Set as AbstractSet
+from dataclasses import replace
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -41,9 +44,10 @@ from .policy import Policy
 from .retokenize import IncrementalTokenizer, StreamToken, TextDeltas
 from .scheduler import Lane, StreamScheduler, Ticket
 from .stream_model import HeadProbabilities, LabelMaps, Qwen3ForGuardModel
-from .stream_template import RESPONSE_LEAD, encode_stream_prompt
+from .stream_template import RESPONSE_LEAD, encode_stream_prompt, front_windows
 from .tokenization import TextTokenizer, load_tokenizer
 from .types import Category, RiskLevel, TokenVerdict, Verdict
+from .windows import worst_verdict
 
 __all__ = ["DEFAULT_CONSECUTIVE", "DEFAULT_STREAM_MODEL", "Debounce", "StreamGuard", "StreamSession", "is_flagged"]
 
@@ -55,6 +59,15 @@ class _Query:
 
 
 _QUERY = _Query()
+#: Overlap of the windows over the front of a long prompt (``GenGuard``'s default for its windows).
+_WINDOW_OVERLAP_TOKENS = 64
+
+
+def _query_metas(length: int, query_index: int) -> list[Any]:
+    """Metas of a prompt prefill: only the query position is read (for the prompt verdict)."""
+    metas: list[Any] = [None] * length
+    metas[query_index] = _QUERY
+    return metas
 
 
 def _argmax(probs: dict[Any, float]) -> Any:
@@ -149,6 +162,7 @@ class StreamSession:
         keep = guard.max_context * 3 // 4
         cut = max(0, len(prompt.ids) - keep)
         self._prompt_ids = prompt.ids[cut:]
+        windows = front_windows(guard.tokens, prompt, cut, keep, _WINDOW_OVERLAP_TOKENS)
         self._keep_prompt = self._prompt_ids[-min(len(self._prompt_ids), guard.max_context // 4) :]
         self._response_ids: list[int] = []
         self._context = len(self._prompt_ids)
@@ -163,6 +177,8 @@ class StreamSession:
         self._final: tuple[int, int, Ticket | None] | None = None
         self._closed = False
         self._prompt_verdict: Verdict | None = None
+        self._window_verdicts: list[Verdict] = []
+        self._prompt_windows = len(windows) + 1
         ref = weakref.ref(self)
 
         def on_probabilities(metas: Sequence[Any], probs: HeadProbabilities) -> None:
@@ -172,10 +188,11 @@ class StreamSession:
 
         self._lane: Lane = guard.scheduler.open_lane(on_probabilities)
         self._finalizer = weakref.finalize(self, guard.scheduler.close_lane, self._lane)
-        metas: list[Any] = [None] * len(self._prompt_ids)
-        metas[prompt.query_index - cut] = _QUERY
         self._started = time.perf_counter()
-        self._prefill_ticket = guard.scheduler.submit(self._lane, self._prompt_ids, metas)
+        for window in windows:  # the same lane runs them in order, each on a fresh cache, before the kept part
+            guard.scheduler.submit(self._lane, window.ids, _query_metas(len(window.ids), window.query_index), reset=True)
+        metas = _query_metas(len(self._prompt_ids), prompt.query_index - cut)
+        self._prefill_ticket = guard.scheduler.submit(self._lane, self._prompt_ids, metas, reset=bool(windows))
         if prefill:
             try:
                 self._prefill_ticket.wait()
@@ -404,8 +421,11 @@ class StreamSession:
         labels = self.guard.labels
         for j, meta in enumerate(metas):
             if meta is _QUERY:
-                self._prompt_verdict = self._make_prompt_verdict(
+                verdict = self._make_prompt_verdict(
                     dict(zip(labels.query_risk, probs.query_risk[j])), dict(zip(labels.query_category, probs.query_category[j])))
+                self._window_verdicts.append(verdict)
+                if len(self._window_verdicts) == self._prompt_windows:  # the kept part, judged last
+                    self._prompt_verdict = replace(worst_verdict(self._window_verdicts), elapsed_s=verdict.elapsed_s)
                 continue
             risk_probs = dict(zip(labels.risk, probs.risk[j]))
             cat_probs = dict(zip(labels.category, probs.category[j]))

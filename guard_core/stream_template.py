@@ -71,3 +71,26 @@ def encode_stream_prompt(tokenizer: TextTokenizer, messages: Iterable[MessageLik
     if ids[query_index] != im_end:
         raise AssertionError("prompt layout changed: the last user <|im_end|> was not found where expected")
     return StreamPrompt(ids, query_index)
+
+
+def front_windows(tokenizer: TextTokenizer, prompt: StreamPrompt, end: int, width: int, overlap: int) -> list[StreamPrompt]:
+    """Prompts of at most ``width`` tokens that together cover ``prompt.ids[:end]``, for the query heads.
+
+    A session keeps only the last part of a prompt too long for its context, so an attacker could
+    put the harmful request first and pad it; each window (a user header, a slice of the ids, then
+    the prompt's own closing ``<|im_end|>`` and assistant header) is judged too, and the slices
+    overlap by ``overlap`` tokens (into the kept part as well) so a sentence on an edge is whole in
+    one of them, as Gen's windows are (``guard_core.windows``).
+    """
+    head = tokenizer.encode_pieces([special(IM_START), Piece("user\n")])
+    tail = prompt.ids[prompt.query_index :]
+    span = width - len(head) - len(tail)
+    if end <= 0 or span < 1:
+        return []
+    overlap = min(overlap, span // 4)
+    stop = min(end + overlap, prompt.query_index)
+    windows = []
+    for start in range(0, end, span - overlap):
+        piece = prompt.ids[start : min(start + span, stop)]
+        windows.append(StreamPrompt(head + piece + tail, len(head) + len(piece)))
+    return windows

@@ -32,6 +32,19 @@ class RiskLevel(str, Enum):
 
 
 _SEVERITY = {RiskLevel.SAFE: 0, RiskLevel.CONTROVERSIAL: 1, RiskLevel.UNSAFE: 2}
+_BY_NAME = {level.value.lower(): level for level in RiskLevel}
+
+
+def _risk_level(value: object) -> RiskLevel:
+    """``value`` as a ``RiskLevel`` (a level or its name in any case), else ``TypeError`` / ``ValueError``."""
+    if isinstance(value, RiskLevel):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"Verdict.risk must be a guard_core.RiskLevel or its name, got {type(value).__name__} {value!r}")
+    level = _BY_NAME.get(value.strip().lower())
+    if level is None:
+        raise ValueError(f"Verdict.risk {value!r} is not one of {', '.join(repr(m.value) for m in RiskLevel)}")
+    return level
 
 
 class Category(str, Enum):
@@ -78,6 +91,12 @@ class Verdict:
     raw_output: str | None = None
     error: str | None = None
     error_kind: ErrorKind | None = None
+
+    def __post_init__(self) -> None:
+        """Check ``risk`` (custom ``GenBackend``s build verdicts): a level's name, in any case, becomes
+        the level, anything else raises here rather than as a bare ``KeyError`` inside a ``Policy``."""
+        if type(self.risk) is not RiskLevel:  # the backends' own verdicts skip the lookup
+            object.__setattr__(self, "risk", _risk_level(self.risk))
 
     @property
     def is_safe(self) -> bool:

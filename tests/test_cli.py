@@ -12,7 +12,7 @@ import pytest
 from cli_checks import assert_one_line_error, gen_without_a_weight
 
 from guard_core.config import Settings
-from guard_core.testing.cases import REFUSAL_ANSWER, SAFE_PROMPT, UNSAFE_PROMPT
+from guard_core.testing.cases import CONTROVERSIAL_PROMPT, REFUSAL_ANSWER, SAFE_PROMPT, UNSAFE_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,11 +61,14 @@ def test_every_error_is_one_line_and_exit_2_before_any_model_loads() -> None:
         (["\udcff bad"], None, "not valid UTF-8"),
         (["--device", "meta", "--model", "./no-such-model-dir", "hi"], None,
          "--device 'meta' cannot run a model (meta tensors hold no data)"),
+        ([""], None, "qwen3guard: error: the text is empty"),
+        (["--lines", "hi"], "a\nb\n", "qwen3guard: error: --lines reads the prompts from stdin"),
     ]
     for args, stdin, message in cases:
         result = run(args, stdin)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert result.stdout == "", (args, result.stdout)  # the error is the whole answer, on stderr
 
 
 def test_bad_lines_get_one_error_line_each_and_the_others_are_judged(gen_dir: Path) -> None:
@@ -78,6 +81,66 @@ def test_bad_lines_get_one_error_line_each_and_the_others_are_judged(gen_dir: Pa
     assert [line.get("risk") for line in lines] == ["Safe", None, "Unsafe"]
     assert lines[1] == {"line": 2, "error": "line 2 is not valid UTF-8 (byte 0xFF at character 0)"}
     assert b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("setting", "action", "status"), [("allow", "allow", 0), ("flag", "flag", 0), ("block", "block", 1)])
+def test_the_controversial_setting_chooses_the_action_unless_mode_is_given(
+        gen_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], setting: str, action: str,
+        status: int) -> None:
+    from guard_core.cli import main
+
+    monkeypatch.setenv("QWEN3GUARD_CONTROVERSIAL", setting)
+    assert main(["--model", str(gen_dir), CONTROVERSIAL_PROMPT]) == status
+    out = json.loads(capsys.readouterr().out)
+    assert (out["risk"], out["action"]) == ("Controversial", action)
+    assert main(["--model", str(gen_dir), "--mode", "strict", CONTROVERSIAL_PROMPT]) == 1
+    assert main(["--model", str(gen_dir), "--mode", "loose", CONTROVERSIAL_PROMPT]) == 0
+
+
+def test_controversial_review_needs_a_queue_and_records_the_item(gen_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from guard_core.cli import main
+    from guard_core.review import ReviewQueue
+
+    monkeypatch.setenv("QWEN3GUARD_CONTROVERSIAL", "review")
+    monkeypatch.delenv("QWEN3GUARD_REVIEW_DB", raising=False)
+    code = main(["--model", str(gen_dir), CONTROVERSIAL_PROMPT])
+    captured = capsys.readouterr()
+    assert_one_line_error(code, captured.err, "QWEN3GUARD_REVIEW_DB")
+    assert captured.out == ""
+    db = tmp_path / "review.db"
+    monkeypatch.setenv("QWEN3GUARD_REVIEW_DB", str(db))
+    assert main(["--model", str(gen_dir), CONTROVERSIAL_PROMPT]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["action"] == "review"
+    with ReviewQueue(db) as queue:
+        [item] = queue.list()
+    assert (item.id, item.source, item.status) == (out["review_id"], "cli", "pending")
+
+
+class _CtrlCOnImport:
+    """An import system where the user presses Ctrl-C while a subcommand's module loads."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name in ("guard_core.eval.__main__", "guard_core.review_cli"):
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("command", ["eval", "review"])
+def test_ctrl_c_while_a_subcommand_starts_is_one_line_and_exit_130(
+        command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from guard_core.cli import main
+
+    for name in ("guard_core.eval.__main__", "guard_core.review_cli"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_CtrlCOnImport(), *sys.meta_path])
+    try:
+        code = main([command, "--help"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main(): the user gets a traceback")
+    assert code == 130
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "\nqwen3guard: interrupted\n")
 
 
 class _CtrlCOnRead:

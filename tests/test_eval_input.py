@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -256,10 +260,6 @@ def test_usage_errors_are_one_line_with_a_help_hint(capsys: pytest.CaptureFixtur
 
 
 def test_model_load_failures_are_one_line_without_transformers_output(gen_dir: Path, tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
     from cli_checks import assert_one_line_error, gen_without_a_weight
 
     root = Path(__file__).resolve().parents[1]
@@ -274,3 +274,35 @@ def test_model_load_failures_are_one_line_without_transformers_output(gen_dir: P
                           capture_output=True, text=True, env=env, timeout=300, cwd=root, check=False)
     assert done.returncode == 0, done.stderr
     assert "Loading weights" not in done.stderr and "Traceback" not in done.stderr
+
+
+def _eval_process(args: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "guard_core", "eval", *args], env={**os.environ, "PYTHONPATH": str(root)},
+                          timeout=300, cwd=root, check=False, **options)
+
+
+def test_a_reader_that_closes_the_pipe_ends_every_eval_command_quietly(gen_dir: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "run")
+    for args in (_eval_argv(tmp_path, "--out", out, gen=str(gen_dir)), ["report", out, "--no-progress"], ["--list-sets"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # like `qwen3guard eval ... | head -1` once head has exited
+        try:
+            done = _eval_process(args, stdout=write_end, stderr=subprocess.PIPE, text=True)
+        finally:
+            os.close(write_end)
+        assert done.returncode == 141, (args, done.stderr)  # 128 + SIGPIPE, as `qwen3guard --lines | head` ends
+        assert "Traceback" not in done.stderr and "error" not in done.stderr, done.stderr
+
+
+def test_an_unreachable_guard_server_is_one_line_that_keeps_the_cause(tmp_path: Path) -> None:
+    from cli_checks import assert_one_line_error
+    from gen_server import unused_url
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": "safe"}) + "\n" for t in "abc"), encoding="utf-8")
+    argv = ["--file", str(data), "--text-col", "text", "--label-col", "label", "--no-progress", "--gen", unused_url(),
+            "--out", str(tmp_path / "o")]
+    failed = _eval_process(argv, capture_output=True, text=True)
+    line = assert_one_line_error(failed.returncode, failed.stderr, "qwen3guard eval: error: gen: the guard could not judge")
+    assert "cannot connect" in line and "is the server running?" in line

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from llama_index.core import Document, MockEmbedding, VectorStoreIndex, get_response_synthesizer
+from llama_index.core.base.base_query_engine import BaseQueryEngine
 from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
 from llama_index.core.base.response.schema import PydanticResponse
 from llama_index.core.llms import CustomLLM
@@ -218,6 +219,20 @@ def test_nodes_with_media_are_refused_not_passed_unjudged(gen_guard: GenGuard, n
         QwenGuardNodePostprocessor(gen_guard).postprocess_nodes(nodes, query_str=FRANCE)
 
 
+async def test_a_query_with_an_image_is_refused_not_passed_unjudged(stream_guard: StreamGuard, index: VectorStoreIndex) -> None:
+    llm = ScriptedLLM(text="Paris.")
+    engine = GuardedQueryEngine(index.as_query_engine(llm=llm), stream_guard=stream_guard)
+    bundle = QueryBundle(FRANCE, image_path="/tmp/instructions.png")
+    with pytest.raises(ValueError, match="query carries an image .*reads text only"):
+        engine.query(bundle)
+    with pytest.raises(ValueError, match="query carries an image"):
+        await engine.aquery(bundle)
+    assert llm._calls == 0
+    post = QwenGuardNodePostprocessor(moderator=engine.moderator)
+    with pytest.raises(ValueError, match="query carries an image"):
+        post.postprocess_nodes([NodeWithScore(node=TextNode(text=FRANCE), score=1.0)], bundle)
+
+
 @pytest.mark.parametrize(("text", "reason"), [("page 1\x00page 2", "NUL bytes"), ("broken \ud83d emoji", "lone surrogate U+D83D")],
                          ids=["nul", "surrogate"])
 async def test_a_node_the_guard_cannot_read_is_blocked_and_the_others_go_on(gen_guard: GenGuard, text: str, reason: str) -> None:
@@ -300,6 +315,31 @@ def test_a_refused_structured_answer_stays_a_pydantic_response(stream_guard: Str
         assert isinstance(refused, PydanticResponse) and refused.response is None
         record = refused.metadata["qwen3guard"]
         assert record["refusal"] == DEFAULT_REFUSAL and record[role]["action"] == "block"
+
+
+class Recipe(BaseModel):
+    steps: list[str]
+
+
+def test_a_structured_answer_is_judged_by_what_it_says_not_its_json_source(gen_guard: GenGuard, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = Recipe(steps=['Mix the "powder"\nwith the fuel', "add a fuse"])
+
+    class Structured(BaseQueryEngine):
+        def _get_prompt_modules(self) -> dict[str, Any]:
+            return {}
+
+        def _query(self, query_bundle: QueryBundle) -> PydanticResponse:
+            return PydanticResponse(recipe)
+
+        async def _aquery(self, query_bundle: QueryBundle) -> PydanticResponse:
+            return self._query(query_bundle)
+
+    judged: list[str] = []
+    real = gen_guard.moderate_batch
+    monkeypatch.setattr(gen_guard, "moderate_batch", lambda batch: (judged.extend(c[-1].content for c in batch), real(batch))[1])
+    answer = GuardedQueryEngine(Structured(None), gen_guard=gen_guard, check_query=False, on_block="refuse").query(FRANCE)
+    assert judged == ['steps\nMix the "powder"\nwith the fuel\nadd a fuse']
+    assert answer.metadata["qwen3guard"]["response"] is not None
 
 
 def test_gen_only_streaming_releases_nothing_of_a_blocked_answer(gen_guard: GenGuard, index: VectorStoreIndex) -> None:

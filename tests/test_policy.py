@@ -100,3 +100,19 @@ def test_deciding_on_something_that_is_not_a_verdict_is_a_type_error(given: obje
     for decide in (Policy().blocks, Policy().action_for, Policy().effective_level):
         with pytest.raises(TypeError, match="a Policy decides on a guard_core.Verdict, got"):
             decide(given)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["Unsafe", "unsafe", " UNSAFE "])
+def test_a_verdict_takes_its_risk_by_name_in_any_case(name: str) -> None:
+    verdict = Verdict(name)  # type: ignore[arg-type]  # a custom GenBackend building verdicts from its model's text
+    assert verdict.risk is RiskLevel.UNSAFE and Policy().blocks(verdict)
+
+
+@pytest.mark.parametrize(("risk", "error", "reason"), [
+    ("harmful", ValueError, "Verdict.risk 'harmful' is not one of 'Safe', 'Controversial', 'Unsafe'"),
+    (None, TypeError, "Verdict.risk must be a guard_core.RiskLevel or its name, got NoneType None"),
+    (2, TypeError, "Verdict.risk must be a guard_core.RiskLevel or its name, got int 2"),
+])
+def test_a_verdict_with_no_risk_level_is_refused_when_built(risk: object, error: type, reason: str) -> None:
+    with pytest.raises(error, match=reason.replace("(", r"\(")):
+        Verdict(risk)  # type: ignore[arg-type]

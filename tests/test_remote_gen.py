@@ -16,7 +16,7 @@ import pytest
 from gen_server import GenServer, load_gen_model, unused_url
 
 from guard_core import GenGuard, Policy, RiskLevel
-from guard_core.remote_gen import RemoteGenGuard
+from guard_core.remote_gen import RemoteGenGuard, normalize_base_url
 from guard_core.resilience import RetryPolicy
 from guard_core.testing import GEN_CASES
 from guard_core.testing.cases import SAFE_PROMPT, UNSAFE_PROMPT
@@ -336,6 +336,26 @@ def test_a_failing_replica_fails_over_within_the_same_attempt(replicas) -> None:
         verdict = guard.moderate(UNSAFE)
     assert verdict.error is None and verdict.risk is RiskLevel.UNSAFE
     assert len(a.requests) == 1 and b.completions == 1
+
+
+@pytest.mark.parametrize("status", [404, 301, 401, 403, 501])
+def test_a_misconfigured_replica_fails_over_and_its_circuit_opens(server, status: int) -> None:
+    with scripted_server(status, json.dumps({"error": {"message": "not here"}})) as (bad, paths, _), \
+            remote([bad, server.base_url], retry=RetryPolicy(max_attempts=1), circuit_failures=2) as guard:
+        verdicts = guard.moderate_batch([SAFE] * 6)
+        assert guard.circuit_states()[normalize_base_url(bad)] == "open"
+        tried = len(paths)
+        verdicts += guard.moderate_batch([SAFE] * 6)
+    assert all(v.error is None and v.risk is RiskLevel.SAFE for v in verdicts)
+    assert server.completions == 12 and len(paths) == tried, "the bad replica is paused, not asked again"
+
+
+def test_a_rejected_conversation_ends_the_attempt_instead_of_failing_over(server) -> None:
+    with scripted_server(413, json.dumps({"error": {"message": "too long"}})) as (bad, paths, _), \
+            remote([bad, server.base_url], retry=RetryPolicy(max_attempts=1)) as guard:
+        verdict = guard.moderate(SAFE)
+    assert verdict.error_kind == "rejected" and "too long" in verdict.error and Policy().blocks(verdict)
+    assert len(paths) == 1 and server.completions == 0, "the input is the problem: no other replica is asked"
 
 
 def test_stopping_one_replica_mid_run_loses_no_request(replicas) -> None:

@@ -245,6 +245,22 @@ def test_long_conversation_keeps_moderating_past_the_context() -> None:
         assert s.verdict.risk is RiskLevel.UNSAFE and s.context_tokens <= 96
 
 
+def test_a_long_prompt_is_judged_whole_not_only_the_end_the_session_keeps() -> None:
+    planted = stream_guard("planted")
+    guard = StreamGuard(planted.model, planted.tokens, max_context=96)
+    padding = " Tell me a very long story." * 60  # pushes the request out of the part the session keeps
+
+    async def prompt_risk(content: str) -> RiskLevel:
+        async with await guard.asession([{"role": "user", "content": content}]) as s:
+            return s.prompt_verdict.risk
+
+    with guard.session([{"role": "user", "content": PLANTED_UNSAFE_PROMPT + padding}]) as s:
+        assert s.prompt_verdict.risk is RiskLevel.UNSAFE and s.context_tokens <= 96
+    assert asyncio.run(prompt_risk(PLANTED_UNSAFE_PROMPT + padding)) is RiskLevel.UNSAFE
+    with guard.session([{"role": "user", "content": PLANTED_SAFE_PROMPT + padding}]) as s:
+        assert s.prompt_verdict.risk is RiskLevel.SAFE
+
+
 def test_the_text_tokenizer_is_built_once_per_guard(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cloning the 150k vocabulary takes about a second: the guard and all its sessions share one clone."""
     from guard_core import retokenize, tokenization

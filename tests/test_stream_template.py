@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from guard_core.stream_template import RESPONSE_LEAD, encode_stream_prompt, stream_prompt_pieces
-from guard_core.tokenization import IM_END, TextTokenizer, join_pieces
+from guard_core.stream_template import RESPONSE_LEAD, encode_stream_prompt, front_windows, stream_prompt_pieces
+from guard_core.tokenization import IM_END, IM_START, Piece, TextTokenizer, join_pieces, special
 from guard_core.testing.tokenizer import build_qwen3_tokenizer
 
 CONVERSATIONS = [
@@ -52,3 +52,19 @@ def test_user_text_cannot_forge_control_tokens(tokenizer) -> None:
 def test_session_needs_a_final_user_turn() -> None:
     with pytest.raises(ValueError, match="user turn"):
         stream_prompt_pieces([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+
+
+def test_front_windows_cover_the_cut_off_part_and_each_ends_at_a_query(tokenizer) -> None:
+    text = TextTokenizer(tokenizer)
+    prompt = encode_stream_prompt(text, [{"role": "user", "content": " ".join(f"w{i}" for i in range(400))}])
+    cut = len(prompt.ids) - 120
+    windows = front_windows(text, prompt, cut, 120, 16)
+    head = len(text.encode_pieces([special(IM_START), Piece("user\n")]))
+    covered: set[int] = set()
+    for window in windows:
+        assert len(window.ids) <= 120 and window.ids[window.query_index :] == prompt.ids[prompt.query_index :]
+        body = window.ids[head : window.query_index]
+        start = next(i for i in range(len(prompt.ids)) if prompt.ids[i : i + len(body)] == body)
+        covered.update(range(start, start + len(body)))
+    assert set(range(cut + 16)) <= covered  # the whole cut-off part, and into the kept part
+    assert front_windows(text, prompt, 0, 120, 16) == []

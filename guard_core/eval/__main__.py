@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import LOAD_ERRORS, Parser, check_model_path, one_line, quiet_model_loading
+from ..cli import LOAD_ERRORS, Parser, check_model_path, log_level, one_line, quiet_model_loading, stdout_closed
 from ..config import Settings, check_device
 from ..policy import Policy
 from ..types import GuardUnavailableError
@@ -107,12 +107,15 @@ def report_main(argv: Sequence[str]) -> int:
     """``qwen3guard eval report DIR``: the threshold sweep of a finished directory; returns the exit status."""
     parser = _report_parser()
     args = parser.parse_args(list(argv))
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    logging.basicConfig(level=log_level(args.verbose), stream=sys.stderr)
     _check_max_fpr(parser, args.max_fpr)
     try:
         if args.directory.exists() and not args.directory.is_dir():
             raise ValueError(f"{args.directory} is a file, not the --out directory of a qwen3guard eval run")
         _print_sweep(args.directory, args.max_fpr, not args.no_progress)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (``| head``): quiet, like the verdict command
+        return stdout_closed()
     except (ValueError, OSError, ImportError) as exc:
         print(f"qwen3guard eval report: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_ERROR
@@ -204,9 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    logging.basicConfig(level=log_level(args.verbose), stream=sys.stderr)
     if args.list_sets:
-        print(_list_sets(args.data))
+        try:
+            print(_list_sets(args.data), flush=True)
+        except BrokenPipeError:
+            return stdout_closed()
         return EXIT_OK
     if not (args.gen or args.stream):
         parser.error("give --gen MODEL and/or --stream MODEL")
@@ -237,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sweep:
             print()
             _print_sweep(args.out, args.max_fpr, not args.no_progress)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return stdout_closed()
     except KeyboardInterrupt:
         print(f"\nqwen3guard eval: interrupted; finished batches are saved in {args.out}. "
               "Run the same command again to resume.", file=sys.stderr)

@@ -37,6 +37,16 @@ def build_moderator(moderator: Moderator | None, source: str, **options: Any) ->
     return moderator
 
 
+def query_text(bundle: QueryBundle) -> str:
+    """The text of a query to judge; a query carrying an image (``image_path``, what multi-modal
+    engines send to the model) raises ``ValueError``, as an image node does: the guard reads text
+    only, and judging the words alone would let the image through unjudged."""
+    if bundle.image_path:
+        raise ValueError(f"the query carries an image ({bundle.image_path!r}): the guard reads text only, and passing it "
+                         "on would let it through unjudged; send text-only queries to a guarded engine")
+    return bundle.query_str
+
+
 class QwenGuardNodePostprocessor(BaseNodePostprocessor):
     """Moderates the query and every retrieved node before synthesis.
 
@@ -101,7 +111,7 @@ class QwenGuardNodePostprocessor(BaseNodePostprocessor):
     def _flow(self, nodes: Sequence[NodeWithScore], query_bundle: QueryBundle | None) -> Flow[list[NodeWithScore]]:
         """The query first (a blocked one stops here), then every node with text, in one batch."""
         texts = [self._text(i, item) for i, item in enumerate(nodes)]
-        query = query_bundle.query_str if self.check_query and query_bundle is not None else ""
+        query = query_text(query_bundle) if self.check_query and query_bundle is not None else ""
         if query.strip():
             decision = (yield from self._moderator.prompt_flow(from_text(query))).decision
             if decision is not None and decision.blocked:

@@ -20,8 +20,9 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 from guard_core import METADATA_KEY, Decision, GuardViolation, Moderator, Policy, PromptResult
 from guard_core.conversation import Conversation, from_text
 from guard_core.steps import Flow, Step, arun, run
+from guard_core.structured import json_text
 
-from .postprocessor import build_moderator
+from .postprocessor import build_moderator, query_text
 
 if TYPE_CHECKING:
     from guard_core.gate import StreamGate
@@ -80,7 +81,8 @@ class GuardedQueryEngine(BaseQueryEngine):
 
     def _flow(self, bundle: QueryBundle, asynchronous: bool) -> Flow[RESPONSE_TYPE]:
         """The query check, the wrapped engine, then the answer check, for ``query`` and ``aquery``."""
-        moderator, conversation = self.moderator, from_text(bundle.query_str)
+        moderator = self.moderator
+        conversation = from_text(query_text(bundle) if self._check_query else bundle.query_str)
         record: Record = {"prompt": None, "response": None}
         checked = PromptResult(None)
         if self._check_query:
@@ -163,12 +165,14 @@ class GuardedQueryEngine(BaseQueryEngine):
 
 
 def _text(response: RESPONSE_TYPE) -> str:
-    """A complete answer's text (a sync stream is read to its end)."""
+    """A complete answer's text (a sync stream is read to its end; a structured one is ``json_text``)."""
     if isinstance(response, AsyncStreamingResponse):
         raise ValueError("query() got an AsyncStreamingResponse from the wrapped engine; use aquery()")
     if isinstance(response, StreamingResponse):
         return "".join(response.response_gen)
-    return str(response) if isinstance(response, PydanticResponse) else response.response or ""
+    if isinstance(response, PydanticResponse):  # what the object says, not its JSON source with escapes
+        return json_text(response.response.model_dump(mode="json")) if response.response is not None else ""
+    return response.response or ""
 
 
 async def _atext(response: RESPONSE_TYPE) -> str:
