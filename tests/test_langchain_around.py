@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import uuid
 import itertools
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import Enum
 from typing import Any, Iterable
 
 import pytest
@@ -244,3 +249,41 @@ def test_a_streamed_value_without_text_comes_out_as_on_invoke(stream_guard: Stre
     assert QwenGuardRunnable.around(chain, stream_guard=stream_guard, prompt_check="off").invoke("q") == value
     assert list(QwenGuardRunnable.around(chain, stream_guard=stream_guard, prompt_check="off").stream("q")) == [value]
     assert list((chain | QwenGuardRunnable(stream_guard=stream_guard)).stream("q")) == [value]
+
+
+@dataclass
+class _Row:
+    note: str
+
+
+class _Tone(Enum):
+    CALM = "a calm note"
+
+
+_PARSE_ERROR = ValueError("bad JSON")  # one instance: exceptions compare by identity
+
+
+def _values(text: str) -> dict[str, Any]:
+    """Chain outputs holding values that are not JSON, each carrying ``text`` somewhere it is shown."""
+    return {"include-raw-failed": {"raw": AIMessage(text), "parsed": None, "parsing_error": _PARSE_ERROR},
+            "scalars": {"answer": text, "at": datetime.date(2026, 1, 2), "price": Decimal("9.50"), "id": uuid.UUID(int=1),
+                        "blob": b"\x00", "tags": {"a"}, "tone": _Tone.CALM},
+            "dataclass": {"row": _Row(text)},
+            "scored-documents": [(Document(text), 0.83)],
+            "pairs": [("What is X?", text)]}
+
+
+@pytest.mark.parametrize("name", ["include-raw-failed", "scalars", "dataclass", "scored-documents", "pairs"])
+def test_values_that_are_not_json_are_read_by_what_they_say(stream_guard: StreamGuard, name: str) -> None:
+    """Dates, ids, prices, enums, a parser's error, dataclasses and (item, score) pairs sit in real chain
+    outputs: each is read as text (``str()``), none refused, and the unsafe text among them is still judged."""
+    def guarded(text: str) -> QwenGuardRunnable:
+        return QwenGuardRunnable.around(RunnableLambda(lambda _: _values(text)[name]), stream_guard=stream_guard,
+                                        prompt_check="off")
+
+    assert guarded(PLANTED_SAFE_TEXT).invoke("q") == _values(PLANTED_SAFE_TEXT)[name]
+    assert list(guarded(PLANTED_SAFE_TEXT).stream("q")) == [_values(PLANTED_SAFE_TEXT)[name]]
+    with pytest.raises(GuardViolation):
+        guarded(UNSAFE_REPLY).invoke("q")
+    got, exc = collect(guarded(UNSAFE_REPLY).stream("q"))
+    assert "pipe bomb" not in repr(got) and isinstance(exc, GuardViolation)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Container, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, is_dataclass, replace
+from enum import Enum
 from typing import Any
 
 from langchain_core.documents import Document
@@ -100,7 +101,10 @@ def answer_text(value: Any, *, json_content: bool = False) -> str:
     messages = _answer_messages(value)
     if messages is not None:
         return answer_text(messages[-1], json_content=json_content)
-    if not isinstance(value, (Mapping, list, tuple)):  # a document, a model; a bare number is no answer
+    if value is None or isinstance(value, (bool, int, float)):
+        raise ValueError(f"cannot moderate a {type(value).__name__} as a model answer; pass text, a message, messages "
+                         "ending with the AI message, or a parsed value (dicts, lists, models, documents)")
+    if not isinstance(value, (Mapping, list, tuple)):  # a document, a model, any other object by what it says
         return "\n".join(t for t in _nested_text(value, json_content) if t)
     return "\n".join(strings(value, keys=True, other=lambda v: _nested_text(v, json_content)))
 
@@ -113,21 +117,36 @@ def _nested_text(value: Any, json_content: bool) -> list[str]:
         return strings(value.model_dump(mode="json"), keys=True)
     if isinstance(value, (BaseMessage, PromptValue)):
         return [answer_text(value, json_content=json_content)]
-    raise ValueError(f"cannot moderate a {type(value).__name__} as a model answer; pass text, a message, messages "
-                     "ending with the AI message, documents, a pydantic model, or JSON-like dicts and lists of them")
+    if isinstance(value, Enum):
+        return strings(value.value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return strings(asdict(value), keys=True, other=lambda v: _nested_text(v, json_content))
+    return [str(value)]  # a date, an id, a price, a parser's error (``include_raw``): what it says is its str()
 
 
 def _answer_messages(value: Any) -> list[BaseMessage] | None:
     """The messages of a prompt value or of a list made only of messages (or ``(role, text)`` pairs),
     which must end with the AI message; None for any other value."""
     items = value if isinstance(value, (list, tuple)) else None
-    if not isinstance(value, PromptValue) and not (items and all(isinstance(v, (BaseMessage, tuple)) for v in items)):
+    if not isinstance(value, PromptValue) and not (items and all(map(_is_message, items))):
         return None
     messages = _messages(value)
     if not messages or not isinstance(messages[-1], AIMessage):
         raise ValueError(f"cannot moderate these {len(messages or [])} messages as a model answer; they must end "
                          "with the AI message")
     return messages
+
+
+#: The roles LangChain reads in a ``(role, text)`` pair (``convert_to_messages``).
+_PAIR_ROLES = frozenset({"human", "user", "ai", "assistant", "system", "developer", "tool", "function"})
+
+
+def _is_message(item: Any) -> bool:
+    """A message, or a ``(role, text)`` pair naming a role: other pairs (``(Document, score)`` from a
+    similarity search, ``("Paris", 0.9)``) are data."""
+    if isinstance(item, BaseMessage):
+        return True
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and item[0] in _PAIR_ROLES
 
 
 def is_structured(value: Any) -> bool:
