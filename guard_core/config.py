@@ -87,17 +87,12 @@ class Settings:
         def text(name: str) -> str | None:
             return env.get(name, "").strip() or None
 
-        def key(name: str) -> str | None:
-            value = text(name)
-            return None if value is None else check_api_key(value, name)
-
-        keys = [k.strip() for k in env.get(PROXY_KEYS_ENV, "").split(",") if k.strip()]
+        keys = frozenset(k.strip() for k in env.get(PROXY_KEYS_ENV, "").split(",") if k.strip())
         timeout = text(GEN_TIMEOUT_ENV)
-        upstream_key = UPSTREAM_API_KEY_ENV if text(UPSTREAM_API_KEY_ENV) else "OPENAI_API_KEY"
         return cls(
             gen_model=text(GEN_MODEL_ENV),
             gen_urls=text(GEN_URL_ENV),
-            gen_api_key=key(GEN_API_KEY_ENV),
+            gen_api_key=text(GEN_API_KEY_ENV),
             gen_timeout=None if timeout is None else positive_seconds(timeout, GEN_TIMEOUT_ENV),
             stream_model=text(STREAM_MODEL_ENV),
             device=check_device(text(DEVICE_ENV), f"{DEVICE_ENV}="),
@@ -106,9 +101,19 @@ class Settings:
             review_db=text(REVIEW_DB_ENV),
             review_store_content=parse_bool(env.get(REVIEW_CONTENT_ENV, ""), REVIEW_CONTENT_ENV),
             upstream=text(UPSTREAM_ENV),
-            upstream_api_key=key(upstream_key),
-            proxy_keys=frozenset(check_api_key(k, f"{PROXY_KEYS_ENV} (key {i})") for i, k in enumerate(keys, 1)),
+            upstream_api_key=text(UPSTREAM_API_KEY_ENV) or text("OPENAI_API_KEY"),
+            proxy_keys=keys,
         )
+
+    def check_keys(self) -> None:
+        """``check_api_key`` of every key the settings hold, naming its variable (never the key): what
+        the proxy runs on before it loads anything. Not done in ``from_env``: a placeholder
+        ``OPENAI_API_KEY`` must not break tools that never send it."""
+        named = [(self.gen_api_key, GEN_API_KEY_ENV), (self.upstream_api_key, f"{UPSTREAM_API_KEY_ENV} (or OPENAI_API_KEY)"),
+                 *((k, f"a key in {PROXY_KEYS_ENV}") for k in self.proxy_keys)]
+        for key, name in named:
+            if key is not None:
+                check_api_key(key, name)
 
 
 def _choice(value: str | None, name: str, allowed: tuple[str, ...]) -> str | None:

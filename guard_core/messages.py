@@ -69,14 +69,17 @@ def content_to_text(content: Any, *, where: str = "message") -> str:
     return check_text(text, where=where)
 
 
-#: The request keys whose values the guard reads (top level, messages, items and parts): the text it
-#: judges, and the top-level keys that decide how it judges (``n`` choices, a ``stream``) or refuses
-#: (stored history: ``background``, ``conversation``, ``previous_response_id``).
+#: The keys whose values the guard reads as text (top level, messages, items and parts), in requests
+#: and in replies.
 GUARDED_KEYS = frozenset({
     "messages", "input", "instructions", "prompt", "variables", "tools", "functions", "response_format", "text",
-    "documents", "chat_template", "chat_template_kwargs", "role", "content", "refusal", "type", "output", "stdout",
-    "stderr", "n", "stream", "background", "conversation", "previous_response_id",
+    "role", "content", "refusal", "type", "output", "stdout", "stderr",
 })
+#: A request body's top-level keys the guard reads too: the vLLM / SGLang fields it judges, and those
+#: that decide how it judges (``n`` choices, a ``stream``) or what it refuses (stored history). Only
+#: a request's top level: a reply's free-form maps (search result attributes) may hold such keys.
+REQUEST_KEYS = GUARDED_KEYS | {"documents", "chat_template", "chat_template_kwargs", "n", "stream", "background",
+                               "conversation", "previous_response_id"}
 
 
 def refuse_case_variants(obj: Mapping[str, Any], *, where: str, keys: frozenset[str] = GUARDED_KEYS) -> None:

@@ -181,6 +181,21 @@ def test_the_public_checks_refuse_what_they_would_misread(gen_guard: GenGuard, t
         moderator.stream_decision(None, [{"role": "user", "content": SAFE_PROMPT}])  # type: ignore[arg-type]
 
 
+def test_keys_in_the_environment_that_nothing_here_sends_are_not_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A placeholder ``OPENAI_API_KEY`` ("sk-…") is the app's business: only the proxy, which sends it, checks it."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-\u2026")
+    monkeypatch.setenv("QWEN3GUARD_PROXY_KEYS", "cl\u00e9")
+    assert Moderator(gen_guard=None, stream_guard="Qwen/Qwen3Guard-Stream-0.6B").has_stream
+    with pytest.raises(ValueError, match=r"^QWEN3GUARD_UPSTREAM_API_KEY \(or OPENAI_API_KEY\) has a character that is not"):
+        Settings.from_env().check_keys()  # the proxy's check, before it sends the key upstream
+
+
+def test_a_stream_server_url_from_the_environment_is_refused_when_the_moderator_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QWEN3GUARD_STREAM_MODEL", "http://127.0.0.1:8000/v1")
+    with pytest.raises(ValueError, match="no server form"):
+        Moderator(gen_guard=None, stream_guard=CONFIGURED)
+
+
 def test_review_takes_a_database_path_like_the_environment(gen_guard: GenGuard, tmp_path: Path) -> None:
     reviewing = Policy(actions={RiskLevel.CONTROVERSIAL: Action.REVIEW})
     moderator = Moderator(gen_guard=gen_guard, policy=reviewing, review=str(tmp_path / "review.db"))

@@ -75,10 +75,11 @@ def test_proxy_keys_that_hold_no_key_are_an_error_not_an_open_proxy(tmp_path: Pa
 
 
 @pytest.mark.parametrize(("name", "value", "fault"), [
-    ("QWEN3GUARD_UPSTREAM_API_KEY", "sk-\nsecret", "QWEN3GUARD_UPSTREAM_API_KEY has a control character (a line end or tab?) at position 3"),
-    ("OPENAI_API_KEY", "sk-\tsecret", "OPENAI_API_KEY has a control character"),
+    ("QWEN3GUARD_UPSTREAM_API_KEY", "sk-\nsecret",
+     "QWEN3GUARD_UPSTREAM_API_KEY (or OPENAI_API_KEY) has a control character (a line end or tab?) at position 3"),
+    ("OPENAI_API_KEY", "sk-\tsecret", "QWEN3GUARD_UPSTREAM_API_KEY (or OPENAI_API_KEY) has a control character"),
     ("QWEN3GUARD_GEN_API_KEY", "sk-\rsecret", "QWEN3GUARD_GEN_API_KEY has a control character"),
-    ("QWEN3GUARD_PROXY_KEYS", "team-a,cl\u00e9-secret", "QWEN3GUARD_PROXY_KEYS (key 2) has a character that is not ASCII at position 2"),
+    ("QWEN3GUARD_PROXY_KEYS", "team-a,cl\u00e9-secret", "a key in QWEN3GUARD_PROXY_KEYS has a character that is not ASCII at position 2"),
 ])
 def test_keys_no_http_header_can_carry_are_one_line_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                   monkeypatch: pytest.MonkeyPatch, name: str, value: str,

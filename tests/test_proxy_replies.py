@@ -31,7 +31,7 @@ from openai_fake_upstream import (
 from guard_core import GenGuard, Moderator
 from guard_core.gate import StreamGate
 from guard_core.stream import StreamGuard
-from guard_core.testing.cases import SAFE_ANSWER
+from guard_core.testing.cases import SAFE_ANSWER, SAFE_PROMPT
 from guard_core.testing.stream_fixture import PLANTED_SAFE_PROMPT
 from integrations.openai_proxy import DEFAULT_REFUSAL
 from integrations.openai_proxy.server import create_app
@@ -294,6 +294,16 @@ def test_a_case_variant_key_in_an_upstream_reply_is_refused_not_forwarded(upstre
     upstream.push(Script(body=whole))
     reply = httpx.post(proxy + "/chat/completions", json={"model": "m", "messages": USER}, timeout=60)
     assert is_openai_error(reply, 502, "upstream_invalid") and "pipe" not in reply.text
+
+
+def test_a_replys_free_form_maps_keep_keys_a_request_may_not_vary(upstream, proxy):
+    """``N`` / ``Stream`` are refused in a request's top level only: a search result's attributes are the data's own."""
+    whole = responses_body(SAFE_ANSWER)
+    whole["output"].insert(0, {"type": "file_search_call", "id": "fs_1", "status": "completed", "queries": ["oven"],
+                               "results": [{"file_id": "f", "text": "ovens", "attributes": {"Stream": "b", "N": 3}}]})
+    upstream.push(Script(body=whole))
+    reply = httpx.post(proxy + "/responses", json={"model": "m", "input": SAFE_PROMPT}, timeout=60)
+    assert reply.status_code == 200 and reply.json()["output"][0]["results"][0]["attributes"] == {"Stream": "b", "N": 3}
 
 
 def test_an_event_stream_in_any_case_is_read(upstream, proxy):

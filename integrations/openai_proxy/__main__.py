@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
+        settings.check_keys()
         if PROXY_KEYS_ENV in os.environ and not settings.proxy_keys:  # "," or " " would otherwise run the proxy open
             raise ValueError(f"{PROXY_KEYS_ENV}={os.environ[PROXY_KEYS_ENV]!r} holds no key; set it to the comma-separated "
                              "keys clients must present, or unset it to run the proxy without keys")

@@ -24,7 +24,7 @@ from openai.types.responses import Response
 from guard_core import Decision, Moderator
 from guard_core.config import check_count
 from guard_core.conversation import Conversation, from_request
-from guard_core.messages import refuse_case_variants
+from guard_core.messages import REQUEST_KEYS, refuse_case_variants
 from guard_core.moderator import PromptResult
 from guard_core.steps import Flow
 from guard_core.structured import json_source_text
@@ -96,7 +96,7 @@ class Request:
         """Check what the guard relies on; ``ValueError`` says what is wrong (the proxy's 400), also for
         a request continuing from a response the process's guards blocked (``OpenAIGuard.refused``)."""
         body = {k: v for k, v in body.items() if not isinstance(v, (NotGiven, Omit))}  # the SDK's "not given" markers
-        refuse_case_variants(body, where="the request")
+        refuse_case_variants(body, where="the request", keys=REQUEST_KEYS)
         stream, n, model = body.get("stream"), body.get("n"), body.get("model")
         if stream is not None and not isinstance(stream, bool):
             raise ValueError(f"'stream' must be true or false, got {stream!r}")
