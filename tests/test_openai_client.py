@@ -192,14 +192,22 @@ async def test_the_clients_own_http_methods_refuse_the_moderated_paths(upstream,
     before = len(upstream.exchanges)
     body = {"model": "fake-model", "messages": [{"role": "user", "content": UNSAFE_PROMPT}]}
     for call in (lambda: client.post("/chat/completions", body=body, cast_to=ChatCompletion),
+                 lambda: client.post("/Chat/Completions/", body=body, cast_to=ChatCompletion),
                  lambda: client.get("/responses/resp_1", cast_to=object),
                  lambda: client.post(str(client.base_url) + "responses", body=body, cast_to=object)):
         with pytest.raises(NotImplementedError, match=r"past Qwen3Guard; use the guarded resources"):
             call()
     assert len(upstream.exchanges) == before
+    for path in ("/models", "/organization/usage/completions"):  # only the APIs themselves: usage statistics are not
+        upstream.push(Script(body={"object": "list", "data": []}))
+        listed = client.get(path, cast_to=object)
+        assert (await listed if is_async else listed) == {"object": "list", "data": []}
+
+
+def test_a_gateway_prefix_that_names_an_api_is_no_moderated_path(upstream, bare, guard):
+    gateway = guard(bare).with_options(base_url=upstream.base_url + "/realtime/v1/")
     upstream.push(Script(body={"object": "list", "data": []}))
-    listed = client.get("/models", cast_to=object)
-    assert (await listed if is_async else listed) == {"object": "list", "data": []}
+    assert gateway.get("/models", cast_to=object) == {"object": "list", "data": []}
 
 
 def test_raw_response_wrappers_refuse_rather_than_bypass_the_guard(bare, guard):
@@ -492,6 +500,8 @@ BYPASSES = {
     "chat.completions.update": lambda c: c.chat.completions.update("chatcmpl-1", metadata={}),
     "chat.completions.messages.list": lambda c: c.chat.completions.messages.list("chatcmpl-1"),
     "completions.create": lambda c: c.completions.create(model="fake-model", prompt=UNSAFE_PROMPT),
+    "live.connect": lambda c: c.live.connect(),
+    "live.sessions.accept": lambda c: c.live.sessions.accept("sess_1"),
     "realtime.connect": lambda c: c.realtime.connect(model="fake-model"),
     "beta.realtime.connect": lambda c: c.beta.realtime.connect(model="fake-model"),
     "realtime.client_secrets.create": lambda c: c.realtime.client_secrets.create(session={"type": "realtime",

@@ -47,6 +47,11 @@ from openai.resources.completions import Completions as TextCompletions
 from openai.resources.conversations import AsyncConversations, Conversations
 from openai.resources.conversations.items import AsyncItems, Items
 from openai.resources.realtime import AsyncRealtime, Realtime
+
+try:
+    from openai.resources.live import AsyncLive, Live
+except ImportError:  # an openai release from before the Live API: nothing to refuse
+    Live = AsyncLive = None  # type: ignore[assignment,misc]
 from openai.resources.responses import AsyncResponses, Responses
 from openai.resources.responses.input_items import AsyncInputItems, InputItems
 from openai.resources.responses.input_tokens import AsyncInputTokens, InputTokens
@@ -437,13 +442,14 @@ _GuardedBetaResponses = _resource(BetaResponses, "responses", _guarded_call, "be
 _AsyncGuardedBetaResponses = _resource(AsyncBetaResponses, "responses", _aguarded_call, "beta.responses",
                                        {"input_items": AsyncBetaInputItems, "input_tokens": AsyncBetaInputTokens})
 _TEXT_COMPLETIONS = {False: _refusing(TextCompletions, "completions"), True: _refusing(AsyncTextCompletions, "completions")}
-_REALTIME_WHY = ("belongs to the Realtime API (voice and WebSocket sessions), which Qwen3Guard does not moderate; use "
+_SESSIONS_WHY = ("belongs to the {} API (voice and WebSocket sessions), which Qwen3Guard does not moderate; use "
                  "chat.completions.create() or responses.create() on the guarded client, or the unguarded client")
+_REALTIME_WHY = _SESSIONS_WHY.format("Realtime")
 
 
-def _refused_api(base: type, where: str) -> type:
+def _refused_api(base: type, where: str, why: str = _REALTIME_WHY) -> type:
     """``base`` with every method refused, its sub-resources too: an API the guard reads nothing of."""
-    members: dict[str, Any] = {"__doc__": f"``client.{where}``, refused: it {_REALTIME_WHY}."}
+    members: dict[str, Any] = {"__doc__": f"``client.{where}``, refused: it {why}."}
     for name, attr in vars(base).items():
         if name.startswith("_") or name in ("with_raw_response", "with_streaming_response"):
             continue
@@ -451,14 +457,16 @@ def _refused_api(base: type, where: str) -> type:
             sub = attr.func.__annotations__.get("return")
             sub = getattr(sys.modules[base.__module__], sub, None) if isinstance(sub, str) else sub
             if isinstance(sub, type):
-                members[name] = _subresource(_refused_api(sub, f"{where}.{name}"))
+                members[name] = _subresource(_refused_api(sub, f"{where}.{name}", why))
         elif callable(attr):
-            members[name] = _refused(f"{where}.{name}", _REALTIME_WHY)
+            members[name] = _refused(f"{where}.{name}", why)
     return type(f"Guarded{base.__name__}", (base,), members)
 
 
 _REALTIME = {False: _refused_api(Realtime, "realtime"), True: _refused_api(AsyncRealtime, "realtime")}
 _BETA_REALTIME = {False: _refused_api(BetaRealtime, "beta.realtime"), True: _refused_api(AsyncBetaRealtime, "beta.realtime")}
+_LIVE = {is_async: _refused_api(base, "live", _SESSIONS_WHY.format("Live")) for is_async, base in ((False, Live), (True, AsyncLive))
+         if base is not None}
 _CONVERSATIONS = {
     is_async: _refusing(base, "conversations", {"items": _subresource(_refusing(items, "conversations.items"))})
     for is_async, base, items in ((False, Conversations, Items), (True, AsyncConversations, AsyncItems))
@@ -486,8 +494,17 @@ _BETAS = {False: _beta(Beta, False, _GuardedBetaResponses), True: _beta(AsyncBet
 
 #: The client's HTTP methods (``client.post(path, ...)``), each taking the path first.
 _HTTP_VERBS = ("get", "post", "patch", "put", "delete", "get_api_list")
-#: Path segments of the APIs whose text the guard judges or refuses: a raw request there would pass it.
-_MODERATED_SEGMENTS = frozenset({"responses", "completions", "conversations", "realtime"})
+#: The APIs whose text the guard judges or refuses, by their path under the base URL: a raw request
+#: there would pass it.
+_MODERATED_PATHS = ("chat/completions", "responses", "completions", "conversations", "realtime", "live")
+
+
+def _moderated(client: Any, path: str) -> bool:
+    """True for a path (relative, or a full URL) of an API in ``_MODERATED_PATHS``, read under the
+    client's base URL as the server routes it (a gateway's own ``/realtime/`` prefix is not one)."""
+    full, base = client._prepare_url(path).path.lower(), client.base_url.path.lower().rstrip("/") + "/"
+    under = (full.removeprefix(base) if full.startswith(base) else full).strip("/")
+    return any(under == api or under.startswith(api + "/") for api in _MODERATED_PATHS)
 
 
 def _checked_http(cls: type, verb: str) -> Callable[..., Any]:
@@ -497,7 +514,7 @@ def _checked_http(cls: type, verb: str) -> Callable[..., Any]:
 
     @functools.wraps(original)
     def checked(self: Any, path: str, *args: Any, **kwargs: Any) -> Any:
-        if _MODERATED_SEGMENTS & set(self._prepare_url(path).path.split("/")):
+        if _moderated(self, path):
             raise NotImplementedError(f"client.{verb}({path!r}) would send a request past Qwen3Guard; use the guarded "
                                       "resources (chat.completions.create, responses.create), or the unguarded client")
         return original(self, path, *args, **kwargs)
@@ -536,6 +553,7 @@ _CLIENT_RESOURCES: dict[str, tuple[dict[bool, type], str]] = {
     "beta": (_BETAS, "openai's beta resources, with their chat completions and responses moderated."),
     "completions": (_TEXT_COMPLETIONS, "The legacy completions API, refused (the guard reads chat and Responses requests only)."),
     "realtime": (_REALTIME, "The Realtime API, refused (voice and WebSocket sessions the guard does not read)."),
+    **({"live": (_LIVE, "The Live API, refused like the Realtime API.")} if _LIVE else {}),
     "conversations": (_CONVERSATIONS, "Stored conversations, with the methods that store or return items unjudged refused."),
 }
 
