@@ -217,28 +217,26 @@ def check_http_url(url: str, where: str = "") -> str:
         raise TypeError(f"{where}must be a URL string, got {type(url).__name__}")
     stripped = url.strip()
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in stripped):
-        raise ValueError(f"{where}{url!r} contains a control character (a line end or tab?); remove it from the URL")
+        raise ValueError(f"{where}{shown_url(url)!r} contains a control character (a line end or tab?); remove it from the URL")
     try:
         parts = urlsplit(stripped)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
     except ValueError as exc:
-        raise ValueError(f"{where}{url!r} is not a valid URL ({exc}); use one like http://127.0.0.1:8001/v1, "
+        raise ValueError(f"{where}{shown_url(url)!r} is not a valid URL ({exc}); use one like http://127.0.0.1:8001/v1, "
                          "with an IPv6 address in brackets: http://[::1]:8001/v1") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{where}{url!r} is not an http(s):// URL; use one like http://127.0.0.1:8001/v1")
+        raise ValueError(f"{where}{shown_url(url)!r} is not an http(s):// URL; use one like http://127.0.0.1:8001/v1")
     import httpx  # here: the settings module stays light
 
     try:
         httpx.URL(stripped)
     except httpx.InvalidURL as exc:
-        raise ValueError(f"{where}{url!r} is not a valid URL ({exc}); use one like http://127.0.0.1:8001/v1") from None
+        raise ValueError(f"{where}{shown_url(url)!r} is not a valid URL ({exc}); use one like http://127.0.0.1:8001/v1") from None
     return stripped
 
 
 def shown_url(url: str) -> str:
-    """``url`` fit to print: credentials in it (``http://user:token@host/v1``) become ``***``, since keys are
-    never logged or echoed."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+    """``url`` fit to print: credentials in it (``http://user:token@host/v1``, ``?api-key=...``) become
+    ``***``, since keys are never logged or echoed. Works on URLs that do not parse, for error messages."""
+    url = re.sub(r"(?<=://)[^/?#]*@", "***@", url)
+    return re.sub(r"([?&][^=&#]*(?:key|token|secret|password|sig)[^=&#]*=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)

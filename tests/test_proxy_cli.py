@@ -64,6 +64,9 @@ def test_the_upstream_must_be_an_http_url(tmp_path: Path, capsys: pytest.Capture
         assert fix in line
     monkeypatch.setenv("QWEN3GUARD_UPSTREAM", "notaurl")
     assert_one_line_error(main(_no_model(tmp_path)), capsys.readouterr().err, "QWEN3GUARD_UPSTREAM='notaurl' is not an http(s)://")
+    code = main(["--upstream", "http://user:s3cret@host:99999/v1?api-key=s3cret", *_no_model(tmp_path)])
+    line = assert_one_line_error(code, capsys.readouterr().err, "--upstream 'http://***@host:99999/v1?api-key=***' ")
+    assert "s3cret" not in line, "keys are never echoed, in an error line either"
 
 
 @pytest.mark.parametrize("keys", [",", " ", "", " , "])

@@ -120,6 +120,10 @@ def test_a_body_must_be_uncompressed_utf8_json(upstream, proxy) -> None:
     assert "UTF-8" in post(proxy + "/chat/completions", content=text.encode("utf-16")).json()["error"]["message"]
     reply = httpx.post(proxy + "/chat/completions", content=gzip.compress(text.encode()), headers={"content-encoding": "gzip"})
     assert is_openai_error(reply, 415, "unsupported_encoding") and "'gzip'" in reply.json()["error"]["message"]
+    wizard = json.dumps({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}).encode()
+    for identity in ("", "identity", "Identity, identity"):  # no coding at all: the body is read (and refused for its role)
+        reply = httpx.post(proxy + "/chat/completions", content=wizard, headers={"content-encoding": identity})
+        assert is_openai_error(reply, 400, "invalid_request"), identity
     assert len(upstream.exchanges) == before
 
 

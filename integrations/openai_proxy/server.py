@@ -165,9 +165,11 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
-def _error_event(message: str, code: str, **extra: Any) -> bytes:
-    """An SSE error event (the openai SDK raises ``APIError`` for it) ending a stream that already began."""
-    return b"data: " + json.dumps({"error": {"message": message, "type": code, "code": code}, **extra}).encode() + b"\n\n"
+def _error_event(message: str, code: str, *, kind: str | None = None, **extra: Any) -> bytes:
+    """An SSE error event (the openai SDK raises ``APIError`` for it) ending a stream that already began;
+    its type is ``kind`` (the HTTP error's type for the same fault), else the code."""
+    error = {"message": message, "type": kind or code, "code": code}
+    return b"data: " + json.dumps({"error": error, **extra}).encode() + b"\n\n"
 
 
 def _check_keys(api_keys: Iterable[str] | None) -> list[bytes] | None:
@@ -242,8 +244,9 @@ def create_app(
         return headers
 
     async def read_body(request: HTTPRequest, endpoint: Endpoint) -> tuple[bytes, Request]:
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding != "identity":  # the proxy judges the bytes it forwards; it does not unpack them
+        codings = [c.strip() for c in request.headers.get("content-encoding", "").lower().split(",")]
+        encoding = ", ".join(c for c in codings if c not in ("", "identity"))
+        if encoding:  # the proxy judges the bytes it forwards; it does not unpack them
             raise _HTTPError(415, f"request bodies with Content-Encoding {encoding!r} are not supported; send the JSON "
                              "uncompressed", "unsupported_encoding")
         length = request.headers.get("content-length", "")
@@ -402,7 +405,8 @@ def create_app(
         except UnsafeContentError as exc:
             log.info("stream blocked on /v1/%s: %s", _PATHS[endpoint][0], exc.verdict.risk.value)
             body = note(response=exc.decision, index=exc.choice_index)
-            yield _error_event(str(exc), _blocked(exc, body, answered=True).code, **{METADATA_KEY: body})
+            blocked = _blocked(exc, body, answered=True)
+            yield _error_event(str(exc), blocked.code, kind=blocked.kind if blocked.status >= 500 else None, **{METADATA_KEY: body})
         except MalformedReplyError as exc:
             log.warning("upstream stream on /v1/%s sent what the guard cannot read", _PATHS[endpoint][0])
             yield _error_event(f"{exc}; nothing unjudged was sent", "upstream_error")
