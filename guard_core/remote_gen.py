@@ -74,6 +74,8 @@ _WORD_JOINER = "\u2060"
 #: What one exchange with a server yields: the answer text and its logprobs, or an error to book.
 _Outcome = Union[tuple[str, Any], TransientError, PermanentError]
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+#: Statuses that say the conversation itself is refused (too long, malformed): another replica would refuse it too.
+_REJECTED_STATUS = frozenset({400, 413, 422})
 _UNAVAILABLE_PREFIX = "guard unavailable: "
 _T = TypeVar("_T")
 
@@ -456,7 +458,7 @@ class RemoteGenGuard:
             target = response.headers.get("Location", "elsewhere")
             return PermanentError(f"HTTP {status}: the guard URL redirects to {target} (redirects are not followed; "
                                   "set the server's own URL in base_urls= or QWEN3GUARD_GEN_URL)")
-        if status >= 500:
+        if status >= 500 or status not in _REJECTED_STATUS:  # 405, 410, 501, ...: this URL serves no completions
             return PermanentError(f"HTTP {status}: {detail} (the server cannot serve chat completions here; is the URL "
                                   "an OpenAI-compatible vLLM / SGLang server's /v1?)")
         return RejectedError(f"the server rejected the conversation, HTTP {status}: {detail}")

@@ -26,7 +26,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 from pydantic import BaseModel
 
-from guard_core import DEFAULT_REFUSAL, Action, GenGuard, GuardViolation, Policy, RemoteGenGuard, RiskLevel, StreamGuard
+from guard_core import DEFAULT_REFUSAL, Action, Category, GenGuard, GuardViolation, Policy, RemoteGenGuard, RiskLevel, StreamGuard, Verdict
 from guard_core.conversation import definition_texts
 from guard_core.review import ReviewQueue
 from guard_core.testing import PLANTED_SAFE_PROMPT, PLANTED_SAFE_TEXT, PLANTED_UNSAFE_PROMPT, stream_checkpoint
@@ -124,6 +124,35 @@ def test_end_stops_before_the_next_model_call(gen_guard: GenGuard) -> None:
     messages = graph.invoke(*ask(SAFE_PROMPT))["messages"]
     assert model.calls == [SAFE_PROMPT] and messages[-1].text == DEFAULT_REFUSAL
     assert JAILBREAK_PROMPT not in repr(messages) and verdict(messages[-1])["categories"] == ["Jailbreak"]
+
+
+def test_end_still_ends_when_the_blocked_result_was_forgotten(gen_guard: GenGuard, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One instance serves many threads: its memory of judged results may have let this one go by the time
+    the model would run. The block it recorded still ends the run."""
+    monkeypatch.setattr("integrations.langchain.middleware._JUDGED_SIZE", 0)  # every result forgotten at once
+    graph, model = build(injected(), QwenGuardMiddleware(_InjectionOnly(), None, exit_behavior="end"))
+    messages = graph.invoke(*ask(SAFE_PROMPT))["messages"]
+    assert model.calls == [SAFE_PROMPT] and messages[-1].text == DEFAULT_REFUSAL
+
+
+class _InjectionOnly:
+    """A Gen backend that blocks the injected document and nothing else (the notice that replaces it
+    passes, deterministically: the tiny model's verdict on it would be luck)."""
+
+    model_id = "injection-only"
+
+    def moderate(self, messages: Any) -> Verdict:
+        unsafe = JAILBREAK_PROMPT in list(messages)[-1].content
+        return Verdict(RiskLevel.UNSAFE if unsafe else RiskLevel.SAFE, (Category.JAILBREAK,) if unsafe else (), model=self.model_id)
+
+    def moderate_batch(self, conversations: Any) -> list[Verdict]:
+        return [self.moderate(c) for c in conversations]
+
+    async def amoderate(self, messages: Any) -> Verdict:
+        return self.moderate(messages)
+
+    async def amoderate_batch(self, conversations: Any) -> list[Verdict]:
+        return self.moderate_batch(conversations)
 
 
 def test_error_raises_on_the_injected_result(gen_guard: GenGuard) -> None:

@@ -338,7 +338,7 @@ def test_a_failing_replica_fails_over_within_the_same_attempt(replicas) -> None:
     assert len(a.requests) == 1 and b.completions == 1
 
 
-@pytest.mark.parametrize("status", [404, 301, 401, 403, 501])
+@pytest.mark.parametrize("status", [404, 301, 401, 403, 405, 410, 501])
 def test_a_misconfigured_replica_fails_over_and_its_circuit_opens(server, status: int) -> None:
     with scripted_server(status, json.dumps({"error": {"message": "not here"}})) as (bad, paths, _), \
             remote([bad, server.base_url], retry=RetryPolicy(max_attempts=1), circuit_failures=2) as guard:

@@ -142,7 +142,10 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
                 return None
             return (yield from self._prompt_update(messages, []))
         ours = [m for m in results if self._judged_here(m)]
-        blocked = [verdict for m in ours if (verdict := m.response_metadata.get(METADATA_KEY, {})).get("action") == "block"]
+        # A block is honoured from any result, remembered or not (one judged so long ago that it was
+        # forgotten): a forged one can only end the run, never let text through.
+        noted = (m.response_metadata.get(METADATA_KEY) for m in results)
+        blocked = [verdict for verdict in noted if isinstance(verdict, dict) and verdict.get("action") == "block"]
         if blocked and self.exit_behavior == "end":
             return self._end([], blocked[0])
         if results and len(ours) == len(results):
