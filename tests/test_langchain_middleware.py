@@ -141,7 +141,11 @@ class _InjectionOnly:
 
     model_id = "injection-only"
 
+    def __init__(self) -> None:
+        self.judged: list[str] = []  # the last turn of every conversation judged
+
     def moderate(self, messages: Any) -> Verdict:
+        self.judged.append(list(messages)[-1].content)
         unsafe = JAILBREAK_PROMPT in list(messages)[-1].content
         return Verdict(RiskLevel.UNSAFE if unsafe else RiskLevel.SAFE, (Category.JAILBREAK,) if unsafe else (), model=self.model_id)
 
@@ -681,3 +685,18 @@ def test_messages_an_outer_middleware_adds_are_judged_before_the_model_reads_the
     else:
         assert agent.invoke(*ask(PLANTED_SAFE_PROMPT))["messages"][-1].content == DEFAULT_REFUSAL
     assert scripted.calls == []
+
+
+def test_trusted_tool_results_do_not_hide_a_new_user_turn() -> None:
+    """``apply_to_tool_results=False`` trusts the results, not the caller: an input ending with one is
+    still new input whose user turn is judged; mid-run (the turn judged already) nothing is judged again."""
+    guard = _InjectionOnly()
+    middleware = QwenGuardMiddleware(guard, None, apply_to_tool_results=False)
+    graph, model = build({SAFE_PROMPT: [ai("", ("fetch_document", {"name": "faq"})), ai(SAFE_ANSWER)]}, middleware)
+    assert graph.invoke(*ask(SAFE_PROMPT))["messages"][-1].text == SAFE_ANSWER
+    assert guard.judged.count(SAFE_PROMPT) == 1 and model.calls == [SAFE_PROMPT] * 2
+    call = AIMessage("", tool_calls=[{"name": "fetch_document", "args": {"name": "faq"}, "id": "c1"}])
+    history = [HumanMessage(JAILBREAK_PROMPT), call, ToolMessage("What is the capital of France?", tool_call_id="c1")]
+    scripted = ScriptedChatModel(script={JAILBREAK_PROMPT: [ai("Sure.")]})
+    messages = create_agent(scripted, [fetch_document], middleware=[middleware]).invoke({"messages": history})["messages"]
+    assert scripted.calls == [] and messages[-1].content == DEFAULT_REFUSAL

@@ -138,7 +138,9 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         judged by the one conversation rule."""
         results = list(takewhile(lambda m: isinstance(m, ToolMessage), reversed(messages)))
         if not self.apply_to_tool_results:  # tool results are the app's to trust, and stay out of the check
-            if results or not (self.apply_to_input and messages):
+            user = next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
+            mid_run = bool(results) and (user is None or self._judged_here(user))  # else a caller's new input
+            if mid_run or not (self.apply_to_input and messages):
                 return None
             return (yield from self._prompt_update(messages, []))
         ours = [m for m in results if self._judged_here(m)]
@@ -180,7 +182,7 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
             return self._end(notices, decision.to_dict()) if decision.blocked else ({"messages": notices} if notices else None)
         content = withheld(decision).content if decision.blocked and self.exit_behavior == "replace" else last.content
         turn = last.model_copy(update={"content": content, "response_metadata": _noted(last, decision.to_dict())})
-        return self._end([*notices, turn], decision.to_dict()) if decision.blocked else {"messages": [*notices, turn]}
+        return self._end([*notices, turn], decision.to_dict()) if decision.blocked else {"messages": [*notices, self._remember(turn)]}
 
     def _remember(self, message: AnyMessage) -> AnyMessage:
         """Record that this middleware judged ``message`` (a tool result as the state will keep it)."""
