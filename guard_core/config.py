@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 DEFAULT_GEN_MODEL = "Qwen/Qwen3Guard-Gen-0.6B"
 DEFAULT_STREAM_MODEL = "Qwen/Qwen3Guard-Stream-0.6B"

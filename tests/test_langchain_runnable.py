@@ -348,11 +348,6 @@ def test_a_template_history_is_read_as_the_guard_reads_messages(stream_guard: St
         QwenGuardRunnable(role="prompt", stream_guard=stream_guard).invoke({"history": history, "question": "Go on."})
 
 
-@dataclass
-class Note:
-    text: str
-
-
 @pytest.mark.parametrize("value", [
     {"context": [Document(page_content=PLANTED_UNSAFE_PROMPT)], "question": PLANTED_SAFE_PROMPT},
     {"context": [Document(page_content="A page.", metadata={"title": PLANTED_UNSAFE_PROMPT})], "question": PLANTED_SAFE_PROMPT},
