@@ -185,7 +185,7 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         return self._end([*notices, turn], decision.to_dict()) if decision.blocked else {"messages": [*notices, self._remember(turn)]}
 
     def _remember(self, message: AnyMessage) -> AnyMessage:
-        """Record that this middleware judged ``message`` (a tool result as the state will keep it)."""
+        """Record that this middleware judged ``message`` (a tool result or a user turn, as the state will keep it)."""
         with self._judged_lock:
             self._judged[_fingerprint(message)] = None
             while len(self._judged) > _JUDGED_SIZE:
@@ -193,7 +193,7 @@ class QwenGuardMiddleware(AgentMiddleware[GuardState[ResponseT], ContextT, Respo
         return message
 
     def _judged_here(self, message: AnyMessage) -> bool:
-        """True for a tool result this middleware judged (``_remember``); a forgotten one (evicted, or
+        """True for a message this middleware judged (``_remember``); a forgotten one (evicted, or
         judged by another process before a restart) is judged again, which costs a guard call, not safety."""
         with self._judged_lock:
             return _fingerprint(message) in self._judged
