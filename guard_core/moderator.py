@@ -133,8 +133,8 @@ class Moderator:
         self.refusal = refusal
         self.source = source
         self.review = self._review_queue(review)
-        configured_stream = self.settings.stream_model if stream_guard is CONFIGURED else None
-        for kind, name in (("Gen", gen_guard), ("Stream", stream_guard), ("Stream", configured_stream)):
+        stream_name = self.settings.stream_model if stream_guard is CONFIGURED else stream_guard
+        for kind, name in (("Gen", gen_guard), ("Stream", stream_name)):
             if isinstance(name, str):
                 check_guard_name(kind, name)
         self._gen = gen_guard if _is_name(gen_guard) else gen_backend(gen_guard)

@@ -458,7 +458,7 @@ class RemoteGenGuard:
             target = response.headers.get("Location", "elsewhere")
             return PermanentError(f"HTTP {status}: the guard URL redirects to {target} (redirects are not followed; "
                                   "set the server's own URL in base_urls= or QWEN3GUARD_GEN_URL)")
-        if status >= 500 or status not in _REJECTED_STATUS:  # 405, 410, 501, ...: this URL serves no completions
+        if status not in _REJECTED_STATUS:  # 405, 410, 501 and other 5xx: this URL serves no completions
             return PermanentError(f"HTTP {status}: {detail} (the server cannot serve chat completions here; is the URL "
                                   "an OpenAI-compatible vLLM / SGLang server's /v1?)")
         return RejectedError(f"the server rejected the conversation, HTTP {status}: {detail}")

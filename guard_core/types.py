@@ -36,9 +36,7 @@ _BY_NAME = {level.value.lower(): level for level in RiskLevel}
 
 
 def _risk_level(value: object) -> RiskLevel:
-    """``value`` as a ``RiskLevel`` (a level or its name in any case), else ``TypeError`` / ``ValueError``."""
-    if isinstance(value, RiskLevel):
-        return value
+    """A level's name, in any case, as the ``RiskLevel``; else ``TypeError`` / ``ValueError``."""
     if not isinstance(value, str):
         raise TypeError(f"Verdict.risk must be a guard_core.RiskLevel or its name, got {type(value).__name__} {value!r}")
     level = _BY_NAME.get(value.strip().lower())
