@@ -82,10 +82,12 @@ def front_windows(tokenizer: TextTokenizer, prompt: StreamPrompt, end: int, widt
     overlap by ``overlap`` tokens (into the kept part as well) so a sentence on an edge is whole in
     one of them, as Gen's windows are (``guard_core.windows``).
     """
+    if end <= 0:  # the whole prompt fits (every session but a long prompt's): nothing to encode
+        return []
     head = tokenizer.encode_pieces([special(IM_START), Piece("user\n")])
     tail = prompt.ids[prompt.query_index :]
     span = width - len(head) - len(tail)
-    if end <= 0 or span < 1:
+    if span < 1:
         return []
     overlap = min(overlap, span // 4)
     stop = min(end + overlap, prompt.query_index)
